@@ -1,0 +1,24 @@
+"""lowbit: quantize trained neural networks into smaller, faster models."""
+
+from lowbit.api import quantize
+from lowbit.coverage import Coverage
+from lowbit.formats.spec import WeightFormat
+from lowbit.io.native import load, save
+from lowbit.methods import RTN, make_method, parse_recipe
+from lowbit.nn import QLinear
+from lowbit.quantized_weight import QuantizedWeight
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RTN",
+    "Coverage",
+    "QLinear",
+    "QuantizedWeight",
+    "WeightFormat",
+    "load",
+    "make_method",
+    "parse_recipe",
+    "quantize",
+    "save",
+]

@@ -1,0 +1,161 @@
+"""lowbit's native checkpoint: ``model.safetensors`` + ``config.json`` with a ``quantization_config``.
+
+Writes go to a hidden temporary directory beside the target that is renamed into
+place only when complete, so an interrupted save never leaves a directory that
+loads as a model. Loading reads safetensors and JSON only; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lowbit.coverage import Coverage
+from lowbit.formats.spec import WeightFormat
+from lowbit.models.adapters import set_module
+from lowbit.nn.qlinear import QLinear
+from lowbit.quantized_weight import QuantizedWeight
+
+QUANT_METHOD = "lowbit"
+WEIGHTS = "model.safetensors"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+    "vocab.txt", "vocab.json", "merges.txt", "generation_config.json",
+)  # fmt: skip
+
+
+def check_output_dir(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"output directory {out} exists and is not empty; choose a new path or empty it")
+
+
+def _collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:
+    """Tensors to write, the quantized layers' descriptions, and tied aliases."""
+    tensors: dict[str, torch.Tensor] = {}
+    layers = {}
+    qnames = set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, QLinear):
+            qw = mod.quantized_weight
+            tensors.update(qw.to_tensors(name))
+            if mod.bias is not None:
+                tensors[f"{name}.bias"] = mod.bias.detach()
+            layers[name] = {"format": qw.fmt.to_dict(), "shape": list(qw.shape), "bias": mod.bias is not None}
+            qnames.update(f"{name}.{k}" for k, _ in mod.named_parameters(recurse=False))
+            qnames.update(f"{name}.{k}" for k, _ in mod.named_buffers(recurse=False))
+    seen: dict[tuple, str] = {}
+    tied: dict[str, str] = {}
+    for key, t in model.state_dict().items():
+        if key in qnames:
+            continue
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if ident in seen:
+            tied[key] = seen[ident]
+            continue
+        seen[ident] = key
+        tensors[key] = t.detach()
+    return {k: v.cpu().contiguous() for k, v in tensors.items()}, layers, tied
+
+
+def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
+    """Write ``model`` (quantized or not) to ``out_dir`` atomically; returns the path."""
+    out = Path(out_dir)
+    check_output_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        tensors, layers, tied = _collect(model)
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "producer": "lowbit"})
+        config = model.config.to_dict() if hasattr(model, "config") and hasattr(model.config, "to_dict") else {}
+        coverage = getattr(model, "lowbit_coverage", None)
+        config["quantization_config"] = {
+            "quant_method": QUANT_METHOD,
+            "recipe": getattr(model, "lowbit_recipe", []),
+            "layers": layers,
+            "tied": tied,
+            "coverage": coverage.to_dict() if coverage else None,
+        }
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        _copy_tokenizer(model, tokenizer, tmp)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _copy_tokenizer(model: nn.Module, tokenizer, dest: Path) -> None:
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(dest))
+        return
+    source = getattr(model, "lowbit_source", None)
+    if source and Path(source).is_dir():
+        for name in TOKENIZER_FILES:
+            if (Path(source) / name).exists():
+                shutil.copy2(Path(source) / name, dest / name)
+
+
+def read_quantization_config(path: str | os.PathLike) -> dict:
+    cfg_path = Path(path) / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{path} has no config.json; is it a model directory?")
+    return json.loads(cfg_path.read_text()).get("quantization_config") or {}
+
+
+def _skeleton(path: Path) -> nn.Module:
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from lowbit.models.loading import is_causal_lm
+
+    config = AutoConfig.from_pretrained(str(path))
+    cls = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
+    return cls.from_config(config, dtype=torch.float32)
+
+
+def load(path: str | os.PathLike, model: nn.Module | None = None, kernel: str = "auto") -> nn.Module:
+    """Load a lowbit checkpoint. Transformers models are rebuilt from ``config.json``;
+    any other module needs its unquantized skeleton passed as ``model``."""
+    path = Path(path)
+    if not (path / WEIGHTS).exists():
+        raise FileNotFoundError(f"{path} holds no {WEIGHTS}; is it a lowbit checkpoint directory?")
+    qc = read_quantization_config(path)
+    if qc.get("quant_method") != QUANT_METHOD:
+        raise ValueError(f"{path} is not a lowbit checkpoint (quant_method={qc.get('quant_method')!r})")
+    if model is None:
+        config = json.loads((path / "config.json").read_text())
+        if "model_type" not in config:
+            raise ValueError(f"{path} holds a model that is not a transformers model; pass its skeleton as model=")
+        model = _skeleton(path)
+    tensors = load_file(str(path / WEIGHTS))
+    used = set()
+    for name, info in qc.get("layers", {}).items():
+        fmt = WeightFormat.from_dict(info["format"])
+        qw = QuantizedWeight.from_tensors(tensors, name, fmt, tuple(info["shape"]))
+        bias = tensors.get(f"{name}.bias") if info.get("bias") else None
+        set_module(model, name, QLinear(qw, bias, kernel))
+        used.update(k for k in tensors if k.startswith(name + ".") and k.count(".") == name.count(".") + 1)
+    rest = {k: v for k, v in tensors.items() if k not in used}
+    for alias, source in qc.get("tied", {}).items():
+        rest.setdefault(alias, tensors[source])
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    quantized = set(qc.get("layers", {}))
+    missing = [k for k in missing if k.rpartition(".")[0] not in quantized]
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not match its model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    model.eval()
+    if qc.get("coverage"):
+        model.lowbit_coverage = Coverage.from_dict(qc["coverage"])
+    model.lowbit_recipe = qc.get("recipe", [])
+    model.lowbit_source = str(path)
+    return model

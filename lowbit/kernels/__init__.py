@@ -1,0 +1,1 @@
+"""Packed matmul kernels, each tested against dequantize-then-matmul."""

@@ -1,0 +1,74 @@
+"""Method configs and the registry of methods by name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import torch
+
+from lowbit.formats.spec import WeightFormat
+from lowbit.quantized_weight import QuantizedWeight
+
+REGISTRY: dict[str, type[MethodConfig]] = {}
+
+
+def register(cls: type[MethodConfig]) -> type[MethodConfig]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+@dataclass
+class MethodConfig:
+    """The knobs every weight quantizer shares; a method's dataclass adds its own.
+
+    ``bits``: 2-8. ``group_size``: positive, ``-1`` per-channel. ``symmetric``:
+    fixed mid-range zero point instead of a per-group integer zero. ``format``:
+    ``int``, ``nf4``, ``fp4``, ``fp8_e4m3`` or ``fp8_e5m2``.
+    """
+
+    name: ClassVar[str] = ""
+    needs_calibration: ClassVar[bool] = False
+
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+    format: str = "int"
+
+    def __post_init__(self):
+        self.weight_format  # validates bits, group size and format early
+
+    @property
+    def weight_format(self) -> WeightFormat:
+        return WeightFormat(self.format, self.bits, self.group_size, self.symmetric)
+
+    def quantize_weight(self, w: torch.Tensor) -> QuantizedWeight:
+        """Codes and parameters for ``w: [out, in]``; calibration-free methods implement it."""
+        raise NotImplementedError(f"{self.name} needs calibration data; pass calib=...")
+
+
+def make_method(name: str, **config) -> MethodConfig:
+    """Build the registered method ``name`` from the keys of ``config`` that it knows."""
+    key = name.strip().lower()
+    if key not in REGISTRY:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(REGISTRY))}")
+    cls = REGISTRY[key]
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in config.items() if k in known and v is not None})
+
+
+def parse_recipe(recipe, **config) -> list[MethodConfig]:
+    """``"rtn"``, ``"awq+gptq"``, a config, or a list of either, as a list of configs."""
+    if isinstance(recipe, MethodConfig):
+        return [recipe]
+    if isinstance(recipe, str):
+        parts = [p for p in recipe.split("+") if p.strip()]
+        if not parts:
+            raise ValueError("empty recipe; name a method such as rtn")
+        return [make_method(p, **config) for p in parts]
+    if isinstance(recipe, (list, tuple)):
+        out = []
+        for item in recipe:
+            out.extend(parse_recipe(item, **config))
+        return out
+    raise TypeError(f"a recipe is a method name, a method config or a list of them, not {type(recipe).__name__}")

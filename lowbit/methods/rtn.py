@@ -1,0 +1,69 @@
+"""Round-to-nearest: min-max ranges, optionally shrunk per group to minimise error.
+
+The clipping search follows the grid used by the GPTQ reference quantizer
+(Frantar et al., 2022): try ranges ``p * [min, max]`` for ``p`` from 1 down to
+``1 - maxshrink`` and keep, per group, the one with the smallest ``|w - q(w)|^norm``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.formats import integer
+from lowbit.methods.base import MethodConfig, register
+from lowbit.quantized_weight import QuantizedWeight, check_finite
+
+
+def mse_clip_params(
+    w: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    grid: int = 100,
+    maxshrink: float = 0.8,
+    norm: float = 2.4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group scale and zero (``[out, ngroups]``) minimising ``sum |w - q(w)|^norm``."""
+    groups = integer.to_groups(w.float(), group_size)  # [out, ngroups, g]
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    best_err = torch.full(lo.shape, float("inf"))
+    best_scale, best_zero = integer.params_from_range(lo, hi, bits, symmetric)
+    for i in range(int(maxshrink * grid) + 1):
+        p = 1 - i / grid
+        scale, zero = integer.params_from_range(p * lo, p * hi, bits, symmetric)
+        q = torch.round(groups / scale[..., None]) + zero[..., None]
+        deq = (q.clamp(0, integer.qmax(bits)) - zero[..., None]) * scale[..., None]
+        err = (deq - groups).abs().pow(norm).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+@register
+@dataclass
+class RTN(MethodConfig):
+    """Round-to-nearest. ``mse=True`` searches a clipping range per group (integer formats)."""
+
+    name = "rtn"
+
+    mse: bool = False
+    mse_grid: int = 100
+    mse_maxshrink: float = 0.8
+    mse_norm: float = 2.4
+
+    def quantize_weight(self, w: torch.Tensor) -> QuantizedWeight:
+        fmt = self.weight_format
+        check_finite(w)
+        if fmt.kind == "int" and self.mse:
+            scale, zero = mse_clip_params(
+                w, fmt.bits, fmt.group_size, fmt.symmetric, self.mse_grid, self.mse_maxshrink, self.mse_norm
+            )
+            return QuantizedWeight.quantize(w, fmt, scale, zero)
+        if fmt.kind != "int" and self.mse:
+            raise ValueError(f"the MSE clipping search supports integer formats, not {fmt.kind}")
+        return QuantizedWeight.quantize(w, fmt)
+

