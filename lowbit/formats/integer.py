@@ -139,9 +139,12 @@ def quantize(
 def dequantize(
     codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int | None
 ) -> torch.Tensor:
-    s = _full(scale.float(), codes.shape, group_size)
-    z = _full(zero.float(), codes.shape, group_size)
-    return (codes.float() - z) * s
+    rows, cols = codes.shape
+    if group_size is None:
+        return (codes.float() - zero.float().reshape(())) * scale.float().reshape(())
+    groups = to_groups(codes, group_size).float()  # [rows, ngroups, g]
+    w = (groups - zero.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)
+    return w.reshape(rows, -1)[:, :cols]
 
 
 def fake_quantize(

@@ -55,14 +55,15 @@ def unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
             f"packed buffer holds {packed.numel()} bytes, {packed_nbytes(count, bits)} "
             f"are needed for {count} {bits}-bit codes"
         )
-    data = packed.reshape(-1).to(torch.int32)
     mask = (1 << bits) - 1
     if bits == 8:
-        out = data
-    elif 8 % bits == 0:
-        shifts = torch.arange(8 // bits, dtype=torch.int32) * bits
-        out = ((data.unsqueeze(-1) >> shifts) & mask).reshape(-1)
-    elif bits == 3:
+        return packed.reshape(-1)[:count].to(torch.uint8)
+    if 8 % bits == 0:  # stay in uint8: this runs on every reference-path forward
+        data = packed.reshape(-1)
+        planes = [(data >> (i * bits)) & mask for i in range(8 // bits)]
+        return torch.stack(planes, -1).reshape(-1)[:count]
+    data = packed.reshape(-1).to(torch.int32)
+    if bits == 3:
         triples = _pad(data, 3).reshape(-1, 3)
         word = triples[:, 0] | (triples[:, 1] << 8) | (triples[:, 2] << 16)
         out = ((word.unsqueeze(-1) >> (torch.arange(8, dtype=torch.int32) * 3)) & mask).reshape(-1)

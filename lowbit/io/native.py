@@ -74,6 +74,8 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
         tensors, layers, tied = _collect(model)
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "producer": "lowbit"})
         config = model.config.to_dict() if hasattr(model, "config") and hasattr(model.config, "to_dict") else {}
+        if config:
+            config["architectures"] = [type(model).__name__]
         coverage = getattr(model, "lowbit_coverage", None)
         config["quantization_config"] = {
             "quant_method": QUANT_METHOD,

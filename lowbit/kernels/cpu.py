@@ -6,7 +6,8 @@
   that divides ``K``, and runs fast only on bf16 activations: inputs are cast to
   bf16 and the output back.
 - 8-bit per-channel: ``aten._weight_int8pack_mm`` multiplies by signed int8
-  weights and a per-row scale; lowbit's unsigned codes with zero point ``z`` are
+  weights and a per-row scale, fast on bf16 activations (fp32 runs an order of
+  magnitude slower), so inputs are cast to bf16 here too; lowbit's unsigned codes with zero point ``z`` are
   ``(q - 128) * s + (128 - z) * s``, the second term a rank-one correction
   ``sum(x) * c`` that vanishes for symmetric weights.
 """
@@ -42,8 +43,10 @@ def int4_group(qw: QuantizedWeight) -> int | None:
 
 
 def int8_supported(qw: QuantizedWeight) -> bool:
+    # The kernel reads K in blocks of 16: other K give garbage or crash (torch 2.13).
     return (
-        qw.fmt.kind == "int"
+        qw.shape[1] % 16 == 0
+        and qw.fmt.kind == "int"
         and qw.fmt.bits == 8
         and qw.scale.shape[1] == 1
         and _has_op("_weight_int8pack_mm")
@@ -81,7 +84,7 @@ def int4_mm(x: torch.Tensor, p: Int4Packed) -> torch.Tensor:
 @dataclass
 class Int8Packed:
     weight: torch.Tensor  # int8 [N, K]
-    scale: torch.Tensor  # fp32 [N]
+    scale: torch.Tensor  # bf16 [N]
     correction: torch.Tensor | None  # fp32 [N]: (128 - z) * s, None when symmetric
 
 
@@ -95,15 +98,14 @@ def pack_int8(qw: QuantizedWeight, device: torch.device) -> Int8Packed:
             correction = None
     return Int8Packed(
         weight.to(device),
-        scale.to(device),
+        scale.to(device, torch.bfloat16),
         None if correction is None else correction.to(device),
     )
 
 
 def int8_mm(x: torch.Tensor, p: Int8Packed) -> torch.Tensor:
     flat = x.reshape(-1, x.shape[-1])
-    compute = flat if flat.dtype in (torch.float32, torch.bfloat16, torch.float16) else flat.float()
-    y = torch._weight_int8pack_mm(compute, p.weight, p.scale.to(compute.dtype))
+    y = torch._weight_int8pack_mm(flat.to(torch.bfloat16), p.weight, p.scale).float()
     if p.correction is not None:
-        y = y + compute.sum(-1, keepdim=True) * p.correction.to(compute.dtype)
+        y += flat.float().sum(-1, keepdim=True) * p.correction
     return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)

@@ -63,30 +63,37 @@ class QLinear(nn.Module):
                 return "int8_cpu"
         return "dequant"
 
-    def _prepared(self, kernel: str, device: torch.device):
-        key = (kernel, str(device), self.qweight.data_ptr())
-        if key not in self._cache:
+    def _prepare(self, device: torch.device) -> tuple[str, object]:
+        """The kernel for ``device`` and its packed layout, built once and cached."""
+        plan = self._cache.get(device)
+        if plan is None:
+            kernel = self.select_kernel(device)
             qw = self.quantized_weight
             if kernel == "int4_cpu":
-                self._cache = {key: cpu.pack_int4(qw, device)}
+                plan = (kernel, cpu.pack_int4(qw, device))
             elif kernel == "int8_cpu":
                 if not cpu.int8_supported(qw):
                     raise ValueError(f"int8_cpu needs 8-bit per-channel weights, not {qw.fmt.describe()}")
-                self._cache = {key: cpu.pack_int8(qw, device)}
+                plan = (kernel, cpu.pack_int8(qw, device))
             else:
-                raise ValueError(f"kernel {kernel!r} has no prepared layout")
-        return self._cache[key]
+                plan = (kernel, None)
+            self._cache[device] = plan
+        return plan
 
     def _apply(self, fn, recurse=True):
         self._cache = {}
         return super()._apply(fn, recurse)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._cache = {}
+        return super()._load_from_state_dict(*args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = self.select_kernel(x.device)
+        kernel, packed = self._prepare(x.device)
         if kernel == "int4_cpu":
-            y = cpu.int4_mm(x, self._prepared(kernel, x.device))
+            y = cpu.int4_mm(x, packed)
         elif kernel == "int8_cpu":
-            y = cpu.int8_mm(x, self._prepared(kernel, x.device))
+            y = cpu.int8_mm(x, packed)
         else:
             y = x @ self.weight.to(x.dtype).t()
         if self.bias is not None:

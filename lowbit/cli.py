@@ -1,0 +1,222 @@
+"""The ``lowbit`` command line: quantize, eval, info, demo.
+
+With ``--json`` exactly one JSON object goes to stdout; progress and logs go to
+stderr. Bad input ends with a one-line ``error: ...`` and exit code 2, before
+anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Quantize trained neural networks.")
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, TypeError)
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def _emit(result: dict, as_json: bool, human: str) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        typer.echo(human)
+
+
+def _fail(err: Exception) -> None:
+    msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+def _log(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+@app.command()
+def quantize(
+    model: str = typer.Argument(..., help="model directory, hub id, or alias (minilm, stories260K)"),
+    out: Path = typer.Option(..., "--out", help="directory to write; must not exist or be empty"),
+    method: str = typer.Option("rtn", help="method or recipe, e.g. rtn"),
+    bits: int = typer.Option(4, help="weight bits, 2-8"),
+    group_size: int = typer.Option(128, "--group-size", help="group size; -1 for per-channel"),
+    sym: bool = typer.Option(False, "--sym/--asym", help="symmetric or asymmetric (zero-point) weights"),
+    fmt: str = typer.Option("int", "--format", help="int, nf4, fp4, fp8_e4m3 or fp8_e5m2"),
+    mse: bool = typer.Option(False, "--mse", help="search an MSE-optimal clipping range per group"),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="calibration text file"),
+    nsamples: int = typer.Option(128, help="calibration windows"),
+    seqlen: int = typer.Option(512, help="tokens per calibration window"),
+    seed: int = typer.Option(0, help="calibration sampling seed"),
+    skip: list[str] = typer.Option([], "--skip", help="glob of module names to keep in full precision"),
+    include_lm_head: bool = typer.Option(False, "--include-lm-head", help="quantize the output projection too"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
+):
+    """Quantize MODEL and write a lowbit checkpoint to --out."""
+    import lowbit
+    from lowbit.data import read_text
+    from lowbit.io.native import check_output_dir
+    from lowbit.methods import parse_recipe
+    from lowbit.models import load_pretrained, resolve_model_path
+
+    try:
+        check_output_dir(out)
+        config = dict(bits=bits, group_size=group_size, symmetric=sym, format=fmt, mse=mse)
+        recipe = parse_recipe(method, **config)
+        resolve_model_path(model)
+        calib_text = read_text(calib) if calib is not None else None
+        if nsamples < 1:
+            raise ValueError(f"--nsamples {nsamples} is invalid; use at least 1")
+        _quiet_transformers()
+        net, tokenizer = load_pretrained(model)
+        if calib_text is not None:
+            if tokenizer is None:
+                raise ValueError(f"{model} has no tokenizer to read --calib with")
+            ntok = len(tokenizer(calib_text).input_ids)
+            if ntok < seqlen:
+                raise ValueError(
+                    f"calibration file {calib} has {ntok} tokens, fewer than one window of --seqlen {seqlen}"
+                )
+            if not any(m.needs_calibration for m in recipe):
+                _log(f"note: {method} does not use calibration data; --calib was checked and not used")
+        lowbit.quantize(net, recipe, skip=skip, include_lm_head=include_lm_head)
+        lowbit.save(net, out, tokenizer=tokenizer)
+    except USER_ERRORS as e:
+        _fail(e)
+    cov = net.lowbit_coverage
+    done, total = cov.block_counts()
+    result = {
+        "out": str(out),
+        "method": method,
+        "format": recipe[-1].weight_format.describe(),
+        "bits_per_weight": cov.mean_bits_per_weight(),
+        "layers_quantized": len(cov.quantized),
+        "layers_skipped": len(cov.skipped),
+        "block_linears_quantized": done,
+        "block_linears_total": total,
+        "seconds": round(net.lowbit_seconds, 3),
+        "size_bytes": _dir_size(out),
+    }
+    _emit(result, as_json, f"wrote {out}\n{cov.summary()}\nbits per weight {result['bits_per_weight']:.3f}")
+
+
+def _dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def _load_any(model: str):
+    """A lowbit checkpoint or a pretrained model, with its tokenizer."""
+    from transformers import AutoTokenizer
+
+    import lowbit
+    from lowbit.io.native import read_quantization_config
+    from lowbit.models import load_pretrained
+
+    path = Path(model)
+    if path.is_dir() and read_quantization_config(path).get("quant_method") == "lowbit":
+        net = lowbit.load(path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+        except (OSError, ValueError):
+            tokenizer = None
+        return net, tokenizer
+    return load_pretrained(model)
+
+
+@app.command("eval")
+def evaluate(
+    model: str = typer.Argument(..., help="lowbit checkpoint, model directory, hub id or alias"),
+    ppl: Optional[Path] = typer.Option(None, "--ppl", help="text file for perplexity"),
+    seqlen: int = typer.Option(512, help="tokens per chunk"),
+    batch_size: int = typer.Option(8, "--batch-size", help="chunks per forward pass"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
+):
+    """Evaluate MODEL: perplexity of a text file (non-overlapping --seqlen chunks)."""
+    from lowbit.data import read_text
+    from lowbit.eval import perplexity
+
+    try:
+        if ppl is None:
+            raise ValueError("nothing to evaluate; pass --ppl TEXTFILE")
+        text = read_text(ppl)
+        _quiet_transformers()
+        net, tokenizer = _load_any(model)
+        if tokenizer is None:
+            raise ValueError(f"{model} has no tokenizer; perplexity needs one")
+        if not hasattr(net(input_ids=tokenizer("a", return_tensors="pt").input_ids), "logits"):
+            raise ValueError(f"{model} is not a language model; perplexity needs next-token logits")
+        result = perplexity(net, tokenizer, text, seqlen=seqlen, batch_size=batch_size)
+    except USER_ERRORS as e:
+        _fail(e)
+    _emit(result, as_json, f"perplexity {result['ppl']:.4f} over {result['tokens']} tokens")
+
+
+@app.command()
+def info(
+    path: Path = typer.Argument(..., help="a lowbit checkpoint directory"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
+):
+    """Bits per weight, size on disk, and the layers quantized and skipped."""
+    from lowbit.coverage import Coverage
+    from lowbit.io.native import read_quantization_config
+
+    try:
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} is not a directory")
+        qc = read_quantization_config(path)
+        if not qc:
+            raise ValueError(f"{path} holds no quantization_config; it is not a quantized checkpoint")
+    except USER_ERRORS as e:
+        _fail(e)
+    cov = Coverage.from_dict(qc.get("coverage") or {})
+    done, total = cov.block_counts()
+    result = {
+        "quant_method": qc.get("quant_method"),
+        "recipe": qc.get("recipe"),
+        "bits_per_weight": cov.mean_bits_per_weight(),
+        "size_bytes": _dir_size(path),
+        "layers_quantized": [r.name for r in cov.quantized],
+        "layers_skipped": {r.name: r.reason for r in cov.skipped},
+        "block_linears_quantized": done,
+        "block_linears_total": total,
+    }
+    lines = [f"{path}: {qc.get('quant_method')} checkpoint, {result['size_bytes'] / 1e6:.2f} MB on disk"]
+    if result["bits_per_weight"] is not None:
+        lines.append(f"bits per weight (quantized layers): {result['bits_per_weight']:.3f}")
+    human = "\n".join([*lines, cov.summary()])
+    _emit(result, as_json, human)
+
+
+@app.command()
+def demo(
+    model: str = typer.Option("default", help="minilm, stories260K, or default (both when present)"),
+    bits: int = typer.Option(4, help="weight bits, 2-8"),
+    group_size: int = typer.Option(128, "--group-size", help="group size; -1 for per-channel"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
+):
+    """Quantize real pretrained models with RTN and report quality, size and speed against fp32."""
+    from lowbit.demo import run_demo
+
+    try:
+        _quiet_transformers()
+        result = run_demo(model, bits=bits, group_size=group_size, log=_log)
+    except USER_ERRORS as e:
+        _fail(e)
+    _emit(result, as_json, result.pop("table"))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""The main job on real pretrained models that work offline: quantize, then report
+quality against the original, size, and speed as ratios measured in the same run."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.assets import asset
+from lowbit.data import read_text, sentences, split_halves
+from lowbit.eval import embedding_fidelity, perplexity
+from lowbit.models import load_pretrained
+from lowbit.models.adapters import is_linear
+from lowbit.nn import QLinear
+from lowbit.timing import interleaved_times
+
+# Used when WikiText-2 from the shared assets is not on this machine.
+FALLBACK_SENTENCES = [
+    "The river rose through the night and by morning the lower town was under water.",
+    "She tuned the old piano herself, one string at a time, until it sounded right.",
+    "Quantization stores each weight in a few bits instead of thirty-two.",
+    "A committee of engineers reviewed the bridge before it opened to traffic.",
+    "The museum keeps its oldest maps in a dark room at a constant temperature.",
+    "He missed the last train and walked home along the frozen canal.",
+    "Most of the island's electricity now comes from wind turbines on the ridge.",
+    "The recipe calls for two cups of flour, a pinch of salt and cold butter.",
+    "Astronomers measured the distance to the star by watching it shift over a year.",
+    "The team rewrote the parser so that malformed input fails with a clear message.",
+    "Children in the village learn to swim in the lake before they can read.",
+    "The novel follows three sisters who inherit a failing vineyard in the hills.",
+    "A small change in the interest rate can move the housing market for years.",
+    "The violinist played the final movement faster than anyone had heard before.",
+    "Rain had washed the chalk drawings from the pavement by the afternoon.",
+    "The library extended its hours during the examination period in spring.",
+]
+
+
+def _linear_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes of linear weights as stored, number of linear weights)."""
+    total_bits, count = 0, 0
+    for m in model.modules():
+        if isinstance(m, QLinear):
+            qw = m.quantized_weight
+            total_bits += qw.storage_bits()
+            count += qw.numel
+        elif is_linear(m):
+            total_bits += m.weight.numel() * m.weight.element_size() * 8
+            count += m.weight.numel()
+    return total_bits // 8, count
+
+
+def _model_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _speed(ref: nn.Module, quant: nn.Module, inputs: dict) -> dict:
+    with torch.no_grad():
+        times = interleaved_times({"fp32": lambda: ref(**inputs), "quantized": lambda: quant(**inputs)}, repeats=15)
+    return {"fp32_ms": times["fp32"] * 1e3, "quantized_ms": times["quantized"] * 1e3, "speedup": times["fp32"] / times["quantized"]}
+
+
+def _size(ref: nn.Module, quant: nn.Module) -> dict:
+    lin_ref, n = _linear_bytes(ref)
+    lin_q, _ = _linear_bytes(quant)
+    return {
+        "linear_fp32_mb": lin_ref / 1e6,
+        "linear_quantized_mb": lin_q / 1e6,
+        "linear_bits_per_weight": lin_q * 8 / n,
+        "model_fp32_mb": _model_bytes(ref) / 1e6,
+        "model_quantized_mb": _model_bytes(quant) / 1e6,
+    }
+
+
+def demo_minilm(bits: int, group_size: int, log: Callable[[str], None]) -> dict:
+    model, tokenizer = load_pretrained("minilm")
+    quant = lowbit.quantize(copy.deepcopy(model), "rtn", bits=bits, group_size=group_size, progress=False)
+    wiki = asset("text", "wikitext2_test_raw.txt")
+    texts = sentences(read_text(wiki), limit=256) if wiki.exists() else FALLBACK_SENTENCES
+    log(f"MiniLM: embedding cosine on {len(texts)} {'WikiText-2' if wiki.exists() else 'built-in'} sentences")
+    fid = embedding_fidelity(model, quant, tokenizer, texts)
+    one = dict(tokenizer(texts[:1], return_tensors="pt"))
+    batch = dict(tokenizer(texts[:32], padding=True, return_tensors="pt"))
+    return {
+        "model": "all-MiniLM-L6-v2",
+        "coverage": quant.lowbit_coverage.to_dict()["block_linears_quantized"],
+        "embedding_cosine": fid["cosine"],
+        "sentences": fid["sentences"],
+        **_size(model, quant),
+        "speed_1_sentence": _speed(model, quant, one),
+        "speed_32_sentences": _speed(model, quant, batch),
+    }
+
+
+def demo_stories(bits: int, group_size: int, log: Callable[[str], None]) -> dict:
+    model, tokenizer = load_pretrained(str(asset("stories260K")))
+    quant = lowbit.quantize(copy.deepcopy(model), "rtn", bits=bits, group_size=group_size, progress=False)
+    _, test = split_halves(read_text(asset("text", "tinystories_dev.txt")))
+    log("stories260K: perplexity on the second half of tinystories_dev.txt")
+    ppl_ref = perplexity(model, tokenizer, test, seqlen=512, progress=False)
+    ppl_q = perplexity(quant, tokenizer, test, seqlen=512, progress=False)
+    ids = tokenizer(test[:2000], return_tensors="pt").input_ids[:, :128]
+    return {
+        "model": "stories260K",
+        "coverage": quant.lowbit_coverage.to_dict()["block_linears_quantized"],
+        "ppl_fp32": ppl_ref["ppl"],
+        "ppl_quantized": ppl_q["ppl"],
+        "tokens": ppl_ref["tokens"],
+        **_size(model, quant),
+        "speed_128_tokens": _speed(model, quant, {"input_ids": ids}),
+    }
+
+
+def _table(results: list[dict], label: str) -> str:
+    rows = [f"{'model':<18}{'metric':<34}{'fp32':>12}{label:>14}"]
+    for r in results:
+        name = r["model"]
+        if "embedding_cosine" in r:
+            rows.append(f"{name:<18}{'embedding cosine vs fp32':<34}{1.0:>12.4f}{r['embedding_cosine']:>14.4f}")
+        else:
+            rows.append(f"{name:<18}{'perplexity (TinyStories, 2nd half)':<34}{r['ppl_fp32']:>12.4f}{r['ppl_quantized']:>14.4f}")
+        rows.append(f"{'':<18}{'linear weights MB':<34}{r['linear_fp32_mb']:>12.3f}{r['linear_quantized_mb']:>14.3f}")
+        rows.append(f"{'':<18}{'bits per linear weight':<34}{32:>12}{r['linear_bits_per_weight']:>14.3f}")
+        rows.append(f"{'':<18}{'whole model MB (in memory)':<34}{r['model_fp32_mb']:>12.3f}{r['model_quantized_mb']:>14.3f}")
+        for key, value in r.items():
+            if key.startswith("speed_"):
+                what = key.removeprefix("speed_").replace("_", " ")
+                rows.append(
+                    f"{'':<18}{'latency ms, ' + what:<34}{value['fp32_ms']:>12.2f}"
+                    f"{value['quantized_ms']:>14.2f}  ({value['speedup']:.2f}x)"
+                )
+    return "\n".join(rows)
+
+
+def run_demo(which: str = "default", bits: int = 4, group_size: int = 128, log: Callable[[str], None] = print) -> dict:
+    which = which.lower()
+    if which not in ("default", "minilm", "stories260k"):
+        raise ValueError(f"unknown demo model {which!r}; choose minilm, stories260K or default")
+    results = []
+    if which in ("default", "minilm"):
+        results.append(demo_minilm(bits, group_size, log))
+    if which == "stories260k" or (which == "default" and asset("stories260K").is_dir()):
+        if not asset("stories260K").is_dir():
+            raise FileNotFoundError(f"stories260K is not at {asset('stories260K')}; set LOWBIT_ASSETS")
+        results.append(demo_stories(bits, group_size, log))
+    label = f"rtn w{bits} " + ("per-ch" if group_size == -1 else f"g{group_size}")
+    return {"method": "rtn", "bits": bits, "group_size": group_size, "results": results, "table": _table(results, label)}
