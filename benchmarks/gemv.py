@@ -95,12 +95,8 @@ def main() -> None:
     if args.json:
         print(json.dumps({"threads": torch.get_num_threads(), "rows": rows}))
         return
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} interleaved rounds"
-    )
-    print(
-        f"{'shape':<11}{'batch':>6} {'cache':<6} {'impl':<26}{'kernel':<10}{'ms':>9}{'vs fp32':>9}{'GB/s':>8}"
-    )
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} interleaved rounds")
+    print(f"{'shape':<11}{'batch':>6} {'cache':<6} {'impl':<26}{'kernel':<10}{'ms':>9}{'vs fp32':>9}{'GB/s':>8}")
     for r in rows:
         print(
             f"{r['shape']:<11}{r['batch']:>6} {r['cache']:<6} {r['impl']:<26}{r['kernel']:<10}{r['ms']:>9.3f}"

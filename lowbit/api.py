@@ -55,8 +55,14 @@ def quantize(
         qw = quantizer.quantize_weight(linear_weight(t.module).float())
         set_module(model, t.name, QLinear(qw, t.module.bias, kernel))
         records[t.name] = LayerRecord(
-            t.name, type(t.module).__name__, "quantized", "", t.in_block,
-            fmt.describe(), qw.bits_per_weight, qw.numel,
+            t.name,
+            type(t.module).__name__,
+            "quantized",
+            "",
+            t.in_block,
+            fmt.describe(),
+            qw.bits_per_weight,
+            qw.numel,
         )
     coverage = Coverage()
     for t in targets:

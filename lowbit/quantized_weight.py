@@ -14,8 +14,7 @@ def check_finite(w: torch.Tensor, name: str = "weight") -> None:
     bad = ~torch.isfinite(w)
     if bool(bad.any()):
         raise ValueError(
-            f"{name} holds {int(bad.sum())} NaN/Inf values; repair or retrain the model "
-            f"before quantizing it"
+            f"{name} holds {int(bad.sum())} NaN/Inf values; repair or retrain the model before quantizing it"
         )
 
 

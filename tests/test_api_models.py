@@ -72,18 +72,38 @@ def _tiny(family):
     import transformers as tf
 
     if family == "llama":
-        cfg = tf.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        cfg = tf.LlamaConfig(
+            vocab_size=96,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
         return tf.LlamaForCausalLM(cfg), 7
     if family == "opt":
-        cfg = tf.OPTConfig(vocab_size=96, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                           max_position_embeddings=64, word_embed_proj_dim=64)
+        cfg = tf.OPTConfig(
+            vocab_size=96,
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            word_embed_proj_dim=64,
+        )
         return tf.OPTForCausalLM(cfg), 6
     if family == "gpt2":
         cfg = tf.GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64)
         return tf.GPT2LMHeadModel(cfg), 4
-    cfg = tf.BertConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, max_position_embeddings=64)
+    cfg = tf.BertConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+    )
     return tf.BertModel(cfg), 6
 
 

@@ -26,18 +26,31 @@ def embed(model: nn.Module, tokenizer, texts: list[str], batch_size: int = 32, m
     """Mean-pooled last hidden states over real tokens (the sentence-transformers pooling)."""
     out = []
     for i in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        enc = tokenizer(
+            texts[i : i + batch_size],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
         hidden = model(**enc).last_hidden_state
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         out.append((hidden * mask).sum(1) / mask.sum(1).clamp(min=1))
     return torch.cat(out)
 
 
-def embedding_fidelity(reference: nn.Module, quantized: nn.Module, tokenizer, texts: list[str], batch_size: int = 32) -> dict:
+def embedding_fidelity(
+    reference: nn.Module, quantized: nn.Module, tokenizer, texts: list[str], batch_size: int = 32
+) -> dict:
     """Cosine between reference and quantized embeddings: mean, min, and ``1 - mean``."""
     if not texts:
         raise ValueError("embedding fidelity needs at least one sentence")
     a = embed(reference, tokenizer, texts, batch_size)
     b = embed(quantized, tokenizer, texts, batch_size)
     cos = F.cosine_similarity(a, b, dim=-1)
-    return {"cosine": cos.mean().item(), "min_cosine": cos.min().item(), "cosine_loss": 1 - cos.mean().item(), "sentences": len(texts)}
+    return {
+        "cosine": cos.mean().item(),
+        "min_cosine": cos.min().item(),
+        "cosine_loss": 1 - cos.mean().item(),
+        "sentences": len(texts),
+    }

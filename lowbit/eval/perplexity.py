@@ -37,9 +37,7 @@ def chunk_losses(model: nn.Module, chunks: torch.Tensor, batch_size: int = 8, pr
     for i in tqdm(range(0, len(chunks), batch_size), desc="perplexity", disable=not progress, unit="batch"):
         batch = chunks[i : i + batch_size].to(device)
         logits = model(input_ids=batch).logits.float()
-        loss = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
-        )
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
         losses.append(loss.reshape(batch.shape[0], -1).mean(-1).cpu())
     return torch.cat(losses)
 

@@ -28,9 +28,7 @@ def check_group_size(group_size: int | None) -> None:
     if group_size is None or group_size == PER_CHANNEL:
         return
     if not isinstance(group_size, int) or group_size <= 0:
-        raise ValueError(
-            f"group_size {group_size!r} is invalid; use a positive size, or -1 for per-channel"
-        )
+        raise ValueError(f"group_size {group_size!r} is invalid; use a positive size, or -1 for per-channel")
 
 
 def qmax(bits: int) -> int:
@@ -136,9 +134,7 @@ def quantize(
     return q.clamp(0, qmax(bits)).to(torch.uint8)
 
 
-def dequantize(
-    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int | None
-) -> torch.Tensor:
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int | None) -> torch.Tensor:
     rows, cols = codes.shape
     if group_size is None:
         return (codes.float() - zero.float().reshape(())) * scale.float().reshape(())

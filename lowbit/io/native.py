@@ -152,9 +152,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, kernel: str = 
     quantized = set(qc.get("layers", {}))
     missing = [k for k in missing if k.rpartition(".")[0] not in quantized]
     if missing or unexpected:
-        raise ValueError(
-            f"{path} does not match its model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+        raise ValueError(f"{path} does not match its model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.eval()
     if qc.get("coverage"):
         model.lowbit_coverage = Coverage.from_dict(qc["coverage"])

@@ -66,4 +66,3 @@ class RTN(MethodConfig):
         if fmt.kind != "int" and self.mse:
             raise ValueError(f"the MSE clipping search supports integer formats, not {fmt.kind}")
         return QuantizedWeight.quantize(w, fmt)
-
