@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lowbit import QLinear, WeightFormat
-from lowbit.kernels import cpu
+from lowbit.kernels import avx512, cpu
 
 
 def _pair(fmt, k=256, n=64, bias=True):
@@ -17,22 +17,56 @@ def _reference(q, x):
     return y + q.bias if q.bias is not None else y
 
 
-@pytest.mark.parametrize(
-    "fmt",
-    [
-        WeightFormat("int", 4, 128, False),
-        WeightFormat("int", 4, 32, True),
-        WeightFormat("int", 4, -1, False),
-        WeightFormat("int", 4, 64, False),
-    ],
-    ids=lambda f: f.describe(),
-)
+INT4_FORMATS = [
+    WeightFormat("int", 4, 128, False),
+    WeightFormat("int", 4, 32, True),
+    WeightFormat("int", 4, -1, False),
+    WeightFormat("int", 4, 64, False),
+]
+
+
+@pytest.mark.parametrize("fmt", INT4_FORMATS, ids=lambda f: f.describe())
 def test_int4_cpu_kernel_matches_reference(fmt):
-    _, q = _pair(fmt)
-    assert q.select_kernel(torch.device("cpu")) == "int4_cpu"
+    lin = torch.nn.Linear(256, 64)
+    q = QLinear.from_linear(lin, fmt, kernel="int4_cpu")
     for shape in [(1, 256), (8, 256), (3, 5, 256)]:
         x = torch.randn(shape)
         torch.testing.assert_close(q(x), _reference(q, x), rtol=2e-2, atol=2e-2)
+
+
+def _need_avx512():
+    if avx512.extension() is None:
+        pytest.skip("lowbit's AVX-512 kernel is not available on this CPU or could not be built")
+
+
+@pytest.mark.parametrize("fmt", [*INT4_FORMATS, WeightFormat("int", 4, 96)], ids=lambda f: f.describe())
+@pytest.mark.parametrize("n", [64, 40])
+def test_int4_avx512_kernel_matches_reference(fmt, n):
+    _need_avx512()
+    lin = torch.nn.Linear(288, n)  # 288 = 2*128 + 32: a ragged last group for g128
+    q = QLinear.from_linear(lin, fmt)
+    for shape in [(1, 288), (3, 288), (2, 4, 288)]:
+        x = torch.randn(shape)
+        assert q.select_kernel(x.device, x.numel() // 288) == "int4_avx512"
+        torch.testing.assert_close(q(x), _reference(q, x), rtol=2e-2, atol=2e-2)
+
+
+def test_avx512_fp32_path_is_exact_to_fp32_rounding():
+    _need_avx512()
+    q = QLinear.from_linear(torch.nn.Linear(512, 48), WeightFormat("int", 4, 128))
+    x = torch.randn(5, 512)
+    y = avx512.int4_gemv(x, q.quantized_weight, q.quantized_weight.zero, use_bf16=False)
+    torch.testing.assert_close(y, x @ q.weight.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_large_batches_switch_from_avx512_to_the_aten_kernel():
+    _need_avx512()
+    q = QLinear.from_linear(torch.nn.Linear(256, 64), WeightFormat("int", 4, 128))
+    cpu_dev = torch.device("cpu")
+    assert q.select_kernel(cpu_dev, rows=8) == "int4_avx512"
+    assert q.select_kernel(cpu_dev, rows=9) == "int4_cpu"
+    x = torch.randn(64, 256)
+    torch.testing.assert_close(q(x), _reference(q, x), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
@@ -46,8 +80,8 @@ def test_int8_cpu_kernel_matches_reference(symmetric):
 @pytest.mark.parametrize(
     "fmt,k,n",
     [
-        (WeightFormat("int", 4, 128), 172, 64),  # ragged group: K not a multiple of the group
-        (WeightFormat("int", 4, 128), 256, 40),  # N not a multiple of 16
+        (WeightFormat("int", 4, 128), 172, 64),  # K not a multiple of 32
+        (WeightFormat("int", 4, 48), 192, 40),  # group not a multiple of 32, N not of 16
         (WeightFormat("int", 3, 32), 256, 64),
         (WeightFormat("int", 2, 16), 96, 32),
         (WeightFormat("int", 8, 64), 256, 64),  # grouped 8-bit has no packed CPU kernel
@@ -70,7 +104,7 @@ def test_unsupported_shapes_and_formats_fall_back_to_dequantize(fmt, k, n):
 
 def test_forced_dequant_kernel_agrees_with_int4_kernel():
     lin = torch.nn.Linear(128, 32)
-    fast = QLinear.from_linear(lin, WeightFormat("int", 4, 32))
+    fast = QLinear.from_linear(lin, WeightFormat("int", 4, 32), kernel="int4_cpu")
     ref = QLinear.from_linear(lin, WeightFormat("int", 4, 32), kernel="dequant")
     x = torch.randn(2, 128)
     torch.testing.assert_close(fast(x), ref(x), rtol=2e-2, atol=2e-2)
@@ -79,7 +113,7 @@ def test_forced_dequant_kernel_agrees_with_int4_kernel():
 def test_packed_kernel_layout_is_rebuilt_after_loading_new_state():
     lin_a, lin_b = torch.nn.Linear(64, 32), torch.nn.Linear(64, 32)
     fmt = WeightFormat("int", 4, 32)
-    qa, qb = QLinear.from_linear(lin_a, fmt), QLinear.from_linear(lin_b, fmt)
+    qa, qb = QLinear.from_linear(lin_a, fmt, "int4_cpu"), QLinear.from_linear(lin_b, fmt, "int4_cpu")
     x = torch.randn(1, 64)
     qa(x)  # builds and caches qa's kernel layout
     qa.load_state_dict(qb.state_dict())

@@ -6,18 +6,19 @@ import torch
 from torch import nn
 
 from lowbit.formats.spec import WeightFormat
-from lowbit.kernels import cpu
+from lowbit.kernels import avx512, cpu
 from lowbit.quantized_weight import QuantizedWeight
 
-KERNELS = ("auto", "int4_cpu", "int8_cpu", "dequant")
+KERNELS = ("auto", "int4_avx512", "int4_cpu", "int8_cpu", "dequant")
 
 
 class QLinear(nn.Module):
     """``y = x @ dequantize(W).T + b`` computed by the fastest kernel for the device.
 
     The packed codes, scales and zero points are the module's state (what is
-    saved). The kernel's own layout is derived from them on first use on a
-    device and cached; it is not saved.
+    saved). lowbit's AVX-512 kernel reads them as they are; PyTorch's kernels
+    need a layout of their own, derived on first use on a device and cached
+    (not saved).
     """
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None, kernel: str = "auto"):
@@ -52,33 +53,38 @@ class QLinear(nn.Module):
         """The dequantized weight ``[out, in]``, for inspection and reference paths."""
         return self.quantized_weight.dequantize().to(self.scales.device)
 
-    def select_kernel(self, device: torch.device) -> str:
+    def select_kernel(self, device: torch.device, rows: int = 1) -> str:
+        """The kernel a forward pass of ``rows`` rows on ``device`` uses."""
         if self.kernel != "auto":
             return self.kernel
         if device.type == "cpu":
             qw = self.quantized_weight
+            if rows <= avx512.MAX_ROWS and avx512.supported(qw):
+                return "int4_avx512"
             if cpu.int4_group(qw) is not None:
                 return "int4_cpu"
             if cpu.int8_supported(qw):
                 return "int8_cpu"
         return "dequant"
 
-    def _prepare(self, device: torch.device) -> tuple[str, object]:
-        """The kernel for ``device`` and its packed layout, built once and cached."""
-        plan = self._cache.get(device)
-        if plan is None:
-            kernel = self.select_kernel(device)
+    def _prepare(self, kernel: str, device: torch.device):
+        """The packed layout ``kernel`` runs on, built once per device and cached."""
+        key = (kernel, device)
+        if key not in self._cache:
             qw = self.quantized_weight
-            if kernel == "int4_cpu":
-                plan = (kernel, cpu.pack_int4(qw, device))
+            if kernel == "int4_avx512":
+                if avx512.kernel_group(qw) is None or avx512.extension() is None:
+                    raise ValueError(f"int4_avx512 cannot run {qw.fmt.describe()} with shape {qw.shape} here")
+                self._cache[key] = (qw, qw.zero_or_default())
+            elif kernel == "int4_cpu":
+                self._cache[key] = cpu.pack_int4(qw, device)
             elif kernel == "int8_cpu":
                 if not cpu.int8_supported(qw):
                     raise ValueError(f"int8_cpu needs 8-bit per-channel weights, not {qw.fmt.describe()}")
-                plan = (kernel, cpu.pack_int8(qw, device))
+                self._cache[key] = cpu.pack_int8(qw, device)
             else:
-                plan = (kernel, None)
-            self._cache[device] = plan
-        return plan
+                self._cache[key] = None
+        return self._cache[key]
 
     def _apply(self, fn, recurse=True):
         self._cache = {}
@@ -89,11 +95,20 @@ class QLinear(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel, packed = self._prepare(x.device)
-        if kernel == "int4_cpu":
-            y = cpu.int4_mm(x, packed)
+        rows = x.numel() // max(x.shape[-1], 1)
+        plan_key = (x.device, rows <= avx512.MAX_ROWS)
+        kernel = self._cache.get(plan_key)
+        if kernel is None:
+            kernel = self._cache[plan_key] = self.select_kernel(x.device, rows)
+        if kernel == "int4_avx512":
+            if rows > avx512.MAX_ROWS:
+                raise ValueError(f"int4_avx512 takes at most {avx512.MAX_ROWS} rows, got {rows}; use kernel='auto'")
+            qw, zero = self._prepare(kernel, x.device)
+            y = avx512.int4_gemv(x, qw, zero)
+        elif kernel == "int4_cpu":
+            y = cpu.int4_mm(x, self._prepare(kernel, x.device))
         elif kernel == "int8_cpu":
-            y = cpu.int8_mm(x, packed)
+            y = cpu.int8_mm(x, self._prepare(kernel, x.device))
         else:
             y = x @ self.weight.to(x.dtype).t()
         if self.bias is not None:

@@ -1,0 +1,80 @@
+"""lowbit's own 4-bit GEMV for AVX-512 CPUs (``csrc/int4_gemv.cpp``).
+
+It reads ``QuantizedWeight.packed`` as it is (no second copy of the weights) and
+serves batches of up to 8 rows, where decoding spends its time. It is compiled
+on first use with ``torch.utils.cpp_extension`` into the torch extensions cache;
+where the CPU lacks AVX-512 or the build fails, lowbit says so once and uses
+PyTorch's kernels instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from lowbit.quantized_weight import QuantizedWeight
+
+MAX_ROWS = 8
+SOURCE = Path(__file__).parent / "csrc" / "int4_gemv.cpp"
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@functools.cache
+def extension():
+    """The compiled module, or ``None`` where it cannot be had (and why, once, as a warning)."""
+    if os.environ.get("LOWBIT_DISABLE_CPP") == "1":
+        return None
+    flags = cpu_flags()
+    if not {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return None
+    cflags = ["-O3", "-fopenmp", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+    if "avx512_bf16" in flags:
+        cflags.append("-mavx512bf16")
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(
+            name="lowbit_int4_gemv_" + ("bf16" if "avx512_bf16" in flags else "fp32"),
+            sources=[str(SOURCE)],
+            extra_cflags=cflags,
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as e:  # a missing compiler or ninja must not break inference
+        warnings.warn(f"lowbit's AVX-512 int4 kernel could not be built ({e}); using PyTorch's kernels", stacklevel=2)
+        return None
+
+
+def kernel_group(qw: QuantizedWeight) -> int | None:
+    """The group size the kernel runs ``qw`` with, or ``None`` if it cannot run it."""
+    fmt = qw.fmt
+    k = qw.shape[1]
+    if fmt.kind != "int" or fmt.bits != 4 or k % 32 or qw.scale.dtype != torch.float16:
+        return None
+    group = k if qw.scale.shape[1] == 1 else fmt.group_size
+    return group if group % 32 == 0 else None
+
+
+def supported(qw: QuantizedWeight) -> bool:
+    return kernel_group(qw) is not None and extension() is not None
+
+
+def int4_gemv(x: torch.Tensor, qw: QuantizedWeight, zero: torch.Tensor, use_bf16: bool = True) -> torch.Tensor:
+    """``x @ dequantize(qw).T`` for ``x: [..., K]`` with at most ``MAX_ROWS`` rows."""
+    flat = x.reshape(-1, x.shape[-1]).float()
+    y = extension().int4_gemv(flat, qw.packed, qw.scale, zero, qw.shape[0], kernel_group(qw), use_bf16)
+    return y.reshape(*x.shape[:-1], qw.shape[0]).to(x.dtype)
