@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -47,6 +48,7 @@ def extension():
     try:
         from torch.utils.cpp_extension import load
 
+        sys.stderr.write("lowbit: loading its AVX-512 int4 kernel (compiled once per machine, about 30 s)\n")
         return load(
             name="lowbit_int4_gemv_" + ("bf16" if "avx512_bf16" in flags else "fp32"),
             sources=[str(SOURCE)],
