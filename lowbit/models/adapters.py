@@ -64,7 +64,14 @@ class Adapter:
         get_out = getattr(model, "get_output_embeddings", None)
         out = get_out() if callable(get_out) else None
         if out is module:
-            return "output projection (lm_head): kept in full precision by default"
+            get_in = getattr(model, "get_input_embeddings", None)
+            inp = get_in() if callable(get_in) else None
+            tied = inp is not None and getattr(inp, "weight", None) is module.weight
+            return (
+                "output projection (lm_head)"
+                + (", tied to the input embedding" if tied else "")
+                + (": kept in full precision by default")
+            )
         if not is_linear(module):
             return f"{type(module).__name__} is not supported by weight-only linear quantization"
         return None
