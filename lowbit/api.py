@@ -1,18 +1,21 @@
-"""The public verb: ``lowbit.quantize(model, method_or_recipe, **config)``."""
+"""The public verb: ``lowbit.quantize(model, method_or_recipe, calib=..., **config)``."""
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.coverage import Coverage, LayerRecord
+from lowbit.engine.sequential import block_linears, collect_stats, execution_groups, sequential
 from lowbit.methods import MethodConfig, parse_recipe
-from lowbit.models.adapters import is_linear, plan, set_module
+from lowbit.models.adapters import Target, adapter_for, is_linear, plan, set_module
 from lowbit.nn.qlinear import QLinear, linear_weight
-from lowbit.quantized_weight import check_finite
+from lowbit.quantized_weight import QuantizedWeight, check_finite
 
 
 def quantize(
@@ -20,6 +23,12 @@ def quantize(
     method_or_recipe: str | MethodConfig | list = "rtn",
     *,
     calib=None,
+    tokenizer=None,
+    nsamples: int = 128,
+    seqlen: int = 512,
+    seed: int = 0,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
     skip: list[str] | tuple[str, ...] = (),
     include_lm_head: bool = False,
     kernel: str = "auto",
@@ -28,52 +37,111 @@ def quantize(
 ) -> nn.Module:
     """Quantize ``model`` in place and return it.
 
-    ``method_or_recipe``: a registered name (``"rtn"``), a ``+``-joined recipe, a
-    method config, or a list of them. ``config`` fills the configs built from
-    names (``bits=4, group_size=128, symmetric=False, ...``). ``skip``: glob
-    patterns of module names to keep in full precision. Every weight-bearing
-    layer ends up in ``model.lowbit_coverage``, quantized or skipped with a reason.
+    ``method_or_recipe``: a registered name (``"rtn"``, ``"gptq"``), a
+    ``+``-joined recipe (``"awq+gptq"``), a method config, or a list of them;
+    ``config`` fills the configs built from names (``bits=4, group_size=128``).
+    The last method of a recipe that quantizes decides the codes; the methods
+    before it transform the model first.
+
+    ``calib`` (for methods that need data): token ids ``[n, seqlen]``, a list of
+    model inputs, or a text file path read with ``tokenizer`` into ``nsamples``
+    random windows of ``seqlen`` tokens (``seed``). ``skip``: glob patterns of
+    module names to keep in full precision. Every weight-bearing layer ends up in
+    ``model.lowbit_coverage``, quantized or skipped with a reason.
     """
     methods = parse_recipe(method_or_recipe, **config)
     quantizer = methods[-1]
-    if quantizer.needs_calibration or len(methods) > 1:
-        raise NotImplementedError(
-            f"recipe {'+'.join(m.name for m in methods)} needs the calibration engine; "
-            f"only single calibration-free methods (rtn) run in this version"
-        )
+    if not quantizer.quantizes:
+        raise ValueError(f"recipe ends with {quantizer.name}, which does not quantize; add a quantizer such as rtn")
+    transforms = methods[:-1]
     start = time.perf_counter()
     targets = plan(model, skip=skip, include_lm_head=include_lm_head)
-    todo = [t for t in targets if t.skip is None and not isinstance(t.module, QLinear)]
     if not any(is_linear(t.module) for t in targets):
         raise ValueError(f"{type(model).__name__} holds no nn.Linear layers to quantize")
+    todo = [t for t in targets if t.skip is None and not isinstance(t.module, QLinear)]
     for t in todo:
         check_finite(linear_weight(t.module), f"{t.name}.weight")
 
-    fmt = quantizer.weight_format
     records: dict[str, LayerRecord] = {}
-    for t in tqdm(todo, desc=f"{quantizer.name} {fmt.describe()}", disable=not progress, unit="layer"):
-        qw = quantizer.quantize_weight(linear_weight(t.module).float())
-        set_module(model, t.name, QLinear(qw, t.module.bias, kernel))
-        records[t.name] = LayerRecord(
-            t.name,
-            type(t.module).__name__,
-            "quantized",
-            "",
-            t.in_block,
-            fmt.describe(),
-            qw.bits_per_weight,
-            qw.numel,
-        )
+    if any(m.needs_calibration for m in methods):
+        batches = _calibration_batches(model, calib, tokenizer, nsamples, seqlen, seed, batch_size)
+        _quantize_calibrated(model, transforms, quantizer, todo, batches, device, kernel, progress, records)
+    elif transforms:
+        raise ValueError(f"{'+'.join(m.name for m in methods)}: transforms need calibration data")
+    fmt = quantizer.weight_format
+    rest = [t for t in todo if t.name not in records]
+    calibrated = any(m.needs_calibration for m in methods)
+    for t in tqdm(rest, desc=f"{quantizer.name} {fmt.describe()}", disable=not progress or not rest, unit="layer"):
+        w = linear_weight(t.module).float()
+        if calibrated:  # outside the calibrated blocks there are no input statistics
+            qw, how = QuantizedWeight.quantize(w, fmt), "rtn (outside the calibrated blocks)"
+        else:
+            qw, how = quantizer.quantize_weight(w), quantizer.name
+        _replace(model, t, qw, kernel, records, how)
+
     coverage = Coverage()
     for t in targets:
         reason = "already quantized" if isinstance(t.module, QLinear) else t.skip
         coverage.add(records.get(t.name) or LayerRecord(t.name, type(t.module).__name__, "skipped", reason, t.in_block))
-
     model.lowbit_coverage = coverage
-    model.lowbit_recipe = [{"method": m.name, **_config_dict(m)} for m in methods]
+    model.lowbit_recipe = [{"method": m.name, **asdict(m)} for m in methods]
     model.lowbit_seconds = time.perf_counter() - start
     return model
 
 
-def _config_dict(m: MethodConfig) -> dict:
-    return asdict(m)
+def _replace(root: nn.Module, t: Target, qw: QuantizedWeight, kernel: str, records: dict, method: str, rel=None):
+    set_module(root, rel or t.name, QLinear(qw, t.module.bias, kernel))
+    records[t.name] = LayerRecord(
+        t.name, type(t.module).__name__, "quantized", "", t.in_block, qw.fmt.describe(), qw.bits_per_weight,
+        qw.numel, method,
+    )  # fmt: skip
+
+
+def _calibration_batches(model, calib, tokenizer, nsamples, seqlen, seed, batch_size) -> list:
+    from lowbit.data import calibration_windows, read_text
+
+    if calib is None:
+        raise ValueError("this recipe needs calibration data: pass calib= (token ids or a text file)")
+    if isinstance(calib, (str, os.PathLike)):
+        if tokenizer is None:
+            raise ValueError("calib is a text file: pass tokenizer= to read it")
+        calib = calibration_windows(tokenizer, read_text(calib), nsamples, seqlen, seed)
+    if torch.is_tensor(calib):
+        if calib.dim() == 1:
+            calib = calib.unsqueeze(0)
+        return list(calib.split(batch_size))
+    if isinstance(calib, (list, tuple)) and calib:
+        return list(calib)
+    raise TypeError("calib must be token ids [n, seqlen], a list of model inputs, or a text file path")
+
+
+def _default_device(device) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _quantize_calibrated(model, transforms, quantizer, todo, batches, device, kernel, progress, records) -> None:
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model) or [("", model)]
+    wanted = {t.name: t for t in todo}
+
+    def process(block_name: str, block: nn.Module, inputs) -> None:
+        prefix = f"{block_name}." if block_name else ""
+        linears = {rel: m for rel, m in block_linears(block).items() if prefix + rel in wanted}
+        for transform in [*transforms, quantizer]:
+            transform.transform_block(block, inputs, adapter.scale_pairs(block), linears, quantizer)
+            linears = {rel: block.get_submodule(rel) for rel in linears}
+        if quantizer.true_sequential:
+            groups = execution_groups(block, inputs, list(linears))
+        else:
+            groups = [list(linears)]
+        for group in groups:
+            stats = collect_stats(block, inputs, {rel: block.get_submodule(rel) for rel in group})
+            for rel in group:
+                module = block.get_submodule(rel)
+                qw = quantizer.quantize_linear(linear_weight(module).float(), stats[rel])
+                t = wanted[prefix + rel]
+                _replace(block, Target(t.name, module, t.in_block, None), qw, kernel, records, quantizer.name, rel)
+
+    sequential(model, blocks, batches, _default_device(device), process, progress)

@@ -15,6 +15,7 @@ class LayerRecord:
     format: str = ""
     bits_per_weight: float | None = None
     numel: int = 0
+    method: str = ""
 
 
 @dataclass

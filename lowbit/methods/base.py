@@ -42,9 +42,19 @@ class MethodConfig:
     def weight_format(self) -> WeightFormat:
         return WeightFormat(self.format, self.bits, self.group_size, self.symmetric)
 
+    quantizes: ClassVar[bool] = True  # False for pure transforms (smoothing, rotations)
+    true_sequential: bool = True
+
     def quantize_weight(self, w: torch.Tensor) -> QuantizedWeight:
         """Codes and parameters for ``w: [out, in]``; calibration-free methods implement it."""
         raise NotImplementedError(f"{self.name} needs calibration data; pass calib=...")
+
+    def quantize_linear(self, w: torch.Tensor, stats) -> QuantizedWeight:
+        """Codes and parameters for ``w: [out, in]`` given its input statistics (``None`` if none)."""
+        return self.quantize_weight(w)
+
+    def transform_block(self, block, inputs, pairs, linears, quantizer) -> None:
+        """Rewrite ``block`` exactly before quantization (AWQ scales, ...); most methods do nothing."""
 
 
 def make_method(name: str, **config) -> MethodConfig:

@@ -39,6 +39,9 @@ class Adapter:
     name: str
     model_types: tuple[str, ...] = ()
     block_paths: tuple[str, ...] = ()
+    # (producer, consumers) inside a block, names relative to the block: the producer's
+    # output feeds only those linears, so an input scaling of theirs folds into it exactly.
+    pairs: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def matches(self, model: nn.Module) -> bool:
         config = getattr(model, "config", None)
@@ -56,6 +59,11 @@ class Adapter:
         if path is None:
             return []
         return [(f"{path}.{i}", block) for i, block in enumerate(_get(model, path))]
+
+    def scale_pairs(self, block: nn.Module) -> list[tuple[str, list[str]]]:
+        """The pairs present in ``block`` (a missing module drops its pair)."""
+        names = {n for n, _ in block.named_modules()}
+        return [(p, list(c)) for p, c in self.pairs if p in names and all(x in names for x in c)]
 
     def skip_reason(self, model: nn.Module, name: str, module: nn.Module) -> str | None:
         """Why ``module`` is left in full precision by default, or ``None`` to quantize it."""
@@ -77,11 +85,27 @@ class Adapter:
         return None
 
 
+LLAMA_PAIRS = (
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("self_attn.v_proj", ("self_attn.o_proj",)),
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp.up_proj", ("mlp.down_proj",)),
+)
+OPT_PAIRS = (
+    ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("self_attn.v_proj", ("self_attn.out_proj",)),
+    ("final_layer_norm", ("fc1",)),
+    ("fc1", ("fc2",)),  # ReLU between them commutes with positive scales
+)
+# Post-LayerNorm encoders: a LayerNorm's output also feeds the residual, so only
+# value -> attention output folds exactly.
+BERT_PAIRS = (("attention.self.value", ("attention.output.dense",)),)
+
 ADAPTERS = [
-    Adapter("llama", ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"), ("model.layers",)),
-    Adapter("opt", ("opt",), ("model.decoder.layers", "decoder.layers")),
+    Adapter("llama", ("llama", "mistral", "qwen2", "qwen3"), ("model.layers",), LLAMA_PAIRS),
+    Adapter("opt", ("opt",), ("model.decoder.layers", "decoder.layers"), OPT_PAIRS),
     Adapter("gpt2", ("gpt2",), ("transformer.h", "h")),
-    Adapter("bert", ("bert", "roberta"), ("encoder.layer", "bert.encoder.layer", "roberta.encoder.layer")),
+    Adapter("bert", ("bert", "roberta"), ("encoder.layer", "bert.encoder.layer", "roberta.encoder.layer"), BERT_PAIRS),
 ]
 
 

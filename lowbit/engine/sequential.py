@@ -1,0 +1,211 @@
+"""The block-by-block calibration loop, the one place lowbit walks a model with data.
+
+1. Run the calibration batches until the first block and keep its inputs
+   (hidden states plus whatever the block needs: attention mask, position ids,
+   rotary embeddings).
+2. For each block, on the compute device:
+   - transforms (AWQ scales, ...) observe the block and rewrite it exactly;
+   - the linears are quantized group by group in execution order (true
+     sequential: each group is observed with the groups before it already
+     quantized);
+   - the block's outputs are recomputed through the quantized block, so the
+     next block calibrates on what it will really see;
+   - the block goes back to the CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.models.adapters import is_linear
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class LinearStats:
+    """What a quantizer may want to know of a linear's inputs ``x: [tokens, in]``.
+
+    ``H = 2/n X^T X`` (GPTQ's Hessian of the layer's squared output error) and
+    ``abs_mean`` per input channel (AWQ's activation salience).
+    """
+
+    H: torch.Tensor
+    abs_mean: torch.Tensor
+    tokens: int = 0
+
+    @classmethod
+    def empty(cls, in_features: int, device) -> LinearStats:
+        return cls(
+            torch.zeros(in_features, in_features, device=device), torch.zeros(in_features, device=device), 0
+        )
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        n = x.shape[0]
+        total = self.tokens + n
+        self.H.mul_(self.tokens / total).addmm_(x.t(), x, alpha=2 / total)
+        self.abs_mean.mul_(self.tokens / total).add_(x.abs().sum(0) / total)
+        self.tokens = total
+
+
+@dataclass
+class BlockInputs:
+    """Per calibration batch: the block's positional args and keyword args."""
+
+    batches: list[tuple[tuple, dict]] = field(default_factory=list)
+
+
+def _to(obj, device):
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list, device) -> BlockInputs:
+    """Run ``model`` on each batch until ``first_block`` and keep what it receives."""
+    captured = BlockInputs()
+
+    def hook(_module, args, kwargs):
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+        captured.batches.append((_to(args, device), _to(kwargs, device)))
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                with torch.no_grad():
+                    if not (torch.is_tensor(batch) and batch.dtype == torch.long):
+                        model(batch)
+                    elif _accepts_use_cache(model):
+                        model(input_ids=batch, use_cache=False)
+                    else:
+                        model(input_ids=batch)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    if len(captured.batches) != len(batches):
+        raise RuntimeError("the first block was not reached by the calibration forward pass")
+    return captured
+
+
+def _accepts_use_cache(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return config is not None and hasattr(config, "use_cache")
+
+
+def block_output(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    out = block(*args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def run_block(block: nn.Module, inputs: BlockInputs) -> None:
+    with torch.no_grad():
+        for args, kwargs in inputs.batches:
+            block_output(block, args, kwargs)
+
+
+def collect_stats(block: nn.Module, inputs: BlockInputs, modules: dict[str, nn.Module]) -> dict[str, LinearStats]:
+    """Input statistics of ``modules`` (names relative to ``block``) over all batches."""
+    device = next(block.parameters()).device
+    stats = {name: LinearStats.empty(_in_features(m), device) for name, m in modules.items()}
+    handles = [
+        m.register_forward_hook(lambda _m, inp, _out, name=name: stats[name].add(inp[0].detach()))
+        for name, m in modules.items()
+    ]
+    try:
+        run_block(block, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def _in_features(module: nn.Module) -> int:
+    if hasattr(module, "in_features"):
+        return module.in_features
+    return module.weight.shape[0]  # transformers Conv1D: weight [in, out]
+
+
+def execution_groups(block: nn.Module, inputs: BlockInputs, names: list[str]) -> list[list[str]]:
+    """Linears of ``block`` in the order they run, grouped when they read the same input."""
+    order: list[tuple[str, int]] = []
+    wanted = {n: block.get_submodule(n) for n in names}
+
+    def hook(_m, inp, name):
+        order.append((name, id(inp[0])))
+
+    handles = [m.register_forward_pre_hook(lambda m, inp, name=name: hook(m, inp, name)) for name, m in wanted.items()]
+    first = BlockInputs(inputs.batches[:1])
+    try:
+        run_block(block, first)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    last_key = None
+    seen = set()
+    for name, key in order:
+        if name in seen:
+            continue
+        seen.add(name)
+        if groups and key == last_key:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last_key = key
+    missing = [n for n in names if n not in seen]
+    if missing:
+        groups.append(missing)  # never called on calibration data: quantized last, with empty stats
+    return groups
+
+
+def advance(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
+    """The next block's inputs: this block's outputs with the same keyword args."""
+    out = BlockInputs()
+    with torch.no_grad():
+        for args, kwargs in inputs.batches:
+            hidden = block_output(block, args, kwargs)
+            out.batches.append(((hidden, *args[1:]), kwargs))
+    return out
+
+
+def sequential(
+    model: nn.Module,
+    blocks: list[tuple[str, nn.Module]],
+    batches: list,
+    device: torch.device,
+    process_block: Callable[[str, nn.Module, BlockInputs], None],
+    progress: bool = True,
+) -> None:
+    """Drive ``process_block(name, block, inputs)`` over ``blocks`` with calibrated inputs.
+
+    Only the block being processed sits on ``device``; the embeddings and
+    everything before the first block run where the model is.
+    """
+    inputs = capture_block_inputs(model, blocks[0][1], batches, device)
+    for name, block in tqdm(blocks, desc="blocks", disable=not progress, unit="block"):
+        home = next(block.parameters()).device
+        block.to(device)
+        process_block(name, block, inputs)
+        inputs = advance(block, inputs)
+        block.to(home)
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in block.named_modules() if n and is_linear(m)}

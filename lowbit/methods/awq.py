@@ -1,0 +1,170 @@
+"""AWQ (Lin et al., 2023, "AWQ: Activation-aware Weight Quantization for LLM
+Compression and Acceleration").
+
+A few input channels carry large activations; scaling those weight columns up
+by ``s`` (and the activations down by ``s``, folded into whatever produces
+them) lowers their relative rounding error. Per producer -> consumers pair:
+
+    s = mean|x|^a / mean|w~|^(1-a),  a on a grid in [0, 1),  s /= sqrt(max(s) min(s))
+
+where ``w~`` is the weight normalised by its group's absmax; ``a`` minimises the
+consumers' output error on the calibration data, measured exactly through
+``H = 2/n X^T X``: ``sum_rows (E H E^T)`` with ``E = W - Q(W diag s) diag(1/s)``.
+Before any rounding, the fold leaves the model's outputs unchanged.
+
+Then each weight's clipping range is searched per group, again against the
+output error (``E_g H_gg E_g^T``, the group's share), not the weight error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lowbit.engine.sequential import collect_stats
+from lowbit.formats import integer
+from lowbit.formats.spec import WeightFormat
+from lowbit.methods.base import MethodConfig, register
+from lowbit.nn.qlinear import linear_weight
+from lowbit.quantized_weight import QuantizedWeight, check_finite
+
+
+def fake_quant(w: torch.Tensor, fmt: WeightFormat) -> torch.Tensor:
+    scale, zero = integer.minmax_params(w, fmt.bits, fmt.group_size, fmt.symmetric)
+    return integer.fake_quantize(w, scale, zero, fmt.bits, fmt.group_size)
+
+
+def output_error(E: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """``sum_rows E H E^T``: the squared output error of weight error ``E`` on the calibration inputs."""
+    return ((E @ H) * E).sum()
+
+
+def search_scales(
+    ws: list[torch.Tensor], x_mean: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, grid: int = 20
+) -> tuple[torch.Tensor, float, float]:
+    """Best per-input-channel scales for the consumers ``ws`` (each ``[out_i, in]``).
+
+    Returns the scales, the chosen exponent ``a`` and the error ratio to ``a = 0``
+    (no scaling).
+    """
+    W = torch.cat(ws, 0)
+    groups = integer.to_groups(W.abs(), fmt.group_size)
+    w_norm = (groups / groups.amax(-1, keepdim=True).clamp(min=1e-8)).reshape(W.shape[0], -1)[:, : W.shape[1]]
+    w_mean = w_norm.mean(0)
+    best = (float("inf"), None, 0.0)
+    baseline = None
+    for i in range(grid):
+        a = i / grid
+        s = x_mean.pow(a).clamp(min=1e-4) / w_mean.pow(1 - a).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        E = W - fake_quant(W * s, fmt) / s
+        err = output_error(E, H).item()
+        if baseline is None:
+            baseline = err
+        if err < best[0]:
+            best = (err, s, a)
+    return best[1], best[2], best[0] / baseline if baseline else 1.0
+
+
+def fold_scales(producer: nn.Module, consumers: list[nn.Module], s: torch.Tensor) -> None:
+    """Divide the producer's output channels by ``s`` and multiply the consumers' inputs by it."""
+    with torch.no_grad():
+        if isinstance(producer, nn.Linear) or type(producer).__name__ == "Conv1D":
+            if type(producer).__name__ == "Conv1D":
+                producer.weight.div_(s.unsqueeze(0))
+            else:
+                producer.weight.div_(s.unsqueeze(1))
+        else:  # LayerNorm / RMSNorm: an elementwise weight (and bias)
+            producer.weight.div_(s)
+        if getattr(producer, "bias", None) is not None:
+            producer.bias.div_(s)
+        for c in consumers:
+            if type(c).__name__ == "Conv1D":
+                c.weight.mul_(s.unsqueeze(1))
+            else:
+                c.weight.mul_(s.unsqueeze(0))
+
+
+def _out_features(m: nn.Module) -> int | None:
+    if hasattr(m, "out_features"):
+        return m.out_features
+    if type(m).__name__ == "Conv1D":
+        return m.weight.shape[1]
+    if hasattr(m, "weight") and m.weight is not None and m.weight.dim() == 1:
+        return m.weight.numel()
+    return None
+
+
+def clip_search(
+    w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, grid: int = 20, max_shrink: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group ranges ``p * [min, max]`` minimising each group's output error ``E_g H_gg E_g^T``."""
+    rows, cols = w.shape
+    g = integer.effective_group_size(cols, fmt.group_size)
+    ng = integer.num_groups(cols, fmt.group_size)
+    pad = ng * g - cols
+    Hp = torch.nn.functional.pad(H, (0, pad, 0, pad))
+    Hblocks = torch.stack([Hp[j * g : (j + 1) * g, j * g : (j + 1) * g] for j in range(ng)])  # [ng, g, g]
+    groups = integer.to_groups(w, fmt.group_size)  # [rows, ng, g]
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    best_err = torch.full(lo.shape, float("inf"), device=w.device)
+    best_s, best_z = integer.params_from_range(lo, hi, fmt.bits, fmt.symmetric)
+    for i in range(int(max_shrink * grid) + 1):
+        p = 1 - i / grid
+        s, z = integer.params_from_range(p * lo, p * hi, fmt.bits, fmt.symmetric)
+        q = (torch.round(groups / s[..., None]) + z[..., None]).clamp(0, integer.qmax(fmt.bits))
+        E = (q - z[..., None]) * s[..., None] - groups  # [rows, ng, g]
+        err = (torch.einsum("rng,ngh->rnh", E, Hblocks) * E).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s = torch.where(better, s, best_s)
+        best_z = torch.where(better, z, best_z)
+    return best_s, best_z
+
+
+@register
+@dataclass
+class AWQ(MethodConfig):
+    """AWQ. ``grid``: exponents tried for the scales (the paper's 20).
+    ``clip``: search clipping ranges against the output error after scaling.
+    ``clip_grid`` / ``max_shrink``: that search's steps and its smallest range (AWQ's 0.5)."""
+
+    name = "awq"
+    needs_calibration = True
+
+    grid: int = 20
+    clip: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.format != "int":
+            raise ValueError(f"AWQ searches integer grids; format {self.format!r} is not supported")
+
+    def transform_block(self, block, inputs, pairs, linears, quantizer) -> None:
+        fmt = quantizer.weight_format
+        live = [(p, c) for p, c in pairs if all(x in linears for x in c)]
+        usable = []
+        for producer, consumers in live:
+            width = _out_features(block.get_submodule(producer))
+            if width is not None and all(linear_weight(block.get_submodule(c)).shape[1] == width for c in consumers):
+                usable.append((producer, consumers))
+        if not usable:
+            return
+        stats = collect_stats(block, inputs, {c[0]: block.get_submodule(c[0]) for _, c in usable})
+        for producer, consumers in usable:
+            st = stats[consumers[0]]
+            mods = [block.get_submodule(c) for c in consumers]
+            s, _, _ = search_scales([linear_weight(m).float() for m in mods], st.abs_mean, st.H, fmt, self.grid)
+            fold_scales(block.get_submodule(producer), mods, s.to(mods[0].weight.dtype))
+
+    def quantize_linear(self, w: torch.Tensor, stats) -> QuantizedWeight:
+        check_finite(w)
+        fmt = self.weight_format
+        if not self.clip or stats is None or stats.tokens == 0:
+            return QuantizedWeight.quantize(w, fmt)
+        scale, zero = clip_search(w, stats.H.to(w.device), fmt, self.clip_grid, self.max_shrink)
+        return QuantizedWeight.quantize(w, fmt, scale, zero)

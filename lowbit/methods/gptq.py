@@ -1,0 +1,165 @@
+"""GPTQ (Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization for
+Generative Pre-trained Transformers").
+
+Columns are quantized one at a time; the error each one makes is spread over
+the columns not yet quantized through the inverse Hessian ``H^-1`` of the layer's
+squared output error, ``H = 2/n X^T X``. The paper's three tricks are here:
+lazy batch updates (``blocksize``), a Cholesky form of ``H^-1``, and act-order
+(columns by decreasing ``diag(H)``). Groups of ``group_size`` columns get their
+parameters when the loop reaches them, from the already-updated weights; with
+``static_groups`` (forced on by act-order with groups, so that groups stay
+contiguous in the stored layout) they are fixed from the original weights.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.formats import integer
+from lowbit.methods.base import MethodConfig, register
+from lowbit.methods.rtn import mse_clip_params
+from lowbit.quantized_weight import QuantizedWeight, check_finite
+
+
+def inverse_hessian_cholesky(H: torch.Tensor, damp: float, max_tries: int = 6) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``.
+
+    When the factorisation fails the dampening grows tenfold, with a warning.
+    Returns the factor and the dampening that worked.
+    """
+    mean_diag = torch.mean(torch.diag(H)).item()
+    eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+    for attempt in range(max_tries):
+        try:
+            L = torch.linalg.cholesky(H + damp * mean_diag * eye)
+            Hinv = torch.cholesky_inverse(L)
+            return torch.linalg.cholesky(Hinv, upper=True), damp
+        except torch.linalg.LinAlgError:
+            if attempt == max_tries - 1:
+                raise
+            warnings.warn(f"GPTQ: Hessian not positive definite with damp={damp:g}; retrying with {damp * 10:g}")
+            damp *= 10
+    raise AssertionError("unreachable")
+
+
+def _group_params(w: torch.Tensor, bits: int, symmetric: bool, mse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One scale and zero per row for ``w: [out, cols]`` (one group's columns)."""
+    if mse:
+        s, z = mse_clip_params(w, bits, -1, symmetric)
+    else:
+        s, z = integer.minmax_params(w, bits, -1, symmetric)
+    return s[:, 0], z[:, 0]
+
+
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    damp: float = 0.01,
+    blocksize: int = 128,
+    act_order: bool = False,
+    static_groups: bool = False,
+    mse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ on ``W: [out, in]`` with ``H: [in, in]``.
+
+    Returns ``codes uint8 [out, in]`` and per-group ``scale, zero [out, ngroups]``
+    in the original column order.
+    """
+    W = W.detach().clone().float()
+    H = H.detach().clone().float().to(W.device)
+    rows, cols = W.shape
+    g = integer.effective_group_size(cols, group_size)
+    ngroups = integer.num_groups(cols, group_size)
+    maxq = integer.qmax(bits)
+
+    dead = torch.diag(H) == 0  # inputs that never fire: their weights cannot matter
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    grouped = ngroups > 1
+    static = static_groups or (act_order and grouped)
+    scale = torch.zeros(rows, ngroups, device=W.device)
+    zero = torch.zeros(rows, ngroups, device=W.device)
+    if not grouped or static:
+        for j in range(ngroups):
+            scale[:, j], zero[:, j] = _group_params(W[:, j * g : (j + 1) * g], bits, symmetric, mse)
+
+    perm = torch.arange(cols, device=W.device)
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    Hinv, _ = inverse_hessian_cholesky(H, damp)
+
+    codes = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            grp = col // g
+            if grouped and not static and col % g == 0:
+                upcoming = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
+                scale[:, grp], zero[:, grp] = _group_params(upcoming, bits, symmetric, mse)
+            w = W1[:, i]
+            s, z = scale[:, grp], zero[:, grp]
+            q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+            codes[:, col] = q.to(torch.uint8)
+            err = (w - (q - z) * s) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return codes, scale, zero
+
+
+@register
+@dataclass
+class GPTQ(MethodConfig):
+    """GPTQ. ``damp``: dampening relative to ``mean(diag H)`` (the paper's 1%).
+    ``blocksize``: columns per lazy batch update. ``act_order``: quantize columns
+    by decreasing ``diag(H)``. ``static_groups``: fix group parameters from the
+    original weights. ``true_sequential``: observe each group of linears after
+    the ones before it in the block are quantized. ``mse``: clip-search each
+    group's range instead of min-max."""
+
+    name = "gptq"
+    needs_calibration = True
+
+    damp: float = 0.01
+    blocksize: int = 128
+    act_order: bool = False
+    static_groups: bool = False
+    mse: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.format != "int":
+            raise ValueError(f"GPTQ quantizes to integer grids; format {self.format!r} is not supported")
+        if not 0 < self.damp < 1:
+            raise ValueError(f"damp {self.damp} must lie in (0, 1); the paper uses 0.01")
+
+    def quantize_linear(self, w: torch.Tensor, stats) -> QuantizedWeight:
+        check_finite(w)
+        fmt = self.weight_format
+        if stats is None or stats.tokens == 0:
+            return QuantizedWeight.quantize(w, fmt)
+        codes, scale, zero = gptq_quantize(
+            w,
+            stats.H,
+            fmt.bits,
+            fmt.group_size,
+            fmt.symmetric,
+            self.damp,
+            self.blocksize,
+            self.act_order,
+            self.static_groups,
+            self.mse,
+        )
+        return QuantizedWeight.from_codes(codes.cpu(), scale.cpu(), zero.cpu(), fmt)
