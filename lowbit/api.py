@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from lowbit.coverage import Coverage, LayerRecord
 from lowbit.engine.sequential import block_linears, collect_stats, execution_groups, sequential
-from lowbit.methods import MethodConfig, parse_recipe
+from lowbit.methods import MethodConfig, check_recipe, parse_recipe
 from lowbit.models.adapters import Target, adapter_for, is_linear, plan, set_module
 from lowbit.nn.qlinear import QLinear, linear_weight
 from lowbit.quantized_weight import QuantizedWeight, check_finite
@@ -50,6 +50,7 @@ def quantize(
     ``model.lowbit_coverage``, quantized or skipped with a reason.
     """
     methods = parse_recipe(method_or_recipe, **config)
+    check_recipe(methods)
     quantizer = methods[-1]
     if not quantizer.quantizes:
         raise ValueError(f"recipe ends with {quantizer.name}, which does not quantize; add a quantizer such as rtn")
@@ -126,22 +127,24 @@ def _quantize_calibrated(model, transforms, quantizer, todo, batches, device, ke
     blocks = adapter.blocks(model) or [("", model)]
     wanted = {t.name: t for t in todo}
 
-    def process(block_name: str, block: nn.Module, inputs) -> None:
+    def process(block_name: str, block: nn.Module, inputs, replay) -> None:
         prefix = f"{block_name}." if block_name else ""
         linears = {rel: m for rel, m in block_linears(block).items() if prefix + rel in wanted}
         for transform in [*transforms, quantizer]:
             transform.transform_block(block, inputs, adapter.scale_pairs(block), linears, quantizer)
             linears = {rel: block.get_submodule(rel) for rel in linears}
+            replay.changed()
         if quantizer.true_sequential:
             groups = execution_groups(block, inputs, list(linears))
         else:
             groups = [list(linears)]
         for group in groups:
-            stats = collect_stats(block, inputs, {rel: block.get_submodule(rel) for rel in group})
+            stats = collect_stats(block, inputs, {rel: block.get_submodule(rel) for rel in group}, replay)
             for rel in group:
                 module = block.get_submodule(rel)
                 qw = quantizer.quantize_linear(linear_weight(module).float(), stats[rel])
                 t = wanted[prefix + rel]
                 _replace(block, Target(t.name, module, t.in_block, None), qw, kernel, records, quantizer.name, rel)
+            replay.changed(group)
 
     sequential(model, blocks, batches, _default_device(device), process, progress)

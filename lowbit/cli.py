@@ -47,7 +47,8 @@ def _log(msg: str) -> None:
 def quantize(
     model: str = typer.Argument(..., help="model directory, hub id, or alias (minilm, stories260K)"),
     out: Path = typer.Option(..., "--out", help="directory to write; must not exist or be empty"),
-    method: str = typer.Option("rtn", help="method or recipe, e.g. rtn"),
+    method: str = typer.Option("rtn", help="method or +-joined recipe: rtn, gptq, awq, awq+gptq"),
+    recipe_file: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe (overrides --method)"),
     bits: int = typer.Option(4, help="weight bits, 2-8"),
     group_size: int = typer.Option(128, "--group-size", help="group size; -1 for per-channel"),
     sym: bool = typer.Option(False, "--sym/--asym", help="symmetric or asymmetric (zero-point) weights"),
@@ -63,32 +64,34 @@ def quantize(
 ):
     """Quantize MODEL and write a lowbit checkpoint to --out."""
     import lowbit
-    from lowbit.data import read_text
+    from lowbit.data import calibration_windows, read_text
     from lowbit.io.native import check_output_dir
-    from lowbit.methods import parse_recipe
+    from lowbit.methods import check_recipe, load_recipe, parse_recipe
     from lowbit.models import load_pretrained, resolve_model_path
 
     try:
         check_output_dir(out)
         config = dict(bits=bits, group_size=group_size, symmetric=sym, format=fmt, mse=mse)
-        recipe = parse_recipe(method, **config)
+        recipe = load_recipe(recipe_file, **config) if recipe_file else parse_recipe(method, **config)
+        check_recipe(recipe)
+        method = "+".join(m.name for m in recipe)
+        needs_data = any(m.needs_calibration for m in recipe)
+        if needs_data and calib is None:
+            raise ValueError(f"{method} needs calibration data; pass --calib TEXTFILE")
         resolve_model_path(model)
         calib_text = read_text(calib) if calib is not None else None
         if nsamples < 1:
             raise ValueError(f"--nsamples {nsamples} is invalid; use at least 1")
         _quiet_transformers()
         net, tokenizer = load_pretrained(model)
+        windows = None
         if calib_text is not None:
             if tokenizer is None:
                 raise ValueError(f"{model} has no tokenizer to read --calib with")
-            ntok = len(tokenizer(calib_text).input_ids)
-            if ntok < seqlen:
-                raise ValueError(
-                    f"calibration file {calib} has {ntok} tokens, fewer than one window of --seqlen {seqlen}"
-                )
-            if not any(m.needs_calibration for m in recipe):
+            windows = calibration_windows(tokenizer, calib_text, nsamples, seqlen, seed)
+            if not needs_data:
                 _log(f"note: {method} does not use calibration data; --calib was checked and not used")
-        lowbit.quantize(net, recipe, skip=skip, include_lm_head=include_lm_head)
+        lowbit.quantize(net, recipe, calib=windows if needs_data else None, skip=skip, include_lm_head=include_lm_head)
         lowbit.save(net, out, tokenizer=tokenizer)
     except USER_ERRORS as e:
         _fail(e)

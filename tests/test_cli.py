@@ -175,3 +175,22 @@ def test_json_output_is_exactly_one_object_on_stdout(tiny_llama_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["layers_quantized"] == 14
+
+
+def test_calibrated_methods_need_calib_on_the_command_line(tiny_llama_dir, tmp_path):
+    r = _run("quantize", tiny_llama_dir, "--method", "gptq", "--out", tmp_path / "q")
+    assert r.exit_code == 2 and "needs calibration data; pass --calib" in r.stderr
+    assert not (tmp_path / "q").exists()
+
+
+def test_awq_gptq_recipe_from_the_command_line_and_from_yaml(tiny_llama_dir, text_file, tmp_path):
+    common = ["--calib", text_file, "--nsamples", "4", "--seqlen", "32", "--bits", "3", "--group-size", "32", "--json"]
+    r = _run("quantize", tiny_llama_dir, "--method", "awq+gptq", *common, "--out", tmp_path / "a")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["method"] == "awq+gptq"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("- method: awq\n- method: gptq\n  act_order: false\n")
+    r = _run("quantize", tiny_llama_dir, "--recipe", recipe, *common, "--out", tmp_path / "b")
+    assert r.exit_code == 0, r.output
+    saved = json.loads((tmp_path / "b" / "config.json").read_text())["quantization_config"]["recipe"]
+    assert [m["method"] for m in saved] == ["awq", "gptq"] and saved[1]["act_order"] is False

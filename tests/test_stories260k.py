@@ -102,3 +102,42 @@ def test_cli_info_reports_35_of_35_decoder_linears(stories_dir, tmp_path):
     info = json.loads(runner.invoke(app, ["info", str(out), "--json"]).stdout)
     assert (info["block_linears_quantized"], info["block_linears_total"]) == (35, 35)
     assert set(info["layers_skipped"]) == {"model.embed_tokens", "lm_head"}
+
+
+@pytest.fixture(scope="module")
+def stories_calib(stories_dir, tinystories_halves):
+    from lowbit.data import calibration_windows
+    from lowbit.models import load_pretrained
+
+    _, tok = load_pretrained(str(stories_dir))
+    return calibration_windows(tok, tinystories_halves[0], nsamples=32, seqlen=256, seed=0)
+
+
+@pytest.fixture(scope="module")
+def eval_text(tinystories_halves):
+    return tinystories_halves[1][:200_000]
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "awq+gptq"])
+def test_calibrated_methods_beat_rtn_at_3_bits_on_stories260k(stories, stories_calib, eval_text, method):
+    import copy
+
+    model, tok = stories
+    rtn = lowbit.quantize(copy.deepcopy(model), "rtn", bits=3, group_size=-1, progress=False)
+    q = lowbit.quantize(model, method, calib=stories_calib, bits=3, group_size=-1, progress=False)
+    assert q.lowbit_coverage.block_counts() == (35, 35)
+    ppl_rtn = perplexity(rtn, tok, eval_text, progress=False)["ppl"]
+    ppl_q = perplexity(q, tok, eval_text, progress=False)["ppl"]
+    assert ppl_q < 0.75 * ppl_rtn, (method, ppl_q, ppl_rtn)
+
+
+def test_gptq_same_seed_gives_bit_identical_weights(stories_dir, stories_calib, tmp_path):
+    from lowbit.models import load_pretrained
+
+    outs = []
+    for i in range(2):
+        model, _ = load_pretrained(str(stories_dir))
+        lowbit.quantize(model, "gptq", calib=stories_calib[:8], bits=3, group_size=32, progress=False)
+        lowbit.save(model, tmp_path / str(i))
+        outs.append((tmp_path / str(i) / "model.safetensors").read_bytes())
+    assert outs[0] == outs[1]

@@ -43,9 +43,7 @@ class LinearStats:
 
     @classmethod
     def empty(cls, in_features: int, device) -> LinearStats:
-        return cls(
-            torch.zeros(in_features, in_features, device=device), torch.zeros(in_features, device=device), 0
-        )
+        return cls(torch.zeros(in_features, in_features, device=device), torch.zeros(in_features, device=device), 0)
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
@@ -109,6 +107,87 @@ def _accepts_use_cache(model: nn.Module) -> bool:
     return config is not None and hasattr(config, "use_cache")
 
 
+class ChildReplay:
+    """Reuses the outputs of a block's direct children from one calibration pass to the next
+    while neither the child nor anything that runs before it has changed.
+
+    True-sequential quantization runs a block once per group of linears; without
+    this, the attention of a decoder block is recomputed for every MLP group.
+    A child called more than once per forward is never replayed, and nothing is
+    kept beyond ``budget_bytes``.
+    """
+
+    def __init__(self, block: nn.Module, budget_bytes: int = 2 << 30):
+        self.children = {n: c for n, c in block.named_children() if any(True for _ in c.parameters())}
+        self.order: list[str] = []
+        self.cache: dict[str, list] = {}
+        self.budget = budget_bytes
+
+    def changed(self, names: list[str] | None = None) -> None:
+        """Linears ``names`` (relative to the block; ``None``: anything) were modified."""
+        if names is None or not self.order:
+            self.cache.clear()
+            return
+        hit = [self.order.index(n.split(".")[0]) for n in names if n.split(".")[0] in self.order]
+        first = min(hit) if hit else 0
+        for name in self.order[first:]:
+            self.cache.pop(name, None)
+
+    def run(self, block: nn.Module, inputs: BlockInputs, on_batch_output=None) -> None:
+        """One pass over all batches; ``_StopForward`` from a hook ends a batch early."""
+        fresh: dict[str, list] = {n: [] for n in self.children if n not in self.cache}
+        calls: list[str] = []
+        state = {"batch": 0}
+        handles = []
+        for name, child in self.children.items():
+            if name in self.cache:
+                child.forward = lambda *a, _outs=self.cache[name], **k: _outs[state["batch"]]
+            else:
+                handles.append(child.register_forward_hook(lambda m, i, o, name=name: fresh[name].append(o)))
+            handles.append(child.register_forward_pre_hook(lambda m, i, name=name: calls.append(name)))
+        try:
+            with torch.no_grad():
+                for index, (args, kwargs) in enumerate(inputs.batches):
+                    state["batch"] = index
+                    calls.clear()
+                    try:
+                        out = block_output(block, args, kwargs)
+                        if on_batch_output is not None:
+                            on_batch_output(out)
+                    except _StopForward:
+                        pass
+                    if index == 0 and not self.order and len(calls) == len(set(calls)) == len(self.children):
+                        self.order = list(calls)
+        finally:
+            for h in handles:
+                h.remove()
+            for name in self.children:
+                self.children[name].__dict__.pop("forward", None)
+        self._keep(fresh, len(inputs.batches))
+
+    def _keep(self, fresh: dict[str, list], nbatches: int) -> None:
+        if not self.order:
+            return
+        used = sum(_nbytes(v) for v in self.cache.values())
+        for name in self.order:  # a prefix of the execution order, so replays stay consistent
+            if name in self.cache:
+                continue
+            outs = fresh.get(name, [])
+            size = _nbytes(outs)
+            if len(outs) != nbatches or used + size > self.budget:
+                break
+            self.cache[name] = outs
+            used += size
+
+
+def _nbytes(obj) -> int:
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(o) for o in obj)
+    return 0
+
+
 def block_output(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
     out = block(*args, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
@@ -120,16 +199,28 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> None:
             block_output(block, args, kwargs)
 
 
-def collect_stats(block: nn.Module, inputs: BlockInputs, modules: dict[str, nn.Module]) -> dict[str, LinearStats]:
-    """Input statistics of ``modules`` (names relative to ``block``) over all batches."""
+def collect_stats(
+    block: nn.Module, inputs: BlockInputs, modules: dict[str, nn.Module], replay: ChildReplay | None = None
+) -> dict[str, LinearStats]:
+    """Input statistics of ``modules`` (names relative to ``block``) over all batches.
+
+    Each batch's forward pass stops as soon as every module has seen its input,
+    so observing the first linears of a block never pays for its attention.
+    """
     device = next(block.parameters()).device
     stats = {name: LinearStats.empty(_in_features(m), device) for name, m in modules.items()}
-    handles = [
-        m.register_forward_hook(lambda _m, inp, _out, name=name: stats[name].add(inp[0].detach()))
-        for name, m in modules.items()
-    ]
+    seen: set[str] = set()
+
+    def hook(_m, inp, name):
+        stats[name].add(inp[0].detach())
+        seen.add(name)
+        if len(seen) == len(stats):
+            seen.clear()
+            raise _StopForward
+
+    handles = [m.register_forward_pre_hook(lambda m, inp, name=name: hook(m, inp, name)) for name, m in modules.items()]
     try:
-        run_block(block, inputs)
+        (replay or ChildReplay(block)).run(block, inputs)
     finally:
         for h in handles:
             h.remove()
@@ -144,13 +235,12 @@ def _in_features(module: nn.Module) -> int:
 
 def execution_groups(block: nn.Module, inputs: BlockInputs, names: list[str]) -> list[list[str]]:
     """Linears of ``block`` in the order they run, grouped when they read the same input."""
-    order: list[tuple[str, int]] = []
+    order: list[tuple[str, torch.Tensor]] = []  # holding the inputs keeps their identities unique
     wanted = {n: block.get_submodule(n) for n in names}
-
-    def hook(_m, inp, name):
-        order.append((name, id(inp[0])))
-
-    handles = [m.register_forward_pre_hook(lambda m, inp, name=name: hook(m, inp, name)) for name, m in wanted.items()]
+    handles = [
+        m.register_forward_pre_hook(lambda _m, inp, name=name: order.append((name, inp[0])))
+        for name, m in wanted.items()
+    ]
     first = BlockInputs(inputs.batches[:1])
     try:
         run_block(block, first)
@@ -158,31 +248,28 @@ def execution_groups(block: nn.Module, inputs: BlockInputs, names: list[str]) ->
         for h in handles:
             h.remove()
     groups: list[list[str]] = []
-    last_key = None
+    last_input = None
     seen = set()
-    for name, key in order:
+    for name, x in order:
         if name in seen:
             continue
         seen.add(name)
-        if groups and key == last_key:
+        if groups and x is last_input:
             groups[-1].append(name)
         else:
             groups.append([name])
-        last_key = key
+        last_input = x
     missing = [n for n in names if n not in seen]
     if missing:
         groups.append(missing)  # never called on calibration data: quantized last, with empty stats
     return groups
 
 
-def advance(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
+def advance(block: nn.Module, inputs: BlockInputs, replay: ChildReplay | None = None) -> BlockInputs:
     """The next block's inputs: this block's outputs with the same keyword args."""
-    out = BlockInputs()
-    with torch.no_grad():
-        for args, kwargs in inputs.batches:
-            hidden = block_output(block, args, kwargs)
-            out.batches.append(((hidden, *args[1:]), kwargs))
-    return out
+    outs: list[torch.Tensor] = []
+    (replay or ChildReplay(block)).run(block, inputs, outs.append)
+    return BlockInputs([((hidden, *args[1:]), kwargs) for hidden, (args, kwargs) in zip(outs, inputs.batches)])
 
 
 def sequential(
@@ -190,10 +277,10 @@ def sequential(
     blocks: list[tuple[str, nn.Module]],
     batches: list,
     device: torch.device,
-    process_block: Callable[[str, nn.Module, BlockInputs], None],
+    process_block: Callable[[str, nn.Module, BlockInputs, ChildReplay], None],
     progress: bool = True,
 ) -> None:
-    """Drive ``process_block(name, block, inputs)`` over ``blocks`` with calibrated inputs.
+    """Drive ``process_block(name, block, inputs, replay)`` over ``blocks`` with calibrated inputs.
 
     Only the block being processed sits on ``device``; the embeddings and
     everything before the first block run where the model is.
@@ -202,8 +289,9 @@ def sequential(
     for name, block in tqdm(blocks, desc="blocks", disable=not progress, unit="block"):
         home = next(block.parameters()).device
         block.to(device)
-        process_block(name, block, inputs)
-        inputs = advance(block, inputs)
+        replay = ChildReplay(block)
+        process_block(name, block, inputs, replay)
+        inputs = advance(block, inputs, replay)
         block.to(home)
 
 

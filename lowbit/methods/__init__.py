@@ -1,8 +1,19 @@
 """Quantization methods, one file per algorithm, registered by name."""
 
-from lowbit.methods.base import REGISTRY, MethodConfig, make_method, parse_recipe, register
 from lowbit.methods.awq import AWQ
+from lowbit.methods.base import REGISTRY, MethodConfig, check_recipe, load_recipe, make_method, parse_recipe, register
 from lowbit.methods.gptq import GPTQ
 from lowbit.methods.rtn import RTN
 
-__all__ = ["AWQ", "GPTQ", "REGISTRY", "RTN", "MethodConfig", "make_method", "parse_recipe", "register"]
+__all__ = [
+    "AWQ",
+    "GPTQ",
+    "REGISTRY",
+    "RTN",
+    "MethodConfig",
+    "check_recipe",
+    "load_recipe",
+    "make_method",
+    "parse_recipe",
+    "register",
+]

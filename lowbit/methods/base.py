@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -65,6 +66,33 @@ def make_method(name: str, **config) -> MethodConfig:
     cls = REGISTRY[key]
     known = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in config.items() if k in known and v is not None})
+
+
+def check_recipe(methods: list[MethodConfig]) -> None:
+    """Methods of one recipe must agree on the weight format they target."""
+    formats = {m.weight_format for m in methods if m.quantizes}
+    if len(formats) > 1:
+        raise ValueError(
+            f"the methods of a recipe disagree on the weight format: {sorted(f.describe() for f in formats)}"
+        )
+
+
+def load_recipe(path, **config) -> list[MethodConfig]:
+    """A YAML recipe: a list of ``{method: NAME, knob: value, ...}`` (or ``{recipe: [...]}``).
+
+    ``config`` supplies defaults that each entry's own keys override.
+    """
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"recipe file {path} does not exist")
+    data = yaml.safe_load(p.read_text())
+    if isinstance(data, dict):
+        data = data.get("recipe")
+    if not isinstance(data, list) or not data or not all(isinstance(d, dict) and "method" in d for d in data):
+        raise ValueError(f"recipe file {path} must hold a list of entries, each with a 'method' key")
+    return [make_method(d["method"], **{**config, **{k: v for k, v in d.items() if k != "method"}}) for d in data]
 
 
 def parse_recipe(recipe, **config) -> list[MethodConfig]:

