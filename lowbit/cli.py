@@ -53,7 +53,9 @@ def quantize(
     group_size: int = typer.Option(128, "--group-size", help="group size; -1 for per-channel"),
     sym: bool = typer.Option(False, "--sym/--asym", help="symmetric or asymmetric (zero-point) weights"),
     fmt: str = typer.Option("int", "--format", help="int, nf4, fp4, fp8_e4m3 or fp8_e5m2"),
-    mse: bool = typer.Option(False, "--mse", help="search an MSE-optimal clipping range per group"),
+    mse: Optional[bool] = typer.Option(
+        None, "--mse/--no-mse", help="clip-search each group's range (default: the method's own default)"
+    ),
     calib: Optional[Path] = typer.Option(None, "--calib", help="calibration text file"),
     nsamples: int = typer.Option(128, help="calibration windows"),
     seqlen: int = typer.Option(512, help="tokens per calibration window"),

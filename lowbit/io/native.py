@@ -72,7 +72,8 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         tensors, layers, tied = _collect(model)
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "producer": "lowbit"})
+        # a single metadata key: safetensors writes metadata in hash order, and same input must give same bytes
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         config = model.config.to_dict() if hasattr(model, "config") and hasattr(model.config, "to_dict") else {}
         if config:
             config["architectures"] = [type(model).__name__]
