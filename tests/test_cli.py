@@ -158,7 +158,7 @@ def test_interrupted_save_leaves_nothing_that_loads(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(native, "_copy_tokenizer", boom)
+    monkeypatch.setattr(native, "copy_tokenizer", boom)
     with pytest.raises(KeyboardInterrupt):
         lowbit.save(model, tmp_path / "q")
     assert os.listdir(tmp_path) == []

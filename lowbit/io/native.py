@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -36,47 +37,81 @@ def check_output_dir(out: Path) -> None:
         raise FileExistsError(f"output directory {out} exists and is not empty; choose a new path or empty it")
 
 
-def _collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:
-    """Tensors to write, the quantized layers' descriptions, and tied aliases."""
-    tensors: dict[str, torch.Tensor] = {}
-    layers = {}
-    qnames = set()
-    for name, mod in model.named_modules():
-        if isinstance(mod, QLinear):
-            qw = mod.quantized_weight
-            tensors.update(qw.to_tensors(name))
-            if mod.bias is not None:
-                tensors[f"{name}.bias"] = mod.bias.detach()
-            layers[name] = {"format": qw.fmt.to_dict(), "shape": list(qw.shape), "bias": mod.bias is not None}
-            qnames.update(f"{name}.{k}" for k, _ in mod.named_parameters(recurse=False))
-            qnames.update(f"{name}.{k}" for k, _ in mod.named_buffers(recurse=False))
+def plain_state(model: nn.Module, exclude: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The model's state except the keys in ``exclude``, with tied tensors written once.
+
+    Returns the tensors and ``{alias: source}`` for the tied ones.
+    """
     seen: dict[tuple, str] = {}
+    tensors: dict[str, torch.Tensor] = {}
     tied: dict[str, str] = {}
     for key, t in model.state_dict().items():
-        if key in qnames:
+        if key in exclude:
             continue
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
         if ident in seen:
             tied[key] = seen[ident]
             continue
         seen[ident] = key
-        tensors[key] = t.detach()
-    return {k: v.cpu().contiguous() for k, v in tensors.items()}, layers, tied
+        tensors[key] = t.detach().cpu().contiguous()
+    return tensors, tied
 
 
-def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
-    """Write ``model`` (quantized or not) to ``out_dir`` atomically; returns the path."""
+def qlinear_state_keys(model: nn.Module) -> set[str]:
+    keys = set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, QLinear):
+            keys.update(f"{name}.{k}" for k, _ in mod.named_parameters(recurse=False))
+            keys.update(f"{name}.{k}" for k, _ in mod.named_buffers(recurse=False))
+    return keys
+
+
+def _collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:
+    """Tensors to write, the quantized layers' descriptions, and tied aliases."""
+    tensors, tied = plain_state(model, qlinear_state_keys(model))
+    layers = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, QLinear):
+            qw = mod.quantized_weight
+            tensors.update({k: v.contiguous() for k, v in qw.to_tensors(name).items()})
+            if mod.bias is not None:
+                tensors[f"{name}.bias"] = mod.bias.detach().cpu().contiguous()
+            layers[name] = {"format": qw.fmt.to_dict(), "shape": list(qw.shape), "bias": mod.bias is not None}
+    return tensors, layers, tied
+
+
+@contextmanager
+def atomic_directory(out_dir: str | os.PathLike):
+    """Yield a hidden temporary directory beside ``out_dir``; rename it into place only on success."""
     out = Path(out_dir)
     check_output_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def hf_config(model: nn.Module) -> dict:
+    config = model.config.to_dict() if hasattr(model, "config") and hasattr(model.config, "to_dict") else {}
+    if config:
+        config["architectures"] = [type(model).__name__]
+        config.pop("quantization_config", None)
+    return config
+
+
+def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
+    """Write ``model`` (quantized or not) to ``out_dir`` atomically; returns the path."""
+    with atomic_directory(out_dir) as tmp:
         tensors, layers, tied = _collect(model)
         # a single metadata key: safetensors writes metadata in hash order, and same input must give same bytes
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        config = model.config.to_dict() if hasattr(model, "config") and hasattr(model.config, "to_dict") else {}
-        if config:
-            config["architectures"] = [type(model).__name__]
+        config = hf_config(model)
         coverage = getattr(model, "lowbit_coverage", None)
         config["quantization_config"] = {
             "quant_method": QUANT_METHOD,
@@ -86,17 +121,11 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
             "coverage": coverage.to_dict() if coverage else None,
         }
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        _copy_tokenizer(model, tokenizer, tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        copy_tokenizer(model, tokenizer, tmp)
+    return Path(out_dir)
 
 
-def _copy_tokenizer(model: nn.Module, tokenizer, dest: Path) -> None:
+def copy_tokenizer(model: nn.Module, tokenizer, dest: Path) -> None:
     if tokenizer is not None:
         tokenizer.save_pretrained(str(dest))
         return
