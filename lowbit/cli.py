@@ -127,7 +127,7 @@ def _load_any(model: str):
     from lowbit.models import load_pretrained
 
     path = Path(model)
-    if path.is_dir() and read_quantization_config(path).get("quant_method") == "lowbit":
+    if path.is_dir() and read_quantization_config(path).get("quant_method") in ("lowbit", "gptq"):
         net = lowbit.load(path)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path))
@@ -167,7 +167,7 @@ def evaluate(
 
 @app.command()
 def info(
-    path: Path = typer.Argument(..., help="a lowbit checkpoint directory"),
+    path: Path = typer.Argument(..., help="a lowbit or GPTQ-layout checkpoint directory"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
 ):
     """Bits per weight, size on disk, and the layers quantized and skipped."""
@@ -182,7 +182,12 @@ def info(
             raise ValueError(f"{path} holds no quantization_config; it is not a quantized checkpoint")
     except USER_ERRORS as e:
         _fail(e)
-    cov = Coverage.from_dict(qc.get("coverage") or {})
+    if qc.get("quant_method") == "gptq":
+        from lowbit.io.gptq_layout import checkpoint_coverage
+
+        cov = checkpoint_coverage(path)
+    else:
+        cov = Coverage.from_dict(qc.get("coverage") or {})
     done, total = cov.block_counts()
     result = {
         "quant_method": qc.get("quant_method"),
@@ -199,6 +204,37 @@ def info(
         lines.append(f"bits per weight (quantized layers): {result['bits_per_weight']:.3f}")
     human = "\n".join([*lines, cov.summary()])
     _emit(result, as_json, human)
+
+
+EXPORT_FORMATS = ("gptq",)
+
+
+@app.command()
+def export(
+    path: Path = typer.Argument(..., help="a lowbit checkpoint directory"),
+    fmt: str = typer.Option(..., "--format", help="target layout: gptq"),
+    out: Path = typer.Option(..., "--out", help="directory to write; must not exist or be empty"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
+):
+    """Write a lowbit checkpoint in a layout other runtimes load."""
+    import lowbit
+    from lowbit.io.native import check_output_dir
+
+    try:
+        if fmt not in EXPORT_FORMATS:
+            raise ValueError(f"unknown export format {fmt!r}; available: {', '.join(EXPORT_FORMATS)}")
+        check_output_dir(out)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} is not a directory")
+        _quiet_transformers()
+        net, tokenizer = _load_any(str(path))
+        from lowbit.io.gptq_layout import export_gptq
+
+        export_gptq(net, out, tokenizer)
+    except USER_ERRORS as e:
+        _fail(e)
+    result = {"out": str(out), "format": fmt, "size_bytes": _dir_size(out)}
+    _emit(result, as_json, f"wrote {out} ({fmt}, {result['size_bytes'] / 1e6:.2f} MB)")
 
 
 @app.command()

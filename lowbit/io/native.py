@@ -154,12 +154,18 @@ def _skeleton(path: Path) -> nn.Module:
 
 
 def load(path: str | os.PathLike, model: nn.Module | None = None, kernel: str = "auto") -> nn.Module:
-    """Load a lowbit checkpoint. Transformers models are rebuilt from ``config.json``;
-    any other module needs its unquantized skeleton passed as ``model``."""
+    """Load a lowbit checkpoint, or a GPTQ-layout one another toolkit wrote.
+
+    Transformers models are rebuilt from ``config.json``; any other module needs
+    its unquantized skeleton passed as ``model``."""
     path = Path(path)
+    qc = read_quantization_config(path)
+    if qc.get("quant_method") == "gptq":
+        from lowbit.io.gptq_layout import load_gptq
+
+        return load_gptq(path, model, kernel)
     if not (path / WEIGHTS).exists():
         raise FileNotFoundError(f"{path} holds no {WEIGHTS}; is it a lowbit checkpoint directory?")
-    qc = read_quantization_config(path)
     if qc.get("quant_method") != QUANT_METHOD:
         raise ValueError(f"{path} is not a lowbit checkpoint (quant_method={qc.get('quant_method')!r})")
     if model is None:
