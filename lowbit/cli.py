@@ -217,7 +217,6 @@ def export(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
 ):
     """Write a lowbit checkpoint in a layout other runtimes load."""
-    import lowbit
     from lowbit.io.native import check_output_dir
 
     try:
