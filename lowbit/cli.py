@@ -16,7 +16,7 @@ import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Quantize trained neural networks.")
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, TypeError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, TypeError, ImportError)
 
 
 def _quiet_transformers() -> None:
@@ -118,6 +118,9 @@ def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
+READABLE = ("lowbit", "gptq", "compressed-tensors")
+
+
 def _load_any(model: str):
     """A lowbit checkpoint or a pretrained model, with its tokenizer."""
     from transformers import AutoTokenizer
@@ -127,7 +130,7 @@ def _load_any(model: str):
     from lowbit.models import load_pretrained
 
     path = Path(model)
-    if path.is_dir() and read_quantization_config(path).get("quant_method") in ("lowbit", "gptq"):
+    if path.is_dir() and read_quantization_config(path).get("quant_method") in READABLE:
         net = lowbit.load(path)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path))
@@ -186,6 +189,8 @@ def info(
         from lowbit.io.gptq_layout import checkpoint_coverage
 
         cov = checkpoint_coverage(path)
+    elif qc.get("quant_method") == "compressed-tensors":
+        cov = _loaded_coverage(path)
     else:
         cov = Coverage.from_dict(qc.get("coverage") or {})
     done, total = cov.block_counts()
@@ -206,13 +211,37 @@ def info(
     _emit(result, as_json, human)
 
 
-EXPORT_FORMATS = ("gptq",)
+def _loaded_coverage(path: Path):
+    """Coverage of a checkpoint another toolkit wrote, read by loading it."""
+    import lowbit
+    from lowbit.coverage import Coverage, LayerRecord
+    from lowbit.models.adapters import plan
+    from lowbit.nn import QLinear
+
+    _quiet_transformers()
+    model = lowbit.load(path)
+    cov = Coverage()
+    for t in plan(model):
+        if isinstance(t.module, QLinear):
+            qw = t.module.quantized_weight
+            rec = LayerRecord(
+                t.name, "Linear", "quantized", "", t.in_block, qw.fmt.describe(), qw.bits_per_weight, qw.numel
+            )
+        else:
+            rec = LayerRecord(
+                t.name, type(t.module).__name__, "skipped", "stored unquantized in the checkpoint", t.in_block
+            )
+        cov.add(rec)
+    return cov
+
+
+EXPORT_FORMATS = ("compressed-tensors", "gptq")
 
 
 @app.command()
 def export(
     path: Path = typer.Argument(..., help="a lowbit checkpoint directory"),
-    fmt: str = typer.Option(..., "--format", help="target layout: gptq"),
+    fmt: str = typer.Option(..., "--format", help="target layout: compressed-tensors or gptq"),
     out: Path = typer.Option(..., "--out", help="directory to write; must not exist or be empty"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
 ):
@@ -227,9 +256,14 @@ def export(
             raise FileNotFoundError(f"{path} is not a directory")
         _quiet_transformers()
         net, tokenizer = _load_any(str(path))
-        from lowbit.io.gptq_layout import export_gptq
+        if fmt == "gptq":
+            from lowbit.io.gptq_layout import export_gptq
 
-        export_gptq(net, out, tokenizer)
+            export_gptq(net, out, tokenizer)
+        else:
+            from lowbit.io.compressed_tensors import export_compressed_tensors
+
+            export_compressed_tensors(net, out, tokenizer)
     except USER_ERRORS as e:
         _fail(e)
     result = {"out": str(out), "format": fmt, "size_bytes": _dir_size(out)}

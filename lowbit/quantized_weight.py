@@ -41,7 +41,11 @@ class QuantizedWeight:
         zero: torch.Tensor | None,
         fmt: WeightFormat,
     ) -> QuantizedWeight:
-        storage = integer.scale_storage_dtype(scale)
+        # fp16 when that loses nothing (lowbit's own scales are rounded to fp16 when found);
+        # scales from elsewhere that fp16 would change stay fp32
+        exact = scale.float().to(torch.float16).float()
+        fp16_ok = integer.scale_storage_dtype(scale) == torch.float16 and torch.equal(exact, scale.float())
+        storage = torch.float16 if fp16_ok else torch.float32
         if fmt.has_zero and zero is None:
             raise ValueError(f"{fmt.describe()} needs zero points")
         return cls(

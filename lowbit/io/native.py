@@ -154,7 +154,7 @@ def _skeleton(path: Path) -> nn.Module:
 
 
 def load(path: str | os.PathLike, model: nn.Module | None = None, kernel: str = "auto") -> nn.Module:
-    """Load a lowbit checkpoint, or a GPTQ-layout one another toolkit wrote.
+    """Load a lowbit checkpoint, or a GPTQ-layout or compressed-tensors one another toolkit wrote.
 
     Transformers models are rebuilt from ``config.json``; any other module needs
     its unquantized skeleton passed as ``model``."""
@@ -164,6 +164,10 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, kernel: str = 
         from lowbit.io.gptq_layout import load_gptq
 
         return load_gptq(path, model, kernel)
+    if qc.get("quant_method") == "compressed-tensors":
+        from lowbit.io.compressed_tensors import load_compressed_tensors
+
+        return load_compressed_tensors(path, model, kernel)
     if not (path / WEIGHTS).exists():
         raise FileNotFoundError(f"{path} holds no {WEIGHTS}; is it a lowbit checkpoint directory?")
     if qc.get("quant_method") != QUANT_METHOD:
