@@ -235,28 +235,37 @@ def _loaded_coverage(path: Path):
     return cov
 
 
-EXPORT_FORMATS = ("compressed-tensors", "gptq")
+EXPORT_FORMATS = ("compressed-tensors", "gptq", "gguf")
 
 
 @app.command()
 def export(
-    path: Path = typer.Argument(..., help="a lowbit checkpoint directory"),
-    fmt: str = typer.Option(..., "--format", help="target layout: compressed-tensors or gptq"),
-    out: Path = typer.Option(..., "--out", help="directory to write; must not exist or be empty"),
+    path: Path = typer.Argument(..., help="a lowbit checkpoint (or a model directory, for gguf)"),
+    fmt: str = typer.Option(..., "--format", help="target layout: compressed-tensors, gptq or gguf"),
+    out: Path = typer.Option(..., "--out", help="directory to write (a .gguf file for gguf); must not exist"),
+    gguf_type: str = typer.Option("q4_0", "--type", help="gguf only: f32, q8_0, q4_0 or q4_1"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
 ):
-    """Write a lowbit checkpoint in a layout other runtimes load."""
+    """Write a checkpoint in a layout other runtimes load."""
     from lowbit.io.native import check_output_dir
 
     try:
         if fmt not in EXPORT_FORMATS:
             raise ValueError(f"unknown export format {fmt!r}; available: {', '.join(EXPORT_FORMATS)}")
-        check_output_dir(out)
+        if fmt != "gguf":
+            check_output_dir(out)
         if not path.is_dir():
             raise FileNotFoundError(f"{path} is not a directory")
         _quiet_transformers()
         net, tokenizer = _load_any(str(path))
-        if fmt == "gptq":
+        report = None
+        if fmt == "gguf":
+            from lowbit.io.gguf_export import export_gguf
+
+            report = export_gguf(net, out, path, gguf_type)
+            for line in report["requantized"] + report["fallback_f32"]:
+                _log(f"note: {line}")
+        elif fmt == "gptq":
             from lowbit.io.gptq_layout import export_gptq
 
             export_gptq(net, out, tokenizer)
@@ -266,7 +275,10 @@ def export(
             export_compressed_tensors(net, out, tokenizer)
     except USER_ERRORS as e:
         _fail(e)
-    result = {"out": str(out), "format": fmt, "size_bytes": _dir_size(out)}
+    size = out.stat().st_size if out.is_file() else _dir_size(out)
+    result = {"out": str(out), "format": fmt, "size_bytes": size}
+    if report is not None:
+        result.update({k: report[k] for k in ("type", "native", "requantized", "fallback_f32")})
     _emit(result, as_json, f"wrote {out} ({fmt}, {result['size_bytes'] / 1e6:.2f} MB)")
 
 

@@ -1,0 +1,187 @@
+"""GGUF for llama.cpp: Llama-architecture models with their SentencePiece tokenizer.
+
+Types: F32, Q8_0, Q4_0, Q4_1 (blocks of 32 along each row, one fp16 scale per block;
+Q4_1 adds an fp16 minimum). lowbit's own codes are written as they are when the
+scheme is the GGUF type's:
+
+- int4, symmetric, group 32 -> Q4_0 (``(q - 8) * d``, the same formula);
+- int4, group 32 -> Q4_1 (``q * d + m`` with ``m = -z * d`` rounded to fp16);
+- int8, symmetric, group 32 -> Q8_0.
+
+Any other weight is requantized from its dequantized values with the ``gguf``
+package's reference quantizers, and tensors whose rows are not a multiple of 32
+(stories260K's 172-wide ``down_proj``) are written as F32. The report returned
+(and printed by ``lowbit export``) lists every tensor that was not written from
+lowbit's codes and why.
+
+Query and key rows are permuted from Hugging Face's rotate-half layout to the
+interleaved rotary layout llama.cpp's ``llama`` architecture expects.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from lowbit.nn.qlinear import QLinear
+from lowbit.quantized_weight import QuantizedWeight
+
+GGUF_TYPES = ("f32", "q8_0", "q4_0", "q4_1")
+BLOCK = 32
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError("GGUF export needs the gguf package: pip install gguf sentencepiece") from None
+    return gguf
+
+
+def _rope_permute(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Reorder the rows of a q/k projection (or its per-row parameters) for interleaved rotary."""
+    rows = x.shape[0]
+    return x.reshape(heads, 2, rows // heads // 2, *x.shape[1:]).transpose(1, 2).reshape(x.shape)
+
+
+def _native_blocks(qw: QuantizedWeight, qtype: str, heads: int | None) -> np.ndarray | None:
+    """GGUF blocks straight from lowbit's codes when the scheme is the type's, else ``None``."""
+    fmt = qw.fmt
+    n, k = qw.shape
+    if fmt.kind != "int" or fmt.group_size != BLOCK or k % BLOCK or qw.scale.dtype != torch.float16:
+        return None
+    codes, scale, zero = qw.codes(), qw.scale, qw.zero_or_default()
+    if heads is not None:
+        codes, scale, zero = (_rope_permute(t, heads) for t in (codes, scale, zero))
+    nb = k // BLOCK
+    d = scale.reshape(n * nb, 1).numpy().view(np.uint8)  # [blocks, 2]
+    blocks = codes.reshape(n * nb, BLOCK).numpy()
+    if qtype == "q8_0" and fmt.bits == 8 and fmt.symmetric:
+        q = (blocks.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
+        return np.concatenate([d, q], axis=1).reshape(n, -1)
+    if qtype in ("q4_0", "q4_1") and fmt.bits == 4 and (fmt.symmetric or qtype == "q4_1"):
+        nibbles = blocks[:, :16] | (blocks[:, 16:] << 4)
+        if qtype == "q4_0":
+            return np.concatenate([d, nibbles], axis=1).reshape(n, -1)
+        m = (-zero.float() * scale.float()).to(torch.float16).reshape(n * nb, 1).numpy().view(np.uint8)
+        return np.concatenate([d, m, nibbles], axis=1).reshape(n, -1)
+    return None
+
+
+def _encode(name: str, module: nn.Module, qtype: str, heads: int | None, report: dict):
+    """``(array, raw_type)`` for one weight, recording how it was written."""
+    gguf = _gguf()
+    types = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0,
+             "q4_1": gguf.GGMLQuantizationType.Q4_1}  # fmt: skip
+    if isinstance(module, QLinear):
+        qw = module.quantized_weight
+        if qtype != "f32":
+            native = _native_blocks(qw, qtype, heads)
+            if native is not None:
+                report["native"].append(name)
+                return native, types[qtype]
+        w = qw.dequantize()
+    else:
+        w = module.weight.detach().float()
+    if heads is not None:
+        w = _rope_permute(w, heads)
+    if qtype == "f32":
+        return w.numpy().astype(np.float32), None
+    if w.shape[1] % BLOCK:
+        report["fallback_f32"].append(f"{name}: rows of {w.shape[1]} are not a multiple of {BLOCK}")
+        return w.numpy().astype(np.float32), None
+    why = f"{module.fmt.describe()} is not {qtype}'s scheme" if isinstance(module, QLinear) else "unquantized"
+    report["requantized"].append(f"{name}: {why}")
+    return gguf.quants.quantize(w.numpy().astype(np.float32), types[qtype]), types[qtype]
+
+
+def export_gguf(model: nn.Module, out: str | os.PathLike, tokenizer_dir: str | os.PathLike, qtype: str = "q4_0"):
+    """Write ``model`` (a transformers Llama, quantized by lowbit or not) as one GGUF file."""
+    gguf = _gguf()
+    qtype = qtype.lower()
+    if qtype not in GGUF_TYPES:
+        raise ValueError(f"unknown GGUF type {qtype!r}; choose one of {', '.join(GGUF_TYPES)}")
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "model_type", None) != "llama":
+        raise ValueError("GGUF export supports Llama-architecture models (config.model_type == 'llama')")
+    tok_model = Path(tokenizer_dir) / "tokenizer.model"
+    if not tok_model.exists():
+        raise FileNotFoundError(f"{tokenizer_dir} has no SentencePiece tokenizer.model to put in the GGUF file")
+    out = Path(out)
+    if out.suffix != ".gguf":
+        raise ValueError(f"--out {out} should name a .gguf file")
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose a new path")
+
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = cfg.hidden_size // heads
+    report: dict = {"type": qtype, "native": [], "requantized": [], "fallback_f32": []}
+    tmp = out.with_name(f".{out.name}.partial")
+    writer = gguf.GGUFWriter(str(tmp), "llama")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    file_types = {"f32": 0, "q4_0": 2, "q4_1": 3, "q8_0": 7}
+    writer.add_file_type(file_types[qtype])
+    _add_tokenizer(writer, gguf, Path(tokenizer_dir), cfg)
+
+    body = model.model
+    writer.add_tensor("token_embd.weight", body.embed_tokens.weight.detach().float().numpy())
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}  # fmt: skip
+    for i, layer in enumerate(body.layers):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", layer.input_layernorm.weight.detach().float().numpy())
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", layer.post_attention_layernorm.weight.detach().float().numpy())
+        for hf, gg in names.items():
+            permute = heads if hf.endswith("q_proj") else kv_heads if hf.endswith("k_proj") else None
+            array, raw = _encode(f"model.layers.{i}.{hf}", layer.get_submodule(hf), qtype, permute, report)
+            writer.add_tensor(f"blk.{i}.{gg}.weight", array, raw_dtype=raw)
+    writer.add_tensor("output_norm.weight", body.norm.weight.detach().float().numpy())
+    if not getattr(cfg, "tie_word_embeddings", False):
+        writer.add_tensor("output.weight", model.lm_head.weight.detach().float().numpy())
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    report["out"] = str(out)
+    return report
+
+
+def _add_tokenizer(writer, gguf, directory: Path, cfg) -> None:
+    try:
+        vocab = gguf.vocab.SentencePieceVocab(directory)
+    except RuntimeError as e:
+        raise ImportError(f"{e}: pip install sentencepiece") from None
+    tokens, scores, types = [], [], []
+    for text, score, toktype in vocab.all_tokens():
+        tokens.append(text)
+        scores.append(score)
+        types.append(toktype)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    sp = vocab.sentencepiece_tokenizer
+    writer.add_bos_token_id(cfg.bos_token_id if cfg.bos_token_id is not None else sp.bos_id())
+    writer.add_eos_token_id(cfg.eos_token_id if cfg.eos_token_id is not None else sp.eos_id())
+    if sp.unk_id() >= 0:
+        writer.add_unk_token_id(sp.unk_id())
+    writer.add_add_bos_token(True)

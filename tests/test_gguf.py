@@ -1,0 +1,104 @@
+"""GGUF export of stories260K: decoded with the gguf reader, and run by llama.cpp when it is installed."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import lowbit
+from lowbit.eval import token_chunks
+
+gguf = pytest.importorskip("gguf", reason="pip install gguf sentencepiece to test GGUF export")
+pytest.importorskip("sentencepiece", reason="pip install sentencepiece to test GGUF export")
+
+from lowbit.io.gguf_export import _rope_permute, export_gguf  # noqa: E402
+
+
+def _quantized(stories_dir, bits, sym):
+    from lowbit.models import load_pretrained
+
+    model, tok = load_pretrained(str(stories_dir))
+    if bits:
+        lowbit.quantize(model, "rtn", bits=bits, group_size=32, symmetric=sym, progress=False)
+    return model, tok
+
+
+@pytest.mark.parametrize(
+    "bits,sym,qtype,exact", [(4, True, "q4_0", True), (8, True, "q8_0", True), (4, False, "q4_1", False)]
+)
+def test_lowbit_codes_are_written_as_the_matching_gguf_type(stories_dir, tmp_path, bits, sym, qtype, exact):
+    model, _ = _quantized(stories_dir, bits, sym)
+    report = export_gguf(model, tmp_path / "m.gguf", stories_dir, qtype)
+    assert len(report["native"]) == 30 and report["requantized"] == []
+    assert len(report["fallback_f32"]) == 5 and all("172" in r for r in report["fallback_f32"])  # down_proj
+    tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    for hf, name, heads in [
+        ("self_attn.q_proj", "attn_q", 8),
+        ("self_attn.k_proj", "attn_k", 4),
+        ("mlp.gate_proj", "ffn_gate", None),
+    ]:
+        t = tensors[f"blk.2.{name}.weight"]
+        assert t.tensor_type.name == qtype.upper()
+        ref = model.model.layers[2].get_submodule(hf).weight
+        ref = _rope_permute(ref, heads) if heads else ref
+        got = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)).float()
+        if exact:
+            assert torch.equal(got, ref)
+        else:  # Q4_1 stores the minimum -z*d in fp16
+            torch.testing.assert_close(got, ref, atol=1e-3, rtol=0)
+    assert tensors["blk.0.ffn_down.weight"].tensor_type.name == "F32"
+
+
+def test_other_schemes_are_requantized_and_reported(stories_dir, tmp_path):
+    model, _ = _quantized(stories_dir, 3, False)
+    report = export_gguf(model, tmp_path / "m.gguf", stories_dir, "q4_0")
+    assert len(report["requantized"]) == 30 and "int3 g32 asym is not q4_0's scheme" in report["requantized"][0]
+
+
+def test_bad_requests_fail_clearly(stories_dir, tmp_path):
+    model, _ = _quantized(stories_dir, 0, True)
+    with pytest.raises(ValueError, match="unknown GGUF type"):
+        export_gguf(model, tmp_path / "m.gguf", stories_dir, "q5_k")
+    with pytest.raises(ValueError, match=r"\.gguf"):
+        export_gguf(model, tmp_path / "m.bin", stories_dir, "f32")
+    with pytest.raises(FileNotFoundError, match="tokenizer.model"):
+        export_gguf(model, tmp_path / "m.gguf", tmp_path, "f32")
+
+
+def llama_cpp_perplexity(path, chunks):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="pip install 'lowbit[llamacpp]' (compiles llama.cpp)")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=chunks.shape[1], logits_all=True, verbose=False, n_threads=2)
+    losses = []
+    for chunk in chunks.tolist():
+        llm.reset()
+        llm.eval(chunk)
+        logits = np.asarray(llm.scores[: len(chunk)], dtype=np.float64)
+        logp = (
+            logits
+            - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+            - logits.max(-1, keepdims=True)
+        )
+        losses.append(-np.mean(logp[np.arange(len(chunk) - 1), chunk[1:]]))
+    return math.exp(float(np.mean(losses)))
+
+
+def lowbit_perplexity(model, chunks):
+    from lowbit.eval.perplexity import chunk_losses
+
+    for m in model.modules():
+        if isinstance(m, lowbit.QLinear):
+            m.kernel, m._cache = "dequant", {}
+    return math.exp(chunk_losses(model, chunks, progress=False).mean().item())
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("bits,qtype", [(0, "f32"), (0, "q8_0"), (4, "q4_0")])
+def test_llama_cpp_perplexity_matches_lowbit(stories_dir, tinystories_halves, tmp_path, bits, qtype):
+    model, tok = _quantized(stories_dir, bits, True)
+    chunks = token_chunks(tok, tinystories_halves[1][:120_000], 512)[:24]
+    export_gguf(model, tmp_path / "m.gguf", stories_dir, qtype)
+    theirs = llama_cpp_perplexity(tmp_path / "m.gguf", chunks)
+    ours = lowbit_perplexity(model, chunks)
+    print(f"{qtype}: llama.cpp {theirs:.4f}, lowbit {ours:.4f}")
+    assert abs(theirs - ours) / ours < 0.01
