@@ -235,13 +235,13 @@ def _loaded_coverage(path: Path):
     return cov
 
 
-EXPORT_FORMATS = ("compressed-tensors", "gptq", "gguf")
+EXPORT_FORMATS = ("compressed-tensors", "gptq", "gguf", "onnx")
 
 
 @app.command()
 def export(
     path: Path = typer.Argument(..., help="a lowbit checkpoint (or a model directory, for gguf)"),
-    fmt: str = typer.Option(..., "--format", help="target layout: compressed-tensors, gptq or gguf"),
+    fmt: str = typer.Option(..., "--format", help="target layout: compressed-tensors, gptq, gguf or onnx"),
     out: Path = typer.Option(..., "--out", help="directory to write (a .gguf file for gguf); must not exist"),
     gguf_type: str = typer.Option("q4_0", "--type", help="gguf only: f32, q8_0, q4_0 or q4_1"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
@@ -269,6 +269,10 @@ def export(
             from lowbit.io.gptq_layout import export_gptq
 
             export_gptq(net, out, tokenizer)
+        elif fmt == "onnx":
+            from lowbit.io.onnx_export import export_onnx
+
+            export_onnx(net, out, tokenizer)
         else:
             from lowbit.io.compressed_tensors import export_compressed_tensors
 
