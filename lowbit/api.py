@@ -57,7 +57,7 @@ def quantize(
     transforms = methods[:-1]
     start = time.perf_counter()
     targets = plan(model, skip=skip, include_lm_head=include_lm_head)
-    if not any(is_linear(t.module) for t in targets):
+    if not any(is_linear(t.module) or isinstance(t.module, QLinear) for t in targets):
         raise ValueError(f"{type(model).__name__} holds no nn.Linear layers to quantize")
     todo = [t for t in targets if t.skip is None and not isinstance(t.module, QLinear)]
     for t in todo:

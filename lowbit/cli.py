@@ -170,7 +170,7 @@ def evaluate(
 
 @app.command()
 def info(
-    path: Path = typer.Argument(..., help="a lowbit or GPTQ-layout checkpoint directory"),
+    path: Path = typer.Argument(..., help="a checkpoint directory (lowbit, GPTQ, compressed-tensors, ONNX) or .gguf"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
 ):
     """Bits per weight, size on disk, and the layers quantized and skipped."""
@@ -178,27 +178,36 @@ def info(
     from lowbit.io.native import read_quantization_config
 
     try:
-        if not path.is_dir():
-            raise FileNotFoundError(f"{path} is not a directory")
-        qc = read_quantization_config(path)
-        if not qc:
-            raise ValueError(f"{path} holds no quantization_config; it is not a quantized checkpoint")
+        if path.is_file() and path.suffix == ".gguf":
+            from lowbit.io.gguf_export import gguf_coverage
+
+            qc, cov = {"quant_method": "gguf"}, gguf_coverage(path)
+        elif (path / "model.onnx").is_file():
+            from lowbit.io.onnx_export import onnx_coverage
+
+            qc, cov = {"quant_method": "onnx qdq"}, onnx_coverage(path)
+        elif not path.is_dir():
+            raise FileNotFoundError(f"{path} is not a checkpoint directory or a .gguf file")
+        else:
+            qc = read_quantization_config(path)
+            if not qc:
+                raise ValueError(f"{path} holds no quantization_config; it is not a quantized checkpoint")
+            if qc.get("quant_method") == "gptq":
+                from lowbit.io.gptq_layout import checkpoint_coverage
+
+                cov = checkpoint_coverage(path)
+            elif qc.get("quant_method") == "compressed-tensors":
+                cov = _loaded_coverage(path)
+            else:
+                cov = Coverage.from_dict(qc.get("coverage") or {})
     except USER_ERRORS as e:
         _fail(e)
-    if qc.get("quant_method") == "gptq":
-        from lowbit.io.gptq_layout import checkpoint_coverage
-
-        cov = checkpoint_coverage(path)
-    elif qc.get("quant_method") == "compressed-tensors":
-        cov = _loaded_coverage(path)
-    else:
-        cov = Coverage.from_dict(qc.get("coverage") or {})
     done, total = cov.block_counts()
     result = {
         "quant_method": qc.get("quant_method"),
         "recipe": qc.get("recipe"),
         "bits_per_weight": cov.mean_bits_per_weight(),
-        "size_bytes": _dir_size(path),
+        "size_bytes": path.stat().st_size if path.is_file() else _dir_size(path),
         "layers_quantized": [r.name for r in cov.quantized],
         "layers_skipped": {r.name: r.reason for r in cov.skipped},
         "block_linears_quantized": done,

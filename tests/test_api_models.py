@@ -129,3 +129,12 @@ def test_adapters_quantize_every_block_linear_and_round_trip(family, tmp_path):
     key = "last_hidden_state" if family == "bert" else "logits"
     assert torch.equal(out[key], again[key])
     assert type(loaded) is type(model)
+
+
+def test_quantizing_twice_reports_layers_already_quantized():
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    lowbit.quantize(model, "rtn", progress=False, skip=["1"])
+    lowbit.quantize(model, "rtn", progress=False)
+    cov = model.lowbit_coverage
+    assert cov.get("0").status == "skipped" and cov.get("0").reason == "already quantized"
+    assert cov.get("1").status == "quantized"

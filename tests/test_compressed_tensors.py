@@ -91,3 +91,17 @@ def test_lowbit_reads_a_checkpoint_llmcompressor_wrote(tmp_path):
     ids = torch.randint(0, 128, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_info_reads_a_compressed_tensors_checkpoint(tmp_path):
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+    from lowbit.io.compressed_tensors import export_compressed_tensors
+
+    model = tiny_llama()
+    lowbit.quantize(model, "rtn", bits=4, group_size=32, progress=False)
+    export_compressed_tensors(model, tmp_path / "ct")
+    info = json.loads(CliRunner().invoke(app, ["info", str(tmp_path / "ct"), "--json"]).stdout)
+    assert info["quant_method"] == "compressed-tensors"
+    assert info["block_linears_quantized"] == info["block_linears_total"] == 14

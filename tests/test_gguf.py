@@ -102,3 +102,18 @@ def test_llama_cpp_perplexity_matches_lowbit(stories_dir, tinystories_halves, tm
     ours = lowbit_perplexity(model, chunks)
     print(f"{qtype}: llama.cpp {theirs:.4f}, lowbit {ours:.4f}")
     assert abs(theirs - ours) / ours < 0.01
+
+
+def test_info_reads_a_gguf_file(stories_dir, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+
+    model, _ = _quantized(stories_dir, 4, True)
+    export_gguf(model, tmp_path / "m.gguf", stories_dir, "q4_0")
+    info = json.loads(CliRunner().invoke(app, ["info", str(tmp_path / "m.gguf"), "--json"]).stdout)
+    assert info["quant_method"] == "gguf"
+    assert (info["block_linears_quantized"], info["block_linears_total"]) == (30, 35)  # down_proj stays F32
+    assert info["bits_per_weight"] == pytest.approx(4.5)  # Q4_0: 18 bytes per 32 weights

@@ -68,3 +68,19 @@ def test_onnx_export_refuses_what_it_cannot_write(minilm, tmp_path):
     with pytest.raises(ValueError, match="8-bit per-channel"):
         export_onnx(q, tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_info_reads_an_onnx_export(minilm, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+    from lowbit.io.onnx_export import export_onnx
+
+    model, tok = minilm
+    q = lowbit.quantize(copy.deepcopy(model), "rtn", bits=8, group_size=-1, symmetric=True, progress=False)
+    export_onnx(q, tmp_path / "o", tok)
+    info = json.loads(CliRunner().invoke(app, ["info", str(tmp_path / "o"), "--json"]).stdout)
+    assert info["quant_method"] == "onnx qdq" and len(info["layers_quantized"]) == 36
+    assert 8 < info["bits_per_weight"] < 8.2  # int8 codes + one fp32 scale and zero per row

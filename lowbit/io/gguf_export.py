@@ -185,3 +185,23 @@ def _add_tokenizer(writer, gguf, directory: Path, cfg) -> None:
     if sp.unk_id() >= 0:
         writer.add_unk_token_id(sp.unk_id())
     writer.add_add_bos_token(True)
+
+
+def gguf_coverage(path: str | os.PathLike):
+    """Coverage of a GGUF file from its tensor table: block weights stored quantized or not."""
+    from lowbit.coverage import Coverage, LayerRecord
+
+    gguf = _gguf()
+    coverage = Coverage()
+    for t in gguf.GGUFReader(str(path)).tensors:
+        if not t.name.endswith(".weight") or len(t.shape) != 2:
+            continue
+        numel = int(np.prod(t.shape))
+        kind = t.tensor_type.name
+        in_block = t.name.startswith("blk.")
+        if kind in ("F32", "F16", "BF16"):
+            coverage.add(LayerRecord(t.name, kind, "skipped", f"stored as {kind}", in_block, numel=numel))
+        else:
+            bpw = int(t.n_bytes) * 8 / numel
+            coverage.add(LayerRecord(t.name, kind, "quantized", "", in_block, kind, bpw, numel, "gguf"))
+    return coverage

@@ -113,3 +113,23 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, op
         )
         copy_tokenizer(model, tokenizer, tmp)
     return Path(out_dir)
+
+
+def onnx_coverage(path: str | os.PathLike):
+    """Coverage of an exported ONNX graph: weights that reach a MatMul through DequantizeLinear."""
+    import onnx
+    from onnx import numpy_helper
+
+    from lowbit.coverage import Coverage, LayerRecord
+
+    graph = onnx.load(str(Path(path) / "model.onnx")).graph
+    inits = {i.name: i for i in graph.initializer}
+    coverage = Coverage()
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            codes = numpy_helper.to_array(inits[node.input[0]])
+            extra = sum(numpy_helper.to_array(inits[i]).nbytes for i in node.input[1:] if i in inits)
+            bpw = (codes.nbytes + extra) * 8 / codes.size
+            coverage.add(LayerRecord(node.input[0], "DequantizeLinear", "quantized", "", True, "int8 per-channel",
+                                     bpw, int(codes.size), "onnx qdq"))  # fmt: skip
+    return coverage

@@ -149,7 +149,13 @@ def plan(
     adapter = adapter_for(model)
     prefix = adapter.block_prefix(model)
     targets = []
+    from lowbit.nn.qlinear import QLinear
+
     for name, module in model.named_modules():
+        if isinstance(module, QLinear):
+            in_block = prefix is not None and name.startswith(prefix + ".")
+            targets.append(Target(name, module, in_block, "already quantized"))
+            continue
         if not (is_linear(module) or isinstance(module, OTHER_WEIGHTED)):
             continue
         reason = adapter.skip_reason(model, name, module)
