@@ -15,6 +15,7 @@ from lowbit.engine.sequential import block_linears, collect_stats, execution_gro
 from lowbit.methods import MethodConfig, check_recipe, parse_recipe
 from lowbit.models.adapters import Target, adapter_for, is_linear, plan, set_module
 from lowbit.nn.qlinear import QLinear, linear_weight
+from lowbit.nn.w8a8 import W8A8Linear
 from lowbit.quantized_weight import QuantizedWeight, check_finite
 
 
@@ -78,7 +79,7 @@ def quantize(
             qw, how = QuantizedWeight.quantize(w, fmt), "rtn (outside the calibrated blocks)"
         else:
             qw, how = quantizer.quantize_weight(w), quantizer.name
-        _replace(model, t, qw, kernel, records, how)
+        _replace(model, t, qw, kernel, records, how, act=quantizer)
 
     coverage = Coverage()
     for t in targets:
@@ -90,8 +91,12 @@ def quantize(
     return model
 
 
-def _replace(root: nn.Module, t: Target, qw: QuantizedWeight, kernel: str, records: dict, method: str, rel=None):
-    set_module(root, rel or t.name, QLinear(qw, t.module.bias, kernel))
+def _replace(root, t: Target, qw: QuantizedWeight, kernel: str, records: dict, method: str, rel=None, act=None):
+    if act is not None and act.act_bits:
+        new = W8A8Linear(qw, t.module.bias, act.act_bits, act.act_granularity)
+    else:
+        new = QLinear(qw, t.module.bias, kernel)
+    set_module(root, rel or t.name, new)
     records[t.name] = LayerRecord(
         t.name, type(t.module).__name__, "quantized", "", t.in_block, qw.fmt.describe(), qw.bits_per_weight,
         qw.numel, method,
@@ -144,7 +149,8 @@ def _quantize_calibrated(model, transforms, quantizer, todo, batches, device, ke
                 module = block.get_submodule(rel)
                 qw = quantizer.quantize_linear(linear_weight(module).float(), stats[rel])
                 t = wanted[prefix + rel]
-                _replace(block, Target(t.name, module, t.in_block, None), qw, kernel, records, quantizer.name, rel)
+                target = Target(t.name, module, t.in_block, None)
+                _replace(block, target, qw, kernel, records, quantizer.name, rel, act=quantizer)
             replay.changed(group)
 
     sequential(model, blocks, batches, _default_device(device), process, progress)

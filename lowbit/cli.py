@@ -56,6 +56,8 @@ def quantize(
     mse: Optional[bool] = typer.Option(
         None, "--mse/--no-mse", help="clip-search each group's range (default: the method's own default)"
     ),
+    act_bits: Optional[int] = typer.Option(None, "--act-bits", help="8: int8 activations and an int8 matmul"),
+    act_granularity: str = typer.Option("token", "--act-granularity", help="activation scales: token (dynamic)"),
     calib: Optional[Path] = typer.Option(None, "--calib", help="calibration text file"),
     nsamples: int = typer.Option(128, help="calibration windows"),
     seqlen: int = typer.Option(512, help="tokens per calibration window"),
@@ -73,7 +75,8 @@ def quantize(
 
     try:
         check_output_dir(out)
-        config = dict(bits=bits, group_size=group_size, symmetric=sym, format=fmt, mse=mse)
+        config = dict(bits=bits, group_size=group_size, symmetric=sym, format=fmt, mse=mse, act_bits=act_bits,
+                      act_granularity=act_granularity)  # fmt: skip
         recipe = load_recipe(recipe_file, **config) if recipe_file else parse_recipe(method, **config)
         check_recipe(recipe)
         method = "+".join(m.name for m in recipe)

@@ -30,6 +30,20 @@ def tiny_llama(path=None, inter=128):
     return model
 
 
+def _transformers_load(path):
+    import transformers as tf
+
+    try:
+        return tf.AutoModelForCausalLM.from_pretrained(path)
+    except RuntimeError as e:
+        qc = json.loads((path / "config.json").read_text())["quantization_config"]
+        asym = any(not g["weights"]["symmetric"] for g in qc["config_groups"].values())
+        if asym and "mismatched" in str(e):
+            pytest.xfail(f"transformers {tf.__version__} rejects the packed zero points of asymmetric "
+                         f"pack-quantized checkpoints (llm-compressor's own too); 5.17 loads them")  # fmt: skip
+        raise
+
+
 def _dequant_kernels(model):
     for m in model.modules():
         if isinstance(m, lowbit.QLinear):
@@ -40,7 +54,6 @@ def _dequant_kernels(model):
 
 @pytest.mark.parametrize("bits,group,sym", [(4, 32, False), (4, -1, True), (8, -1, True), (3, 64, False)])
 def test_transformers_loads_the_export_and_computes_the_same_logits(tmp_path, bits, group, sym):
-    import transformers as tf
     from typer.testing import CliRunner
 
     from lowbit.cli import app
@@ -53,7 +66,7 @@ def test_transformers_loads_the_export_and_computes_the_same_logits(tmp_path, bi
     assert r.exit_code == 0, r.output
     qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors" and qc["ignore"] == ["lm_head"]
-    theirs = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+    theirs = _transformers_load(tmp_path / "ct")
     ours = _dequant_kernels(model)
     again = _dequant_kernels(lowbit.load(tmp_path / "ct"))
     ids = torch.randint(0, 128, (2, 16))
@@ -85,7 +98,7 @@ def test_lowbit_reads_a_checkpoint_llmcompressor_wrote(tmp_path):
     oneshot(model=model, recipe=QuantizationModifier(config_groups={"g": {"targets": ["Linear"], "weights": weights}},
                                                      ignore=["lm_head"]))  # fmt: skip
     model.save_pretrained(tmp_path / "llmc", save_compressed=True)
-    theirs = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "llmc")
+    theirs = _transformers_load(tmp_path / "llmc")
     ours = _dequant_kernels(lowbit.load(tmp_path / "llmc"))
     assert isinstance(ours.model.layers[1].mlp.down_proj, lowbit.QLinear)
     ids = torch.randint(0, 128, (2, 16))

@@ -12,9 +12,9 @@ unsigned, so both shift by the same offset and ``(q - z) * s`` is unchanged.
 ``config.json`` holds a ``quantization_config`` with ``quant_method:
 compressed-tensors``, ``format: pack-quantized`` and one config group per scheme.
 Packing uses the installed ``compressed_tensors`` package, so a checkpoint
-matches the version that will read it. Tested with compressed-tensors 0.19
-(the ``export`` extra pins it): with 0.20 and transformers 5.23, loading an
-asymmetric export failed on the zero-point shape in our CI run.
+matches the version that will read it. Known upstream limit: transformers
+5.18+ rejects the packed zero points of *asymmetric* pack-quantized checkpoints
+(llm-compressor's own included) with a size mismatch; transformers 5.17 loads them.
 """
 
 from __future__ import annotations

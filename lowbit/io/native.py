@@ -22,6 +22,7 @@ from lowbit.coverage import Coverage
 from lowbit.formats.spec import WeightFormat
 from lowbit.models.adapters import set_module
 from lowbit.nn.qlinear import QLinear
+from lowbit.nn.w8a8 import W8A8Linear
 from lowbit.quantized_weight import QuantizedWeight
 
 QUANT_METHOD = "lowbit"
@@ -77,6 +78,8 @@ def _collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict, dict[str,
             if mod.bias is not None:
                 tensors[f"{name}.bias"] = mod.bias.detach().cpu().contiguous()
             layers[name] = {"format": qw.fmt.to_dict(), "shape": list(qw.shape), "bias": mod.bias is not None}
+            if isinstance(mod, W8A8Linear):
+                layers[name]["act"] = {"bits": mod.act_bits, "granularity": mod.act_granularity}
     return tensors, layers, tied
 
 
@@ -183,7 +186,9 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, kernel: str = 
         fmt = WeightFormat.from_dict(info["format"])
         qw = QuantizedWeight.from_tensors(tensors, name, fmt, tuple(info["shape"]))
         bias = tensors.get(f"{name}.bias") if info.get("bias") else None
-        set_module(model, name, QLinear(qw, bias, kernel))
+        act = info.get("act")
+        module = W8A8Linear(qw, bias, act["bits"], act["granularity"]) if act else QLinear(qw, bias, kernel)
+        set_module(model, name, module)
         used.update(k for k in tensors if k.startswith(name + ".") and k.count(".") == name.count(".") + 1)
     rest = {k: v for k, v in tensors.items() if k not in used}
     for alias, source in qc.get("tied", {}).items():

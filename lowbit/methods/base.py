@@ -35,9 +35,21 @@ class MethodConfig:
     group_size: int = 128
     symmetric: bool = False
     format: str = "int"
+    act_bits: int | None = None  # 8: int8 activations per token and an int8 matmul (W8A8 / W4A8)
+    act_granularity: str = "token"
 
     def __post_init__(self):
-        self.weight_format  # validates bits, group size and format early
+        fmt = self.weight_format  # validates bits, group size and format early
+        if self.act_bits is not None:
+            if self.act_bits != 8:
+                raise ValueError(f"act_bits={self.act_bits} is not supported; use 8")
+            if self.act_granularity != "token":
+                raise ValueError(f"act_granularity {self.act_granularity!r} is not supported yet; use token")
+            if fmt.kind != "int" or fmt.bits not in (4, 8) or fmt.group_size != -1:
+                raise ValueError(
+                    f"int8 activations need per-channel 4- or 8-bit integer weights, not {fmt.describe()}; "
+                    f"use bits=8 (or 4) with group_size=-1"
+                )
 
     @property
     def weight_format(self) -> WeightFormat:
