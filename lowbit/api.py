@@ -93,7 +93,7 @@ def quantize(
 
 def _replace(root, t: Target, qw: QuantizedWeight, kernel: str, records: dict, method: str, rel=None, act=None):
     if act is not None and act.act_bits:
-        new = W8A8Linear(qw, t.module.bias, act.act_bits, act.act_granularity)
+        new = W8A8Linear(qw, t.module.bias, act.act_bits, act.act_granularity, getattr(act, "threshold", None))
     else:
         new = QLinear(qw, t.module.bias, kernel)
     set_module(root, rel or t.name, new)

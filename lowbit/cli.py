@@ -49,9 +49,13 @@ def quantize(
     out: Path = typer.Option(..., "--out", help="directory to write; must not exist or be empty"),
     method: str = typer.Option("rtn", help="method or +-joined recipe: rtn, gptq, awq, awq+gptq"),
     recipe_file: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe (overrides --method)"),
-    bits: int = typer.Option(4, help="weight bits, 2-8"),
-    group_size: int = typer.Option(128, "--group-size", help="group size; -1 for per-channel"),
-    sym: bool = typer.Option(False, "--sym/--asym", help="symmetric or asymmetric (zero-point) weights"),
+    bits: Optional[int] = typer.Option(None, help="weight bits, 2-8 (default 4; 8 for llmint8)"),
+    group_size: Optional[int] = typer.Option(
+        None, "--group-size", help="group size; -1 for per-channel (default 128; -1 for llmint8)"
+    ),
+    sym: Optional[bool] = typer.Option(
+        None, "--sym/--asym", help="symmetric or asymmetric (zero-point) weights (default asym for int weights)"
+    ),
     fmt: str = typer.Option("int", "--format", help="int, nf4, fp4, fp8_e4m3 or fp8_e5m2"),
     mse: Optional[bool] = typer.Option(
         None, "--mse/--no-mse", help="clip-search each group's range (default: the method's own default)"

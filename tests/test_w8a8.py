@@ -78,3 +78,61 @@ def test_api_w8a8_on_any_module_and_save_load(tmp_path):
     assert isinstance(loaded.model.layers[0].mlp.down_proj, W8A8Linear)
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, before)
+
+
+def test_llm_int8_keeps_outlier_columns_in_float():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    x = torch.randn(8, 64)
+    x[:, 5] = 60.0  # one huge feature column, as in large transformers
+    naive = lowbit.quantize(nn.Sequential(copy_of(lin)), "rtn", bits=8, group_size=-1, symmetric=True, act_bits=8,
+                            progress=False)  # fmt: skip
+    mixed = lowbit.quantize(nn.Sequential(copy_of(lin)), "llmint8", progress=False)
+    ref = lin(x)
+    err_naive = (naive(x) - ref).norm() / ref.norm()
+    err_mixed = (mixed(x) - ref).norm() / ref.norm()
+    assert err_mixed < err_naive / 3
+    # without outliers the decomposition changes nothing
+    y = torch.randn(4, 64)
+    mixed[0].outlier_threshold = 1e9
+    torch.testing.assert_close(mixed(y), fake_quant_reference(mixed[0], y), rtol=1e-4, atol=1e-4)
+
+
+def copy_of(m):
+    import copy
+
+    return copy.deepcopy(m)
+
+
+def test_llm_int8_rejects_4_bit_weights_clearly():
+    with pytest.raises(ValueError, match=r"LLM.int8\(\) quantizes weights to int8; bits=4"):
+        lowbit.quantize(nn.Sequential(nn.Linear(8, 8)), "llmint8", bits=4, progress=False)
+
+
+def test_cli_llmint8_with_the_documented_flags(tmp_path):
+    import json
+
+    import transformers as tf
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+
+    cfg = tf.LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    tf.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    r = CliRunner().invoke(app, ["quantize", str(tmp_path / "m"), "--method", "llmint8", "--bits", "8",
+                                 "--out", str(tmp_path / "q"), "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["format"] == "int8 per-channel sym"
+    layers = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["layers"]
+    assert next(iter(layers.values()))["act"]["outlier_threshold"] == 6.0
+    r = CliRunner().invoke(app, ["quantize", str(tmp_path / "m"), "--method", "rtn", "--bits", "8", "--act-bits", "8",
+                                 "--group-size", "32", "--out", str(tmp_path / "bad")])  # fmt: skip
+    assert r.exit_code == 2 and "per-channel" in r.stderr and not (tmp_path / "bad").exists()

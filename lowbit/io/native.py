@@ -79,7 +79,8 @@ def _collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict, dict[str,
                 tensors[f"{name}.bias"] = mod.bias.detach().cpu().contiguous()
             layers[name] = {"format": qw.fmt.to_dict(), "shape": list(qw.shape), "bias": mod.bias is not None}
             if isinstance(mod, W8A8Linear):
-                layers[name]["act"] = {"bits": mod.act_bits, "granularity": mod.act_granularity}
+                layers[name]["act"] = {"bits": mod.act_bits, "granularity": mod.act_granularity,
+                                       "outlier_threshold": mod.outlier_threshold}  # fmt: skip
     return tensors, layers, tied
 
 
@@ -187,7 +188,10 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, kernel: str = 
         qw = QuantizedWeight.from_tensors(tensors, name, fmt, tuple(info["shape"]))
         bias = tensors.get(f"{name}.bias") if info.get("bias") else None
         act = info.get("act")
-        module = W8A8Linear(qw, bias, act["bits"], act["granularity"]) if act else QLinear(qw, bias, kernel)
+        if act:
+            module = W8A8Linear(qw, bias, act["bits"], act["granularity"], act.get("outlier_threshold"))
+        else:
+            module = QLinear(qw, bias, kernel)
         set_module(model, name, module)
         used.update(k for k in tensors if k.startswith(name + ".") and k.count(".") == name.count(".") + 1)
     rest = {k: v for k, v in tensors.items() if k not in used}

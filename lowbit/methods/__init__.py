@@ -3,6 +3,7 @@
 from lowbit.methods.awq import AWQ
 from lowbit.methods.base import REGISTRY, MethodConfig, check_recipe, load_recipe, make_method, parse_recipe, register
 from lowbit.methods.gptq import GPTQ
+from lowbit.methods.llmint8 import LLMInt8
 from lowbit.methods.rtn import RTN
 
 __all__ = [

@@ -7,7 +7,9 @@ int8 -> int32) and is rescaled to float by ``s_x[token] * s_w[channel]``:
     y = (X_q @ (W_q - z)^T) * s_x s_w^T + b,   X_q @ z = rowsum(X_q) z^T
 
 so asymmetric weights cost one rank-one correction. 4-bit weights (W4A8) are
-widened to int8 for the same matmul.
+widened to int8 for the same matmul. With ``outlier_threshold`` (LLM.int8(),
+Dettmers et al., 2022) the feature columns holding any activation above it
+bypass the int8 path and multiply the dequantized weights in floating point.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class W8A8Linear(QLinear):
     """Per-channel 8- or 4-bit weights, per-token dynamic int8 activations, int32 accumulation."""
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None, act_bits: int = 8,
-                 act_granularity: str = "token"):  # fmt: skip
+                 act_granularity: str = "token", outlier_threshold: float | None = None):  # fmt: skip
         if qw.fmt.kind != "int" or qw.fmt.bits not in (4, 8) or qw.scale.shape[1] != 1:
             raise ValueError(
                 f"int8 activations need per-channel 4- or 8-bit integer weights, not {qw.fmt.describe()}; "
@@ -52,6 +54,7 @@ class W8A8Linear(QLinear):
         super().__init__(qw, bias, kernel="dequant")
         self.act_bits = act_bits
         self.act_granularity = act_granularity
+        self.outlier_threshold = outlier_threshold
 
     def _int_weight(self, device: torch.device):
         key = ("w8a8", device)
@@ -68,14 +71,26 @@ class W8A8Linear(QLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, w_scale, offset = self._int_weight(x.device)
         flat = x.reshape(-1, x.shape[-1]).float()
+        outlier_part = None
+        if self.outlier_threshold is not None:
+            # LLM.int8(): feature columns with any |x| above the threshold stay in floating point
+            cols = (flat.abs() > self.outlier_threshold).any(0).nonzero().flatten()
+            if cols.numel():
+                outlier_part = flat[:, cols] @ self.weight.to(x.device)[:, cols].t()
+                flat = flat.index_fill(1, cols, 0.0)
         xq, x_scale = quantize_per_token(flat, self.act_bits)
         acc = int8_matmul(xq, w.t())
         if offset is not None:
             acc = acc - xq.sum(-1, keepdim=True, dtype=torch.int32) * offset
         y = acc.float() * x_scale * w_scale
+        if outlier_part is not None:
+            y = y + outlier_part
         if self.bias is not None:
             y = y + self.bias.float()
         return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", act_bits={self.act_bits}, act={self.act_granularity}"
+        extra = f", act_bits={self.act_bits}, act={self.act_granularity}"
+        if self.outlier_threshold is not None:
+            extra += f", outlier_threshold={self.outlier_threshold}"
+        return super().extra_repr() + extra
