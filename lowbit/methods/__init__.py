@@ -9,6 +9,7 @@ from lowbit.methods.rtn import RTN
 __all__ = [
     "AWQ",
     "GPTQ",
+    "LLMInt8",
     "REGISTRY",
     "RTN",
     "MethodConfig",
