@@ -136,3 +136,57 @@ def test_cli_llmint8_with_the_documented_flags(tmp_path):
     r = CliRunner().invoke(app, ["quantize", str(tmp_path / "m"), "--method", "rtn", "--bits", "8", "--act-bits", "8",
                                  "--group-size", "32", "--out", str(tmp_path / "bad")])  # fmt: skip
     assert r.exit_code == 2 and "per-channel" in r.stderr and not (tmp_path / "bad").exists()
+
+
+def test_smoothquant_smoothing_alone_leaves_outputs_unchanged():
+    import transformers as tf
+
+    from lowbit.engine.sequential import block_linears, capture_block_inputs
+    from lowbit.methods import RTN, SmoothQuant
+    from lowbit.models import adapter_for
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
+    model = tf.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[3] = 30.0  # an outlier channel to smooth
+    ids = torch.randint(0, 96, (2, 16))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    block = model.model.layers[0]
+    inputs = capture_block_inputs(model, block, [ids], torch.device("cpu"))
+    norm_before = block.input_layernorm.weight.clone()
+    SmoothQuant(alpha=0.5).transform_block(block, inputs, adapter_for(model).scale_pairs(block), block_linears(block),
+                                           RTN(bits=8, group_size=-1))  # fmt: skip
+    assert not torch.equal(block.input_layernorm.weight, norm_before)  # something was migrated
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-5, atol=1e-5)
+
+
+def test_smoothquant_recipe_runs_end_to_end():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = tf.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 96, (4, 16))
+    lowbit.quantize(model, "smoothquant+rtn", calib=ids, bits=8, group_size=-1, symmetric=True, act_bits=8,
+                    progress=False)  # fmt: skip
+    assert all(isinstance(m, W8A8Linear) for n, m in model.named_modules() if n.endswith("proj"))
+    assert [r["method"] for r in model.lowbit_recipe] == ["smoothquant", "rtn"]

@@ -33,17 +33,20 @@ class _StopForward(Exception):
 class LinearStats:
     """What a quantizer may want to know of a linear's inputs ``x: [tokens, in]``.
 
-    ``H = 2/n X^T X`` (GPTQ's Hessian of the layer's squared output error) and
-    ``abs_mean`` per input channel (AWQ's activation salience).
+    ``H = 2/n X^T X`` (GPTQ's Hessian of the layer's squared output error),
+    ``abs_mean`` per input channel (AWQ's activation salience) and ``abs_max``
+    (SmoothQuant's activation range).
     """
 
     H: torch.Tensor
     abs_mean: torch.Tensor
+    abs_max: torch.Tensor
     tokens: int = 0
 
     @classmethod
     def empty(cls, in_features: int, device) -> LinearStats:
-        return cls(torch.zeros(in_features, in_features, device=device), torch.zeros(in_features, device=device), 0)
+        zeros = torch.zeros(in_features, device=device)
+        return cls(torch.zeros(in_features, in_features, device=device), zeros, zeros.clone(), 0)
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
@@ -51,6 +54,7 @@ class LinearStats:
         total = self.tokens + n
         self.H.mul_(self.tokens / total).addmm_(x.t(), x, alpha=2 / total)
         self.abs_mean.mul_(self.tokens / total).add_(x.abs().sum(0) / total)
+        torch.maximum(self.abs_max, x.abs().amax(0), out=self.abs_max)
         self.tokens = total
 
 

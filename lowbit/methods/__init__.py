@@ -5,6 +5,7 @@ from lowbit.methods.base import REGISTRY, MethodConfig, check_recipe, load_recip
 from lowbit.methods.gptq import GPTQ
 from lowbit.methods.llmint8 import LLMInt8
 from lowbit.methods.rtn import RTN
+from lowbit.methods.smoothquant import SmoothQuant
 
 __all__ = [
     "AWQ",
@@ -12,6 +13,7 @@ __all__ = [
     "LLMInt8",
     "REGISTRY",
     "RTN",
+    "SmoothQuant",
     "MethodConfig",
     "check_recipe",
     "load_recipe",
