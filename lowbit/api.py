@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 from torch import nn
@@ -16,6 +16,7 @@ from lowbit.methods import MethodConfig, check_recipe, parse_recipe
 from lowbit.models.adapters import Target, adapter_for, is_linear, plan, set_module
 from lowbit.nn.qlinear import QLinear, linear_weight
 from lowbit.nn.w8a8 import W8A8Linear
+from lowbit.observers import static_scale
 from lowbit.quantized_weight import QuantizedWeight, check_finite
 
 
@@ -65,21 +66,25 @@ def quantize(
         check_finite(linear_weight(t.module), f"{t.name}.weight")
 
     records: dict[str, LayerRecord] = {}
-    if any(m.needs_calibration for m in methods):
+    if any(m.needs_calibration for m in methods) or quantizer.static_activations:
         batches = _calibration_batches(model, calib, tokenizer, nsamples, seqlen, seed, batch_size)
         _quantize_calibrated(model, transforms, quantizer, todo, batches, device, kernel, progress, records)
     elif transforms:
         raise ValueError(f"{'+'.join(m.name for m in methods)}: transforms need calibration data")
     fmt = quantizer.weight_format
     rest = [t for t in todo if t.name not in records]
-    calibrated = any(m.needs_calibration for m in methods)
+    calibrated = any(m.needs_calibration for m in methods) or quantizer.static_activations
     for t in tqdm(rest, desc=f"{quantizer.name} {fmt.describe()}", disable=not progress or not rest, unit="layer"):
         w = linear_weight(t.module).float()
+        act = quantizer
         if calibrated:  # outside the calibrated blocks there are no input statistics
             qw, how = QuantizedWeight.quantize(w, fmt), "rtn (outside the calibrated blocks)"
+            if quantizer.static_activations:
+                act = replace(quantizer, act_granularity="token")
+                how += ", dynamic per-token activations"
         else:
             qw, how = quantizer.quantize_weight(w), quantizer.name
-        _replace(model, t, qw, kernel, records, how, act=quantizer)
+        _replace(model, t, qw, kernel, records, how, act=act)
 
     coverage = Coverage()
     for t in targets:
@@ -91,9 +96,15 @@ def quantize(
     return model
 
 
-def _replace(root, t: Target, qw: QuantizedWeight, kernel: str, records: dict, method: str, rel=None, act=None):
+def _replace(root, t: Target, qw: QuantizedWeight, kernel: str, records: dict, method: str, rel=None, act=None,
+             stats=None):  # fmt: skip
     if act is not None and act.act_bits:
-        new = W8A8Linear(qw, t.module.bias, act.act_bits, act.act_granularity, getattr(act, "threshold", None))
+        act_scale = None
+        if act.act_granularity == "tensor":
+            act_scale = static_scale(float(stats.abs_max.max()), stats.sample(), act.act_observer, act.act_bits)
+        input_scale = getattr(t.module, "lowbit_input_scale", None)
+        new = W8A8Linear(qw, t.module.bias, act.act_bits, act.act_granularity, getattr(act, "threshold", None),
+                         act_scale, input_scale)  # fmt: skip
     else:
         new = QLinear(qw, t.module.bias, kernel)
     set_module(root, rel or t.name, new)
@@ -150,7 +161,7 @@ def _quantize_calibrated(model, transforms, quantizer, todo, batches, device, ke
                 qw = quantizer.quantize_linear(linear_weight(module).float(), stats[rel])
                 t = wanted[prefix + rel]
                 target = Target(t.name, module, t.in_block, None)
-                _replace(block, target, qw, kernel, records, quantizer.name, rel, act=quantizer)
+                _replace(block, target, qw, kernel, records, quantizer.name, rel, act=quantizer, stats=stats[rel])
             replay.changed(group)
 
     sequential(model, blocks, batches, _default_device(device), process, progress)

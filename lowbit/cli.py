@@ -61,7 +61,10 @@ def quantize(
         None, "--mse/--no-mse", help="clip-search each group's range (default: the method's own default)"
     ),
     act_bits: Optional[int] = typer.Option(None, "--act-bits", help="8: int8 activations and an int8 matmul"),
-    act_granularity: str = typer.Option("token", "--act-granularity", help="activation scales: token (dynamic)"),
+    act_granularity: str = typer.Option(
+        "token", "--act-granularity", help="activation scales: token (dynamic) or tensor (static, needs --calib)"
+    ),
+    act_observer: str = typer.Option("minmax", "--act-observer", help="static scales: minmax, percentile or mse"),
     calib: Optional[Path] = typer.Option(None, "--calib", help="calibration text file"),
     nsamples: int = typer.Option(128, help="calibration windows"),
     seqlen: int = typer.Option(512, help="tokens per calibration window"),
@@ -80,11 +83,11 @@ def quantize(
     try:
         check_output_dir(out)
         config = dict(bits=bits, group_size=group_size, symmetric=sym, format=fmt, mse=mse, act_bits=act_bits,
-                      act_granularity=act_granularity)  # fmt: skip
+                      act_granularity=act_granularity, act_observer=act_observer)  # fmt: skip
         recipe = load_recipe(recipe_file, **config) if recipe_file else parse_recipe(method, **config)
         check_recipe(recipe)
         method = "+".join(m.name for m in recipe)
-        needs_data = any(m.needs_calibration for m in recipe)
+        needs_data = any(m.needs_calibration for m in recipe) or recipe[-1].static_activations
         if needs_data and calib is None:
             raise ValueError(f"{method} needs calibration data; pass --calib TEXTFILE")
         resolve_model_path(model)

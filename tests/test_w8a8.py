@@ -165,7 +165,7 @@ def test_smoothquant_smoothing_alone_leaves_outputs_unchanged():
     inputs = capture_block_inputs(model, block, [ids], torch.device("cpu"))
     norm_before = block.input_layernorm.weight.clone()
     SmoothQuant(alpha=0.5).transform_block(block, inputs, adapter_for(model).scale_pairs(block), block_linears(block),
-                                           RTN(bits=8, group_size=-1))  # fmt: skip
+                                           RTN(bits=8, group_size=-1, act_bits=8))  # fmt: skip
     assert not torch.equal(block.input_layernorm.weight, norm_before)  # something was migrated
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-5, atol=1e-5)
@@ -190,3 +190,51 @@ def test_smoothquant_recipe_runs_end_to_end():
                     progress=False)  # fmt: skip
     assert all(isinstance(m, W8A8Linear) for n, m in model.named_modules() if n.endswith("proj"))
     assert [r["method"] for r in model.lowbit_recipe] == ["smoothquant", "rtn"]
+
+
+def test_observers_pick_sensible_static_scales():
+    from lowbit.observers import static_scale
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(100000, generator=g)
+    x[:5] = 40.0  # a few outliers, rarer than one in ten thousand
+    mm = static_scale(40.0, x, "minmax")
+    pc = static_scale(40.0, x, "percentile")
+    mse = static_scale(40.0, x, "mse")
+    assert mm == pytest.approx(40.0 / 127)
+    assert pc < mm and mse < mm
+
+    def err(s):
+        return (torch.round(x / s).clamp(-127, 127) * s - x).pow(2).mean()
+
+    assert err(mse) <= err(mm)
+    with pytest.raises(ValueError, match="unknown activation observer"):
+        static_scale(1.0, x, "kl")
+
+
+def test_static_per_tensor_activations_match_the_reference_with_that_scale():
+    lin = nn.Linear(48, 16)
+    qw = QuantizedWeight.quantize(lin.weight.detach(), WeightFormat("int", 8, -1, True))
+    layer = W8A8Linear(qw, lin.bias, act_granularity="tensor", act_scale=0.05)
+    x = torch.randn(6, 48)
+    xq = torch.round(x / 0.05).clamp(-127, 127) * 0.05
+    torch.testing.assert_close(layer(x), xq @ layer.weight.t() + lin.bias, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="act_scale"):
+        W8A8Linear(qw, lin.bias, act_granularity="tensor")
+
+
+def test_static_activations_calibrate_through_the_engine(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
+    x = torch.randn(64, 32)
+    with pytest.raises(ValueError, match="calibration data"):
+        lowbit.quantize(copy_of(model), "rtn", bits=8, group_size=-1, act_bits=8, act_granularity="tensor",
+                        progress=False)  # fmt: skip
+    q = lowbit.quantize(copy_of(model), "rtn", calib=[x], bits=8, group_size=-1, act_bits=8,
+                        act_granularity="tensor", act_observer="mse", progress=False)  # fmt: skip
+    assert q[0].act_granularity == "tensor" and q[0].act_scale > 0
+    ref = model(x)
+    assert (q(x) - ref).norm() / ref.norm() < 0.05
+    lowbit.save(q, tmp_path / "q")
+    again = lowbit.load(tmp_path / "q", model=copy_of(model))
+    assert torch.equal(again(x), q(x))

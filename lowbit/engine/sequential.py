@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -42,11 +43,17 @@ class LinearStats:
     abs_mean: torch.Tensor
     abs_max: torch.Tensor
     tokens: int = 0
+    samples: list = field(default_factory=list)  # random values of x, for activation observers
+
+    SAMPLES_PER_BATCH: ClassVar[int] = 4096
 
     @classmethod
     def empty(cls, in_features: int, device) -> LinearStats:
         zeros = torch.zeros(in_features, device=device)
         return cls(torch.zeros(in_features, in_features, device=device), zeros, zeros.clone(), 0)
+
+    def sample(self) -> torch.Tensor:
+        return torch.cat(self.samples) if self.samples else torch.zeros(0)
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
@@ -55,6 +62,9 @@ class LinearStats:
         self.H.mul_(self.tokens / total).addmm_(x.t(), x, alpha=2 / total)
         self.abs_mean.mul_(self.tokens / total).add_(x.abs().sum(0) / total)
         torch.maximum(self.abs_max, x.abs().amax(0), out=self.abs_max)
+        gen = torch.Generator().manual_seed(len(self.samples))  # fixed per batch: same data, same sample
+        pick = torch.randint(0, x.numel(), (min(self.SAMPLES_PER_BATCH, x.numel()),), generator=gen)
+        self.samples.append(x.reshape(-1)[pick.to(x.device)].cpu())
         self.tokens = total
 
 

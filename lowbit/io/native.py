@@ -81,6 +81,10 @@ def _collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict, dict[str,
             if isinstance(mod, W8A8Linear):
                 layers[name]["act"] = {"bits": mod.act_bits, "granularity": mod.act_granularity,
                                        "outlier_threshold": mod.outlier_threshold}  # fmt: skip
+                for extra in ("act_scale", "input_scale"):
+                    if getattr(mod, extra) is not None:
+                        tensors[f"{name}.{extra}"] = getattr(mod, extra).detach().cpu().reshape(-1).contiguous()
+
     return tensors, layers, tied
 
 
@@ -189,7 +193,10 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, kernel: str = 
         bias = tensors.get(f"{name}.bias") if info.get("bias") else None
         act = info.get("act")
         if act:
-            module = W8A8Linear(qw, bias, act["bits"], act["granularity"], act.get("outlier_threshold"))
+            act_scale = tensors.get(f"{name}.act_scale")
+            act_scale = None if act_scale is None else float(act_scale[0])
+            threshold, input_scale = act.get("outlier_threshold"), tensors.get(f"{name}.input_scale")
+            module = W8A8Linear(qw, bias, act["bits"], act["granularity"], threshold, act_scale, input_scale)
         else:
             module = QLinear(qw, bias, kernel)
         set_module(model, name, module)

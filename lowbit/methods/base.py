@@ -35,16 +35,19 @@ class MethodConfig:
     group_size: int = 128
     symmetric: bool = False
     format: str = "int"
-    act_bits: int | None = None  # 8: int8 activations per token and an int8 matmul (W8A8 / W4A8)
-    act_granularity: str = "token"
+    act_bits: int | None = None  # 8: int8 activations and an int8 matmul (W8A8 / W4A8)
+    act_granularity: str = "token"  # token: dynamic per-token scales; tensor: one static scale from calibration
+    act_observer: str = "minmax"  # for static scales: minmax, percentile or mse
 
     def __post_init__(self):
         fmt = self.weight_format  # validates bits, group size and format early
         if self.act_bits is not None:
             if self.act_bits != 8:
                 raise ValueError(f"act_bits={self.act_bits} is not supported; use 8")
-            if self.act_granularity != "token":
-                raise ValueError(f"act_granularity {self.act_granularity!r} is not supported yet; use token")
+            if self.act_granularity not in ("token", "tensor"):
+                raise ValueError(f"act_granularity {self.act_granularity!r} is not supported; use token or tensor")
+            if self.act_observer not in ("minmax", "percentile", "mse"):
+                raise ValueError(f"act_observer {self.act_observer!r} is unknown; use minmax, percentile or mse")
             if fmt.kind != "int" or fmt.bits not in (4, 8) or fmt.group_size != -1:
                 raise ValueError(
                     f"int8 activations need per-channel 4- or 8-bit integer weights, not {fmt.describe()}; "
@@ -65,6 +68,10 @@ class MethodConfig:
     def quantize_linear(self, w: torch.Tensor, stats) -> QuantizedWeight:
         """Codes and parameters for ``w: [out, in]`` given its input statistics (``None`` if none)."""
         return self.quantize_weight(w)
+
+    @property
+    def static_activations(self) -> bool:
+        return bool(self.act_bits) and self.act_granularity == "tensor"
 
     def transform_block(self, block, inputs, pairs, linears, quantizer) -> None:
         """Rewrite ``block`` exactly before quantization (AWQ scales, ...); most methods do nothing."""
