@@ -13,10 +13,11 @@ from tqdm.auto import tqdm
 from lowbit.coverage import Coverage, LayerRecord
 from lowbit.engine.sequential import block_linears, collect_stats, execution_groups, sequential
 from lowbit.methods import MethodConfig, check_recipe, parse_recipe
+from lowbit.methods.transforms import input_transform
 from lowbit.models.adapters import Target, adapter_for, is_linear, plan, set_module
 from lowbit.nn.qlinear import QLinear, linear_weight
 from lowbit.nn.w8a8 import W8A8Linear
-from lowbit.observers import static_scale
+from lowbit.observers import static_params
 from lowbit.quantized_weight import QuantizedWeight, check_finite
 
 
@@ -80,7 +81,7 @@ def quantize(
         if calibrated:  # outside the calibrated blocks there are no input statistics
             qw, how = QuantizedWeight.quantize(w, fmt), "rtn (outside the calibrated blocks)"
             if quantizer.static_activations:
-                act = replace(quantizer, act_granularity="token")
+                act = replace(quantizer, act_granularity="token", act_dynamic=True)
                 how += ", dynamic per-token activations"
         else:
             qw, how = quantizer.quantize_weight(w), quantizer.name
@@ -98,20 +99,43 @@ def quantize(
 
 def _replace(root, t: Target, qw: QuantizedWeight, kernel: str, records: dict, method: str, rel=None, act=None,
              stats=None):  # fmt: skip
-    if act is not None and act.act_bits:
-        act_scale = None
-        if act.act_granularity == "tensor":
-            act_scale = static_scale(float(stats.abs_max.max()), stats.sample(), act.act_observer, act.act_bits)
-        input_scale = getattr(t.module, "lowbit_input_scale", None)
-        new = W8A8Linear(qw, t.module.bias, act.act_bits, act.act_granularity, getattr(act, "threshold", None),
-                         act_scale, input_scale)  # fmt: skip
-    else:
+    new = _integer_linear(t.module, qw, act, stats) if act is not None and act.act_bits else None
+    if new is None:
         new = QLinear(qw, t.module.bias, kernel)
     set_module(root, rel or t.name, new)
     records[t.name] = LayerRecord(
         t.name, type(t.module).__name__, "quantized", "", t.in_block, qw.fmt.describe(), qw.bits_per_weight,
-        qw.numel, method,
+        qw.numel, method, new.act.describe() if isinstance(new, W8A8Linear) else "",
     )  # fmt: skip
+
+
+def _integer_linear(module: nn.Module, qw: QuantizedWeight, config: MethodConfig, stats) -> W8A8Linear:
+    """The integer-activation linear for ``module``: its activation format, static scales from
+    ``stats`` (observed after any input transform), and what earlier methods attached to it."""
+    fmt = config.act_format
+    perm, bounds = getattr(module, "lowbit_act_groups", (None, None))
+    if bounds is not None:
+        fmt = replace(fmt, granularity="group", dynamic=False)
+    shift, inv_scale = input_transform(module)
+    kw = {}
+    if not fmt.dynamic:
+        if stats is None:
+            raise ValueError("static activation scales need calibration data")
+        scale, zero = static_params(stats.channel_stats(), fmt, config.act_observer, perm, bounds,
+                                    config.act_percentile)  # fmt: skip
+        kw = dict(act_scale=scale, act_zero=zero, act_bounds=bounds)
+    return W8A8Linear(qw, module.bias, fmt, perm=perm, input_shift=shift, input_scale=inv_scale,
+                      outlier_threshold=getattr(config, "threshold", None), **kw)  # fmt: skip
+
+
+def _quantize_weight(module: nn.Module, quantizer: MethodConfig, stats) -> QuantizedWeight:
+    """Codes for ``module``'s weight, its columns in the order its activation groups put them."""
+    w = linear_weight(module).float()
+    perm, _ = getattr(module, "lowbit_act_groups", (None, None))
+    if perm is not None:
+        w = w[:, perm]
+        stats = stats.permuted(perm) if stats is not None else None
+    return quantizer.quantize_linear(w, stats)
 
 
 def _calibration_batches(model, calib, tokenizer, nsamples, seqlen, seed, batch_size) -> list:
@@ -155,10 +179,11 @@ def _quantize_calibrated(model, transforms, quantizer, todo, batches, device, ke
         else:
             groups = [list(linears)]
         for group in groups:
-            stats = collect_stats(block, inputs, {rel: block.get_submodule(rel) for rel in group}, replay)
+            modules = {rel: block.get_submodule(rel) for rel in group}
+            stats = collect_stats(block, inputs, modules, replay, hessian=quantizer.uses_hessian)
             for rel in group:
                 module = block.get_submodule(rel)
-                qw = quantizer.quantize_linear(linear_weight(module).float(), stats[rel])
+                qw = _quantize_weight(module, quantizer, stats[rel])
                 t = wanted[prefix + rel]
                 target = Target(t.name, module, t.in_block, None)
                 _replace(block, target, qw, kernel, records, quantizer.name, rel, act=quantizer, stats=stats[rel])

@@ -47,7 +47,11 @@ def _log(msg: str) -> None:
 def quantize(
     model: str = typer.Argument(..., help="model directory, hub id, or alias (minilm, stories260K)"),
     out: Path = typer.Option(..., "--out", help="directory to write; must not exist or be empty"),
-    method: str = typer.Option("rtn", help="method or +-joined recipe: rtn, gptq, awq, awq+gptq"),
+    method: str = typer.Option(
+        "rtn",
+        help="method or +-joined recipe: rtn, gptq, awq, awq+gptq, llmint8, zeroquant, smoothquant+rtn, "
+        "osplus+rtn, rptq+rtn, peg+rtn",
+    ),
     recipe_file: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe (overrides --method)"),
     bits: Optional[int] = typer.Option(None, help="weight bits, 2-8 (default 4; 8 for llmint8)"),
     group_size: Optional[int] = typer.Option(
@@ -60,11 +64,20 @@ def quantize(
     mse: Optional[bool] = typer.Option(
         None, "--mse/--no-mse", help="clip-search each group's range (default: the method's own default)"
     ),
-    act_bits: Optional[int] = typer.Option(None, "--act-bits", help="8: int8 activations and an int8 matmul"),
-    act_granularity: str = typer.Option(
-        "token", "--act-granularity", help="activation scales: token (dynamic) or tensor (static, needs --calib)"
+    act_bits: Optional[int] = typer.Option(
+        None, "--act-bits", help="integer activations (2-8; 8 for W8A8) and an integer matmul"
     ),
-    act_observer: str = typer.Option("minmax", "--act-observer", help="static scales: minmax, percentile or mse"),
+    act_granularity: str = typer.Option(
+        "token", "--act-granularity", help="activation scales: token (one per row) or tensor (one per input)"
+    ),
+    act_dynamic: Optional[bool] = typer.Option(
+        None, "--act-dynamic/--act-static",
+        help="scales at run time or from calibration (default: token dynamic, tensor static, which needs --calib)",
+    ),
+    act_sym: bool = typer.Option(True, "--act-sym/--act-asym", help="symmetric or zero-point activations"),
+    act_observer: str = typer.Option(
+        "minmax", "--act-observer", help="static scales: minmax, ema, percentile, mse or kl"
+    ),
     calib: Optional[Path] = typer.Option(None, "--calib", help="calibration text file"),
     nsamples: int = typer.Option(128, help="calibration windows"),
     seqlen: int = typer.Option(512, help="tokens per calibration window"),
@@ -83,7 +96,8 @@ def quantize(
     try:
         check_output_dir(out)
         config = dict(bits=bits, group_size=group_size, symmetric=sym, format=fmt, mse=mse, act_bits=act_bits,
-                      act_granularity=act_granularity, act_observer=act_observer)  # fmt: skip
+                      act_granularity=act_granularity, act_dynamic=act_dynamic, act_symmetric=act_sym,
+                      act_observer=act_observer)  # fmt: skip
         recipe = load_recipe(recipe_file, **config) if recipe_file else parse_recipe(method, **config)
         check_recipe(recipe)
         method = "+".join(m.name for m in recipe)
@@ -113,6 +127,7 @@ def quantize(
         "out": str(out),
         "method": method,
         "format": recipe[-1].weight_format.describe(),
+        "activations": recipe[-1].act_format.describe() if recipe[-1].act_format else None,
         "bits_per_weight": cov.mean_bits_per_weight(),
         "layers_quantized": len(cov.quantized),
         "layers_skipped": len(cov.skipped),

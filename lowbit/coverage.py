@@ -16,6 +16,7 @@ class LayerRecord:
     bits_per_weight: float | None = None
     numel: int = 0
     method: str = ""
+    act: str = ""  # integer activation format, if any
 
 
 @dataclass

@@ -1,42 +1,156 @@
-"""Activation observers: a static int8 scale per tensor from calibration statistics.
+"""Activation observers: static quantization ranges from calibration statistics.
 
-- ``minmax``: the largest magnitude seen.
-- ``percentile``: the 99.99th percentile of magnitudes (outliers clipped).
-- ``mse``: the clipping range minimising the mean squared quantization error
-  of the observed values.
+Each observer turns what was seen of a set of input channels into a range
+``[lo, hi]``, from which ``formats.activation.params_from_range`` makes the scale
+and zero point (symmetric formats use ``max(|lo|, |hi|)``):
 
-The statistics are the running absolute maximum and a fixed-size random sample
-of the observed values (``LinearStats``).
+- ``minmax``: the smallest and largest value seen.
+- ``ema``: an exponential moving average of each calibration batch's min and max
+  (averaging constant 0.1), less sensitive to one batch's extremes.
+- ``percentile``: the 0.01st and 99.99th percentiles (of magnitudes, symmetric).
+- ``mse``: the range, shrunk from min-max on a grid, with the least mean squared
+  quantization error on the observed values.
+- ``kl``: TensorRT's entropy calibration (Migacz, 2017): a 2048-bin histogram of
+  magnitudes, and the threshold whose quantized distribution (2**(bits-1) levels)
+  is closest to the clipped one in KL divergence; a symmetric range ``[-T, T]``
+  (clipped to what was seen, for asymmetric formats).
+
+``ChannelStats`` is what the observers read: per-channel running min and max,
+per-batch min and max, and a fixed sample of whole input rows (so that any subset
+of channels can be observed, for per-group activation scales).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
-OBSERVERS = ("minmax", "percentile", "mse")
+from lowbit.formats import activation as A
+from lowbit.formats.activation import ActFormat
+
+OBSERVERS = ("minmax", "ema", "percentile", "mse", "kl")
+EMA_CONSTANT = 0.1
 
 
-def _fake_quant(x: torch.Tensor, scale: float, qmax: int) -> torch.Tensor:
-    return torch.round(x / scale).clamp(-qmax, qmax) * scale
+def check_observer(name: str) -> None:
+    if name not in OBSERVERS:
+        raise ValueError(f"unknown activation observer {name!r}; choose one of {', '.join(OBSERVERS)}")
 
 
-def static_scale(abs_max: float, samples: torch.Tensor, observer: str = "minmax", bits: int = 8,
-                 percentile: float = 99.99, grid: int = 100) -> float:  # fmt: skip
-    """Symmetric per-tensor scale for ``bits``-bit activations."""
-    if observer not in OBSERVERS:
-        raise ValueError(f"unknown activation observer {observer!r}; choose one of {', '.join(OBSERVERS)}")
-    qmax = (1 << (bits - 1)) - 1
-    if abs_max <= 0:
-        return 1.0
-    if observer == "minmax" or samples.numel() == 0:
-        return abs_max / qmax
-    mags = samples.abs().float()
+@dataclass
+class ChannelStats:
+    """What was observed of a layer's input ``x: [tokens, K]``.
+
+    ``lo``/``hi``: ``[K]`` running min/max. ``batch_lo``/``batch_hi``: ``[batches, K]``.
+    ``rows``: ``[rows, K]`` sampled input rows.
+    """
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+    batch_lo: torch.Tensor
+    batch_hi: torch.Tensor
+    rows: torch.Tensor
+
+    def columns(self, cols: torch.Tensor) -> ChannelStats:
+        return ChannelStats(self.lo[cols], self.hi[cols], self.batch_lo[:, cols], self.batch_hi[:, cols],
+                            self.rows[:, cols])  # fmt: skip
+
+
+def observe_range(stats: ChannelStats, observer: str, fmt: ActFormat, percentile: float = 99.99,
+                  grid: int = 100) -> tuple[float, float]:  # fmt: skip
+    """The range ``(lo, hi)`` that ``observer`` picks for all channels of ``stats`` together."""
+    check_observer(observer)
+    lo, hi = float(stats.lo.min()), float(stats.hi.max())
+    values = stats.rows.reshape(-1).float()
+    if observer == "minmax" or values.numel() == 0:
+        return lo, hi
+    if observer == "ema":
+        blo, bhi = stats.batch_lo.amin(1), stats.batch_hi.amax(1)
+        elo, ehi = float(blo[0]), float(bhi[0])
+        for a, b in zip(blo[1:].tolist(), bhi[1:].tolist()):
+            elo += EMA_CONSTANT * (a - elo)
+            ehi += EMA_CONSTANT * (b - ehi)
+        return elo, ehi
     if observer == "percentile":
-        return max(torch.quantile(mags, percentile / 100).item(), 1e-8) / qmax
-    best, best_err = abs_max / qmax, float("inf")
+        q = percentile / 100
+        if fmt.symmetric:
+            t = _quantile(values.abs(), q)
+            return -t, t
+        return _quantile(values, 1 - q), _quantile(values, q)
+    if observer == "mse":
+        return mse_range(values, lo, hi, fmt, grid)
+    t = kl_threshold(values.abs(), fmt.bits)
+    return max(lo, -t), min(hi, t)
+
+
+def _quantile(x: torch.Tensor, q: float) -> float:
+    # torch.quantile refuses inputs above 16M elements; a sorted-index pick has no such limit
+    k = min(x.numel() - 1, max(0, round(q * (x.numel() - 1))))
+    return float(x.kthvalue(k + 1).values)
+
+
+def mse_range(values: torch.Tensor, lo: float, hi: float, fmt: ActFormat, grid: int = 100,
+              min_ratio: float = 0.1) -> tuple[float, float]:  # fmt: skip
+    """Shrink ``[lo, hi]`` by ``p`` in ``(min_ratio, 1]`` to minimise the mean squared error on ``values``."""
+    best, best_err = (lo, hi), float("inf")
     for i in range(grid):
-        clip = abs_max * (1 - i / grid)
-        err = (_fake_quant(samples, clip / qmax, qmax) - samples).pow(2).mean().item()
+        p = 1 - i * (1 - min_ratio) / grid
+        scale, zero = A.params_from_range(torch.tensor(p * lo), torch.tensor(p * hi), fmt)
+        err = float((A.codes(values, scale, zero, fmt) * scale - values).pow(2).mean())
         if err < best_err:
-            best, best_err = clip / qmax, err
+            best, best_err = (p * lo, p * hi), err
     return best
+
+
+def kl_threshold(mags: torch.Tensor, bits: int = 8, bins: int = 2048) -> float:
+    """Entropy calibration: the clipping threshold whose ``2**(bits-1)``-level quantization of the
+    histogram of ``mags`` loses the least information (KL divergence) against the clipped histogram."""
+    amax = float(mags.max()) if mags.numel() else 0.0
+    if amax <= 0:
+        return 0.0
+    hist = torch.histc(mags.float(), bins, 0, amax).double().numpy()
+    edges = np.linspace(0, amax, bins + 1)
+    levels = 1 << (bits - 1)
+    best_i, best_kl = bins, float("inf")
+    for i in range(levels, bins + 1):
+        p = hist[:i].copy()
+        p[i - 1] += hist[i:].sum()  # the clipped mass piles up in the last bin
+        nonzero = hist[:i] > 0
+        # merge the i bins into `levels` levels, then spread each level over its non-empty bins
+        level_of = (np.arange(i) * levels) // i
+        total = np.bincount(level_of, weights=hist[:i], minlength=levels)
+        count = np.bincount(level_of, weights=nonzero, minlength=levels)
+        q = np.where(nonzero, total[level_of] / np.maximum(count[level_of], 1), 0.0)
+        if p.sum() == 0 or q.sum() == 0:
+            continue
+        p, q = p / p.sum(), q / q.sum()
+        mask = p > 0
+        if bool((q[mask] == 0).any()):
+            continue  # infinite divergence: a populated bin the quantized histogram cannot express
+        kl = float((p[mask] * np.log(p[mask] / q[mask])).sum())
+        if kl <= best_kl:
+            best_i, best_kl = i, kl
+    return float(edges[best_i])
+
+
+def static_params(stats: ChannelStats, fmt: ActFormat, observer: str, perm: torch.Tensor | None = None,
+                  bounds: torch.Tensor | None = None, percentile: float = 99.99
+                  ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Per-group scale and zero ``[G]`` (``G = 1`` per tensor) for the channels ``perm[bounds[g]:bounds[g+1]]``."""
+    k = stats.lo.numel()
+    perm = torch.arange(k) if perm is None else perm
+    bounds = torch.tensor([0, k]) if bounds is None else bounds
+    scales, zeros = [], []
+    for g in range(bounds.numel() - 1):
+        cols = perm[int(bounds[g]) : int(bounds[g + 1])]
+        if cols.numel() == 0:
+            scales.append(torch.tensor(1.0))
+            zeros.append(torch.tensor(0.0))
+            continue
+        lo, hi = observe_range(stats.columns(cols), observer, fmt, percentile)
+        s, z = A.params_from_range(torch.tensor(lo), torch.tensor(hi), fmt)
+        scales.append(s)
+        zeros.append(z)
+    return torch.stack(scales).float(), torch.stack(zeros).float()

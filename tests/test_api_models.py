@@ -51,7 +51,7 @@ def test_skip_patterns_and_config_objects():
 
 
 def test_unknown_method_lists_the_available_ones():
-    with pytest.raises(ValueError, match="available: awq, gptq, llmint8, rtn, smoothquant"):
+    with pytest.raises(ValueError, match="available: awq, gptq, llmint8, osplus, peg, rptq, rtn, smoothquant, zeroquant"):
         lowbit.quantize(nn.Linear(4, 4), "gptx", progress=False)
 
 

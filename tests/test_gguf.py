@@ -12,7 +12,7 @@ from lowbit.eval import token_chunks
 gguf = pytest.importorskip("gguf", reason="pip install gguf sentencepiece to test GGUF export")
 pytest.importorskip("sentencepiece", reason="pip install sentencepiece to test GGUF export")
 
-from lowbit.io.gguf_export import _rope_permute, export_gguf  # noqa: E402
+from lowbit.io.gguf_export import _rope_permute, export_gguf
 
 
 def _quantized(stories_dir, bits, sym):

@@ -177,9 +177,10 @@ def test_replayed_children_give_the_same_statistics():
     names = {"mlp.gate_proj": block.mlp.gate_proj}
     first = collect_stats(block, inputs, names, replay)
     assert "self_attn" in replay.cache  # the attention output is now reused
-    again = collect_stats(block, inputs, {"mlp.down_proj": block.mlp.down_proj}, replay)
-    fresh = collect_stats(block, inputs, {"mlp.down_proj": block.mlp.down_proj})
+    again = collect_stats(block, inputs, {"mlp.down_proj": block.mlp.down_proj}, replay, hessian=True)
+    fresh = collect_stats(block, inputs, {"mlp.down_proj": block.mlp.down_proj}, hessian=True)
     assert torch.equal(again["mlp.down_proj"].H, fresh["mlp.down_proj"].H)
+    assert torch.equal(again["mlp.down_proj"].hi, fresh["mlp.down_proj"].hi)
     assert first["mlp.gate_proj"].tokens == 64
 
 

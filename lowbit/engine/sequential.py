@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.models.adapters import is_linear
+from lowbit.observers import ChannelStats
 
 
 class _StopForward(Exception):
@@ -34,38 +35,66 @@ class _StopForward(Exception):
 class LinearStats:
     """What a quantizer may want to know of a linear's inputs ``x: [tokens, in]``.
 
-    ``H = 2/n X^T X`` (GPTQ's Hessian of the layer's squared output error),
-    ``abs_mean`` per input channel (AWQ's activation salience) and ``abs_max``
-    (SmoothQuant's activation range).
+    ``H = 2/n X^T X`` (GPTQ's Hessian of the layer's squared output error; only
+    when asked for: it costs a ``K x K`` product per batch),
+    ``abs_mean`` per input channel (AWQ's activation salience), ``abs_max``
+    (SmoothQuant's activation range), per-channel ``lo``/``hi`` and per-batch
+    ranges, and a fixed sample of whole input rows (activation observers).
     """
 
-    H: torch.Tensor
+    H: torch.Tensor | None
     abs_mean: torch.Tensor
     abs_max: torch.Tensor
     tokens: int = 0
-    samples: list = field(default_factory=list)  # random values of x, for activation observers
+    lo: torch.Tensor | None = None
+    hi: torch.Tensor | None = None
+    batch_lo: list = field(default_factory=list)
+    batch_hi: list = field(default_factory=list)
+    rows: list = field(default_factory=list)
 
-    SAMPLES_PER_BATCH: ClassVar[int] = 4096
+    SAMPLE_VALUES_PER_BATCH: ClassVar[int] = 65536  # rows sampled per batch: this many values' worth
 
     @classmethod
-    def empty(cls, in_features: int, device) -> LinearStats:
+    def empty(cls, in_features: int, device, hessian: bool = True) -> LinearStats:
         zeros = torch.zeros(in_features, device=device)
-        return cls(torch.zeros(in_features, in_features, device=device), zeros, zeros.clone(), 0)
-
-    def sample(self) -> torch.Tensor:
-        return torch.cat(self.samples) if self.samples else torch.zeros(0)
+        H = torch.zeros(in_features, in_features, device=device) if hessian else None
+        return cls(H, zeros, zeros.clone(), 0,
+                   torch.full((in_features,), float("inf"), device=device),
+                   torch.full((in_features,), float("-inf"), device=device))  # fmt: skip
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         n = x.shape[0]
         total = self.tokens + n
-        self.H.mul_(self.tokens / total).addmm_(x.t(), x, alpha=2 / total)
+        if self.H is not None:
+            self.H.mul_(self.tokens / total).addmm_(x.t(), x, alpha=2 / total)
         self.abs_mean.mul_(self.tokens / total).add_(x.abs().sum(0) / total)
         torch.maximum(self.abs_max, x.abs().amax(0), out=self.abs_max)
-        gen = torch.Generator().manual_seed(len(self.samples))  # fixed per batch: same data, same sample
-        pick = torch.randint(0, x.numel(), (min(self.SAMPLES_PER_BATCH, x.numel()),), generator=gen)
-        self.samples.append(x.reshape(-1)[pick.to(x.device)].cpu())
+        blo, bhi = x.amin(0), x.amax(0)
+        torch.minimum(self.lo, blo, out=self.lo)
+        torch.maximum(self.hi, bhi, out=self.hi)
+        self.batch_lo.append(blo.cpu())
+        self.batch_hi.append(bhi.cpu())
+        gen = torch.Generator().manual_seed(len(self.rows))  # fixed per batch: same data, same sample
+        take = min(n, max(1, self.SAMPLE_VALUES_PER_BATCH // x.shape[1]))
+        pick = torch.randperm(n, generator=gen)[:take]
+        self.rows.append(x[pick.to(x.device)].cpu())
         self.tokens = total
+
+    def channel_stats(self) -> ChannelStats:
+        """What the activation observers read (on the CPU)."""
+        if not self.tokens:
+            raise ValueError("this layer saw no calibration data; static activation scales need some")
+        return ChannelStats(self.lo.cpu(), self.hi.cpu(), torch.stack(self.batch_lo), torch.stack(self.batch_hi),
+                            torch.cat(self.rows))  # fmt: skip
+
+    def permuted(self, perm: torch.Tensor) -> LinearStats:
+        """The statistics of ``x[:, perm]``."""
+        p = perm.to(self.abs_mean.device)
+        H = self.H[p][:, p] if self.H is not None else None
+        return LinearStats(H, self.abs_mean[p], self.abs_max[p], self.tokens, self.lo[p], self.hi[p],
+                           [b[perm] for b in self.batch_lo], [b[perm] for b in self.batch_hi],
+                           [r[:, perm] for r in self.rows])  # fmt: skip
 
 
 @dataclass
@@ -101,7 +130,9 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list
         for batch in batches:
             try:
                 with torch.no_grad():
-                    if not (torch.is_tensor(batch) and batch.dtype == torch.long):
+                    if isinstance(batch, dict):  # tokenizer output: input_ids, attention_mask, ...
+                        model(**batch)
+                    elif not (torch.is_tensor(batch) and batch.dtype == torch.long):
                         model(batch)
                     elif _accepts_use_cache(model):
                         model(input_ids=batch, use_cache=False)
@@ -214,7 +245,11 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> None:
 
 
 def collect_stats(
-    block: nn.Module, inputs: BlockInputs, modules: dict[str, nn.Module], replay: ChildReplay | None = None
+    block: nn.Module,
+    inputs: BlockInputs,
+    modules: dict[str, nn.Module],
+    replay: ChildReplay | None = None,
+    hessian: bool = False,
 ) -> dict[str, LinearStats]:
     """Input statistics of ``modules`` (names relative to ``block``) over all batches.
 
@@ -222,7 +257,7 @@ def collect_stats(
     so observing the first linears of a block never pays for its attention.
     """
     device = next(block.parameters()).device
-    stats = {name: LinearStats.empty(_in_features(m), device) for name, m in modules.items()}
+    stats = {name: LinearStats.empty(_in_features(m), device, hessian) for name, m in modules.items()}
     seen: set[str] = set()
 
     def hook(_m, inp, name):

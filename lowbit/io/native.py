@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowbit.coverage import Coverage
+from lowbit.formats.activation import ActFormat
 from lowbit.formats.spec import WeightFormat
 from lowbit.models.adapters import set_module
 from lowbit.nn.qlinear import QLinear
@@ -27,6 +28,8 @@ from lowbit.quantized_weight import QuantizedWeight
 
 QUANT_METHOD = "lowbit"
 WEIGHTS = "model.safetensors"
+# the W8A8Linear buffers a checkpoint carries, by their names on the module
+W8A8_BUFFERS = ("act_scale", "act_zero", "act_bounds", "perm", "input_shift", "input_scale")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
     "vocab.txt", "vocab.json", "merges.txt", "generation_config.json",
@@ -79,9 +82,8 @@ def _collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict, dict[str,
                 tensors[f"{name}.bias"] = mod.bias.detach().cpu().contiguous()
             layers[name] = {"format": qw.fmt.to_dict(), "shape": list(qw.shape), "bias": mod.bias is not None}
             if isinstance(mod, W8A8Linear):
-                layers[name]["act"] = {"bits": mod.act_bits, "granularity": mod.act_granularity,
-                                       "outlier_threshold": mod.outlier_threshold}  # fmt: skip
-                for extra in ("act_scale", "input_scale"):
+                layers[name]["act"] = {**mod.act.to_dict(), "outlier_threshold": mod.outlier_threshold}
+                for extra in W8A8_BUFFERS:
                     if getattr(mod, extra) is not None:
                         tensors[f"{name}.{extra}"] = getattr(mod, extra).detach().cpu().reshape(-1).contiguous()
 
@@ -193,10 +195,11 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, kernel: str = 
         bias = tensors.get(f"{name}.bias") if info.get("bias") else None
         act = info.get("act")
         if act:
-            act_scale = tensors.get(f"{name}.act_scale")
-            act_scale = None if act_scale is None else float(act_scale[0])
-            threshold, input_scale = act.get("outlier_threshold"), tensors.get(f"{name}.input_scale")
-            module = W8A8Linear(qw, bias, act["bits"], act["granularity"], threshold, act_scale, input_scale)
+            if "dynamic" not in act:  # written before static activations had their own flag
+                act = {**act, "dynamic": act.get("granularity") == "token"}
+            extras = {k: tensors.get(f"{name}.{k}") for k in W8A8_BUFFERS}
+            module = W8A8Linear(qw, bias, ActFormat.from_dict(act), outlier_threshold=act.get("outlier_threshold"),
+                                **extras)  # fmt: skip
         else:
             module = QLinear(qw, bias, kernel)
         set_module(model, name, module)

@@ -10,55 +10,26 @@ PyTorch's kernels instead.
 from __future__ import annotations
 
 import functools
-import os
-import sys
-import warnings
-from pathlib import Path
 
 import torch
 
+from lowbit.kernels.build import build_extension, cpu_flags
 from lowbit.quantized_weight import QuantizedWeight
 
 MAX_ROWS = 8
-SOURCE = Path(__file__).parent / "csrc" / "int4_gemv.cpp"
-
-
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
 
 
 @functools.cache
 def extension():
-    """The compiled module, or ``None`` where it cannot be had (and why, once, as a warning)."""
-    if os.environ.get("LOWBIT_DISABLE_CPP") == "1":
-        return None
+    """The compiled module, or ``None`` where it cannot be had."""
     flags = cpu_flags()
     if not {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
         return None
-    cflags = ["-O3", "-fopenmp", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+    cflags = ["-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
     if "avx512_bf16" in flags:
         cflags.append("-mavx512bf16")
-    try:
-        from torch.utils.cpp_extension import load
-
-        sys.stderr.write("lowbit: loading its AVX-512 int4 kernel (compiled once per machine, about 30 s)\n")
-        return load(
-            name="lowbit_int4_gemv_" + ("bf16" if "avx512_bf16" in flags else "fp32"),
-            sources=[str(SOURCE)],
-            extra_cflags=cflags,
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
-    except Exception as e:  # a missing compiler or ninja must not break inference
-        warnings.warn(f"lowbit's AVX-512 int4 kernel could not be built ({e}); using PyTorch's kernels", stacklevel=2)
-        return None
+    name = "lowbit_int4_gemv_" + ("bf16" if "avx512_bf16" in flags else "fp32")
+    return build_extension(name, "int4_gemv.cpp", cflags, "its AVX-512 int4 kernel")
 
 
 def kernel_group(qw: QuantizedWeight) -> int | None:

@@ -4,16 +4,24 @@ from lowbit.methods.awq import AWQ
 from lowbit.methods.base import REGISTRY, MethodConfig, check_recipe, load_recipe, make_method, parse_recipe, register
 from lowbit.methods.gptq import GPTQ
 from lowbit.methods.llmint8 import LLMInt8
+from lowbit.methods.osplus import OSPlus
+from lowbit.methods.peg import PEG
+from lowbit.methods.rptq import RPTQ
 from lowbit.methods.rtn import RTN
 from lowbit.methods.smoothquant import SmoothQuant
+from lowbit.methods.zeroquant import ZeroQuant
 
 __all__ = [
     "AWQ",
     "GPTQ",
     "LLMInt8",
+    "OSPlus",
+    "PEG",
+    "RPTQ",
     "REGISTRY",
     "RTN",
     "SmoothQuant",
+    "ZeroQuant",
     "MethodConfig",
     "check_recipe",
     "load_recipe",

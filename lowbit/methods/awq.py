@@ -21,12 +21,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from lowbit.engine.sequential import collect_stats
 from lowbit.formats import integer
 from lowbit.formats.spec import WeightFormat
 from lowbit.methods.base import MethodConfig, register
+from lowbit.methods.transforms import fold_scales, out_features
 from lowbit.nn.qlinear import linear_weight
 from lowbit.quantized_weight import QuantizedWeight, check_finite
 
@@ -68,35 +68,6 @@ def search_scales(
     return best[1], best[2], best[0] / baseline if baseline else 1.0
 
 
-def fold_scales(producer: nn.Module, consumers: list[nn.Module], s: torch.Tensor) -> None:
-    """Divide the producer's output channels by ``s`` and multiply the consumers' inputs by it."""
-    with torch.no_grad():
-        if isinstance(producer, nn.Linear) or type(producer).__name__ == "Conv1D":
-            if type(producer).__name__ == "Conv1D":
-                producer.weight.div_(s.unsqueeze(0))
-            else:
-                producer.weight.div_(s.unsqueeze(1))
-        else:  # LayerNorm / RMSNorm: an elementwise weight (and bias)
-            producer.weight.div_(s)
-        if getattr(producer, "bias", None) is not None:
-            producer.bias.div_(s)
-        for c in consumers:
-            if type(c).__name__ == "Conv1D":
-                c.weight.mul_(s.unsqueeze(1))
-            else:
-                c.weight.mul_(s.unsqueeze(0))
-
-
-def _out_features(m: nn.Module) -> int | None:
-    if hasattr(m, "out_features"):
-        return m.out_features
-    if type(m).__name__ == "Conv1D":
-        return m.weight.shape[1]
-    if hasattr(m, "weight") and m.weight is not None and m.weight.dim() == 1:
-        return m.weight.numel()
-    return None
-
-
 def clip_search(
     w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, grid: int = 20, max_shrink: float = 0.5
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,6 +104,7 @@ class AWQ(MethodConfig):
 
     name = "awq"
     needs_calibration = True
+    uses_hessian = True
 
     grid: int = 20
     clip: bool = True
@@ -149,12 +121,12 @@ class AWQ(MethodConfig):
         live = [(p, c) for p, c in pairs if all(x in linears for x in c)]
         usable = []
         for producer, consumers in live:
-            width = _out_features(block.get_submodule(producer))
+            width = out_features(block.get_submodule(producer))
             if width is not None and all(linear_weight(block.get_submodule(c)).shape[1] == width for c in consumers):
                 usable.append((producer, consumers))
         if not usable:
             return
-        stats = collect_stats(block, inputs, {c[0]: block.get_submodule(c[0]) for _, c in usable})
+        stats = collect_stats(block, inputs, {c[0]: block.get_submodule(c[0]) for _, c in usable}, hessian=True)
         for producer, consumers in usable:
             st = stats[consumers[0]]
             mods = [block.get_submodule(c) for c in consumers]

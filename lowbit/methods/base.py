@@ -8,7 +8,9 @@ from typing import ClassVar
 
 import torch
 
+from lowbit.formats.activation import ActFormat
 from lowbit.formats.spec import WeightFormat
+from lowbit.observers import check_observer
 from lowbit.quantized_weight import QuantizedWeight
 
 REGISTRY: dict[str, type[MethodConfig]] = {}
@@ -30,33 +32,42 @@ class MethodConfig:
 
     name: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False
+    uses_hessian: ClassVar[bool] = False  # quantize_linear reads stats.H
 
     bits: int = 4
     group_size: int = 128
     symmetric: bool = False
     format: str = "int"
-    act_bits: int | None = None  # 8: int8 activations and an int8 matmul (W8A8 / W4A8)
-    act_granularity: str = "token"  # token: dynamic per-token scales; tensor: one static scale from calibration
-    act_observer: str = "minmax"  # for static scales: minmax, percentile or mse
+    # integer activations (W8A8, W4A8, ...): None keeps them in floating point
+    act_bits: int | None = None
+    act_granularity: str = "token"  # token: a scale per row; tensor: one scale
+    act_dynamic: bool | None = None  # None: token -> at run time, tensor -> static from calibration
+    act_symmetric: bool = True
+    act_observer: str = "minmax"  # static scales: minmax, ema, percentile, mse or kl
+    act_percentile: float = 99.99
 
     def __post_init__(self):
         fmt = self.weight_format  # validates bits, group size and format early
         if self.act_bits is not None:
-            if self.act_bits != 8:
-                raise ValueError(f"act_bits={self.act_bits} is not supported; use 8")
             if self.act_granularity not in ("token", "tensor"):
                 raise ValueError(f"act_granularity {self.act_granularity!r} is not supported; use token or tensor")
-            if self.act_observer not in ("minmax", "percentile", "mse"):
-                raise ValueError(f"act_observer {self.act_observer!r} is unknown; use minmax, percentile or mse")
-            if fmt.kind != "int" or fmt.bits not in (4, 8) or fmt.group_size != -1:
+            _ = self.act_format  # validates the activation knobs
+            check_observer(self.act_observer)
+            if fmt.kind != "int" or fmt.group_size is None:
                 raise ValueError(
-                    f"int8 activations need per-channel 4- or 8-bit integer weights, not {fmt.describe()}; "
-                    f"use bits=8 (or 4) with group_size=-1"
+                    f"integer activations need integer weights per channel or per group, not {fmt.describe()}"
                 )
 
     @property
     def weight_format(self) -> WeightFormat:
         return WeightFormat(self.format, self.bits, self.group_size, self.symmetric)
+
+    @property
+    def act_format(self) -> ActFormat | None:
+        if self.act_bits is None:
+            return None
+        dynamic = self.act_granularity == "token" if self.act_dynamic is None else self.act_dynamic
+        return ActFormat(self.act_bits, self.act_granularity, dynamic, self.act_symmetric)
 
     quantizes: ClassVar[bool] = True  # False for pure transforms (smoothing, rotations)
     true_sequential: bool = True
@@ -71,7 +82,7 @@ class MethodConfig:
 
     @property
     def static_activations(self) -> bool:
-        return bool(self.act_bits) and self.act_granularity == "tensor"
+        return self.act_bits is not None and not self.act_format.dynamic
 
     def transform_block(self, block, inputs, pairs, linears, quantizer) -> None:
         """Rewrite ``block`` exactly before quantization (AWQ scales, ...); most methods do nothing."""

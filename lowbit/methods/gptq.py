@@ -133,6 +133,7 @@ class GPTQ(MethodConfig):
 
     name = "gptq"
     needs_calibration = True
+    uses_hessian = True
 
     damp: float = 0.01
     blocksize: int = 128

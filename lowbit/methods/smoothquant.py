@@ -10,8 +10,8 @@ where they are exact (the adapter's pairs: RMSNorm/LayerNorm -> q/k/v and
 gate/up in pre-norm decoders, value -> output everywhere). Where no producer
 can absorb ``1/s`` exactly (in post-LayerNorm encoders the LayerNorm also feeds
 the residual; a GELU sits before BERT's output projection), the weights still
-take ``s`` and the quantized linear divides its input by ``s`` itself, an
-elementwise multiply, instead of silently changing the model.
+take ``s`` and the quantized linear divides its input by ``s`` itself, inside its
+activation quantization, instead of silently changing the model.
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from lowbit.engine.sequential import collect_stats, execution_groups
-from lowbit.methods.awq import _out_features, fold_scales
 from lowbit.methods.base import MethodConfig, register
+from lowbit.methods.transforms import fold_scales, migration_error, out_features, sample_rows, transform_input
 from lowbit.nn.qlinear import linear_weight
 
 
@@ -37,13 +36,16 @@ def smoothing_scales(x_max: torch.Tensor, ws: list[torch.Tensor], alpha: float) 
 @register
 @dataclass
 class SmoothQuant(MethodConfig):
-    """SmoothQuant. ``alpha``: migration strength (0.5 in the paper; higher moves more into the weights)."""
+    """SmoothQuant. ``search`` (default): pick the migration strength per input, from 0 to 1 in
+    steps of 0.05 (or no smoothing), by the consumers' output error with both operands quantized.
+    ``search=False``: the paper's single ``alpha`` (0.5; higher moves more into the weights)."""
 
     name = "smoothquant"
     needs_calibration = True
     quantizes = False
 
     alpha: float = 0.5
+    search: bool = True
 
     def __post_init__(self):
         if not 0 <= self.alpha <= 1:
@@ -51,46 +53,46 @@ class SmoothQuant(MethodConfig):
 
     def transform_block(self, block, inputs, pairs, linears, quantizer) -> None:
         if not quantizer.act_bits:
-            raise ValueError("SmoothQuant prepares int8 activations; give the quantizer act_bits=8")
+            raise ValueError("SmoothQuant prepares integer activations; give the quantizer act_bits")
         folded, explicit = [], []
         for producer, consumers in pairs:
             if not all(c in linears for c in consumers):
                 continue
-            width = _out_features(block.get_submodule(producer))
+            width = out_features(block.get_submodule(producer))
             if width is not None and all(linear_weight(block.get_submodule(c)).shape[1] == width for c in consumers):
                 folded.append((producer, consumers))
         covered = {c for _, cs in folded for c in cs}
         for group in execution_groups(block, inputs, list(linears)):
             if not covered.intersection(group):
-                explicit.append(group)
-        if not folded and not explicit:
+                explicit.append((None, group))
+        sites = folded + explicit
+        if not sites:
             return
-        firsts = [cs[0] for _, cs in folded] + [g[0] for g in explicit]
-        stats = collect_stats(block, inputs, {n: block.get_submodule(n) for n in firsts})
-        for producer, consumers in folded:
+        stats = collect_stats(block, inputs, {cs[0]: block.get_submodule(cs[0]) for _, cs in sites})
+        for producer, consumers in sites:
             mods = [block.get_submodule(c) for c in consumers]
-            s = smoothing_scales(stats[consumers[0]].abs_max, [linear_weight(m).float() for m in mods], self.alpha)
-            fold_scales(block.get_submodule(producer), mods, s.to(mods[0].weight.dtype))
-        for group in explicit:
-            mods = [block.get_submodule(c) for c in group]
-            s = smoothing_scales(stats[group[0]].abs_max, [linear_weight(m).float() for m in mods], self.alpha)
-            for m in mods:
-                scale_input_explicitly(m, s)
+            ws = [linear_weight(m).float() for m in mods]
+            st = stats[consumers[0]]
+            s = self._scales(st, ws, quantizer)
+            if s is None:
+                continue
+            if producer is not None:
+                fold_scales(block.get_submodule(producer), mods, s.to(mods[0].weight.dtype))
+            else:
+                for m in mods:
+                    transform_input(m, scale=s)
 
-
-def scale_input_explicitly(linear: nn.Module, s: torch.Tensor) -> None:
-    """``W <- W diag(s)`` and ``x <- x / s`` on the way in: the same function, a smoother activation.
-
-    The division is a forward pre-hook until the quantizer replaces the layer;
-    the quantized layer then applies it (``W8A8Linear.input_scale``).
-    """
-    inv = (1 / s).to(linear.weight.dtype)
-    with torch.no_grad():
-        if type(linear).__name__ == "Conv1D":
-            linear.weight.mul_(s.unsqueeze(1))
-        else:
-            linear.weight.mul_(s.unsqueeze(0))
-    previous = getattr(linear, "lowbit_input_scale", None)
-    linear.lowbit_input_scale = inv if previous is None else previous * inv
-    if previous is None:
-        linear.register_forward_pre_hook(lambda m, args: (args[0] * m.lowbit_input_scale, *args[1:]))
+    def _scales(self, st, ws, quantizer) -> torch.Tensor | None:
+        if not self.search:
+            return smoothing_scales(st.abs_max, ws, self.alpha)
+        x = sample_rows(st.channel_stats().rows).to(st.abs_max.device)
+        w = torch.cat(ws, 0)
+        fmt_w, fmt_a = quantizer.weight_format, quantizer.act_format
+        # static ranges as the min-max observer will see them: over all calibration data
+        best, best_err = None, migration_error(x, w, torch.ones_like(st.abs_max), fmt_w, fmt_a, float(st.abs_max.max()))
+        for i in range(21):
+            s = smoothing_scales(st.abs_max, ws, i / 20)
+            err = migration_error(x, w, s, fmt_w, fmt_a, float((st.abs_max / s).max()))
+            if err < best_err:
+                best, best_err = s, err
+        return best

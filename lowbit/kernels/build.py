@@ -1,0 +1,48 @@
+"""Building lowbit's C++ kernels: compiled on first use into the torch extensions cache.
+
+A kernel that cannot be had (the CPU lacks its instructions, no compiler, or
+``LOWBIT_DISABLE_CPP=1``) yields ``None``, and the caller falls back to PyTorch's
+own kernels; a failed build says why once, as a warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import warnings
+from pathlib import Path
+
+CSRC = Path(__file__).parent / "csrc"
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def build_extension(name: str, source: str, cflags: list[str], what: str):
+    """Compile ``csrc/source`` as module ``name``, or return ``None`` (with a warning) if that fails."""
+    if os.environ.get("LOWBIT_DISABLE_CPP") == "1":
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        sys.stderr.write(f"lowbit: loading {what} (compiled once per machine, about 30 s)\n")
+        return load(
+            name=name,
+            sources=[str(CSRC / source)],
+            extra_cflags=["-O3", "-fopenmp", *cflags],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as e:  # a missing compiler or ninja must not break inference
+        warnings.warn(f"lowbit's {what} could not be built ({e}); using PyTorch's kernels", stacklevel=3)
+        return None
