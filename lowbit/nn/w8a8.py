@@ -143,7 +143,9 @@ class W8A8Linear(QLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).float()
-        kernel = self.select_kernel(x.device, flat.shape[0])
+        kernel = self._cache.get(("kernel", x.device))
+        if kernel is None:
+            kernel = self._cache[("kernel", x.device)] = self.select_kernel(x.device, flat.shape[0])
         outlier_part = None
         shift, premul = self.input_shift, self.input_scale
         if self.outlier_threshold is not None:
