@@ -11,7 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.coverage import Coverage, LayerRecord
-from lowbit.engine.sequential import block_linears, collect_stats, execution_groups, sequential
+from lowbit.engine.sequential import block_linears, collect_model_stats, collect_stats, execution_groups, sequential
 from lowbit.methods import MethodConfig, check_recipe, parse_recipe
 from lowbit.methods.transforms import input_transform
 from lowbit.models.adapters import Target, adapter_for, is_linear, plan, set_module
@@ -67,6 +67,7 @@ def quantize(
         check_finite(linear_weight(t.module), f"{t.name}.weight")
 
     records: dict[str, LayerRecord] = {}
+    batches = None
     if any(m.needs_calibration for m in methods) or quantizer.static_activations:
         batches = _calibration_batches(model, calib, tokenizer, nsamples, seqlen, seed, batch_size)
         _quantize_calibrated(model, transforms, quantizer, todo, batches, device, kernel, progress, records)
@@ -75,17 +76,23 @@ def quantize(
     fmt = quantizer.weight_format
     rest = [t for t in todo if t.name not in records]
     calibrated = any(m.needs_calibration for m in methods) or quantizer.static_activations
+    stats = {}
+    if calibrated and rest:  # outside the blocks: observed on whole-model passes through the quantized blocks
+        modules = {t.name: t.module for t in rest}
+        stats = collect_model_stats(model, batches, modules, hessian=quantizer.uses_hessian)
     for t in tqdm(rest, desc=f"{quantizer.name} {fmt.describe()}", disable=not progress or not rest, unit="layer"):
-        w = linear_weight(t.module).float()
-        act = quantizer
-        if calibrated:  # outside the calibrated blocks there are no input statistics
-            qw, how = QuantizedWeight.quantize(w, fmt), "rtn (outside the calibrated blocks)"
+        st = stats.get(t.name)
+        act, how = quantizer, quantizer.name
+        if not calibrated:
+            qw = quantizer.quantize_weight(linear_weight(t.module).float())
+        elif st is not None and st.tokens:
+            qw, how = _quantize_weight(t.module, quantizer, st), f"{quantizer.name} (after the blocks)"
+        else:  # never reached by the calibration data
+            qw, how = QuantizedWeight.quantize(linear_weight(t.module).float(), fmt), "rtn (not reached by calibration)"
             if quantizer.static_activations:
                 act = replace(quantizer, act_granularity="token", act_dynamic=True)
                 how += ", dynamic per-token activations"
-        else:
-            qw, how = quantizer.quantize_weight(w), quantizer.name
-        _replace(model, t, qw, kernel, records, how, act=act)
+        _replace(model, t, qw, kernel, records, how, act=act, stats=st)
 
     coverage = Coverage()
     for t in targets:

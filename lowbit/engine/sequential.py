@@ -129,15 +129,7 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list
     try:
         for batch in batches:
             try:
-                with torch.no_grad():
-                    if isinstance(batch, dict):  # tokenizer output: input_ids, attention_mask, ...
-                        model(**batch)
-                    elif not (torch.is_tensor(batch) and batch.dtype == torch.long):
-                        model(batch)
-                    elif _accepts_use_cache(model):
-                        model(input_ids=batch, use_cache=False)
-                    else:
-                        model(input_ids=batch)
+                call_model(model, batch)
             except _StopForward:
                 pass
     finally:
@@ -145,6 +137,39 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list
     if len(captured.batches) != len(batches):
         raise RuntimeError("the first block was not reached by the calibration forward pass")
     return captured
+
+
+def call_model(model: nn.Module, batch) -> None:
+    """One forward pass on a calibration batch: token ids, a tokenizer's dict, or any input."""
+    with torch.no_grad():
+        if isinstance(batch, dict):  # tokenizer output: input_ids, attention_mask, ...
+            model(**batch)
+        elif not (torch.is_tensor(batch) and batch.dtype == torch.long):
+            model(batch)
+        elif _accepts_use_cache(model):
+            model(input_ids=batch, use_cache=False)
+        else:
+            model(input_ids=batch)
+
+
+def collect_model_stats(
+    model: nn.Module, batches: list, modules: dict[str, nn.Module], hessian: bool = False
+) -> dict[str, LinearStats]:
+    """Input statistics of ``modules`` over whole-model forward passes (for layers outside the blocks,
+    observed after the blocks are quantized)."""
+    device = next(model.parameters()).device
+    stats = {name: LinearStats.empty(_in_features(m), device, hessian) for name, m in modules.items()}
+    handles = [
+        m.register_forward_pre_hook(lambda _m, inp, name=name: stats[name].add(inp[0].detach()))
+        for name, m in modules.items()
+    ]
+    try:
+        for batch in batches:
+            call_model(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
 
 
 def _accepts_use_cache(model: nn.Module) -> bool:

@@ -1,7 +1,9 @@
 """Integer activations: how a linear's input is turned into integer codes.
 
-Codes are signed: symmetric formats use ``[-qmax, qmax]`` with ``qmax =
-2**(bits-1) - 1`` and no zero point; asymmetric formats use ``[0, 2**bits - 1]``
+Codes are signed: symmetric formats use the full signed range ``[-qmax - 1,
+qmax]`` with ``qmax = 2**(bits-1) - 1``, a scale ``absmax / qmax`` and no zero
+point (what vLLM's int8 kernels, compressed-tensors and ONNX ``QuantizeLinear``
+do: only a clipped static input reaches ``-qmax - 1``); asymmetric formats use ``[0, 2**bits - 1]``
 with an integer zero point ``z``, and the value kept for the matmul is
 ``q - z`` (so ``x ~ (q - z) * scale`` in both cases).
 
@@ -52,7 +54,7 @@ class ActFormat:
 
     @property
     def code_range(self) -> tuple[int, int]:
-        return (-self.qmax, self.qmax) if self.symmetric else (0, (1 << self.bits) - 1)
+        return (-self.qmax - 1, self.qmax) if self.symmetric else (0, (1 << self.bits) - 1)
 
     def describe(self) -> str:
         how = "dynamic" if self.dynamic else "static"

@@ -1,11 +1,26 @@
-"""The compressed-tensors layout (what llm-compressor writes and vLLM serves), weight-only integers.
+"""The compressed-tensors layout (what llm-compressor writes and vLLM serves).
 
 Per quantized linear ``[N, K]`` with ``G`` groups:
 
-- ``weight_packed`` int32: the codes of each row as a dense little-endian bit
+- weight-only, and integer activations with sub-8-bit weights (``pack-quantized``):
+  ``weight_packed`` int32, the codes of each row as a dense little-endian bit
   stream (the ``compressed_tensors`` package's ``pack_to_int32``);
-- ``weight_scale`` ``[N, G]`` in the model's dtype; ``weight_zero_point``
-  (asymmetric only) ``[N, G]`` signed, packed along the rows; ``weight_shape``.
+  ``weight_scale`` ``[N, G]`` in the model's dtype; ``weight_zero_point``
+  (asymmetric only) ``[N, G]`` signed, packed along the rows; ``weight_shape``;
+- 8-bit weights with integer activations (``int-quantized``, W8A8): ``weight``
+  int8 ``[N, K]``, ``weight_scale`` ``[N, G]`` fp32, ``weight_zero_point`` int8
+  (asymmetric only);
+- integer activations: the config group's ``input_activations`` (per token and
+  dynamic, or per tensor, static with ``input_scale`` ``[1]`` fp32 and, if
+  asymmetric, ``input_zero_point`` int8, or dynamic).
+
+compressed-tensors' own fake-quantization of *dynamic* symmetric activations
+divides the absolute maximum by 127.5; lowbit, and vLLM's int8 kernels, divide
+by 127, so transformers' reading of a dynamic W8A8 export differs from lowbit's
+by up to about half an activation step. Static scales are written as they are.
+What the layout cannot carry is refused, by layer: per-group activation scales
+(PEG, RPTQ), input shifts and scales applied inside the layer (SmoothQuant and
+OS+ in post-LayerNorm encoders), LLM.int8()'s mixed-precision decomposition.
 
 Codes and zero points are signed there (``q - 2**(bits-1)``); lowbit's are
 unsigned, so both shift by the same offset and ``(q - z) * s`` is unchanged.
@@ -21,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -28,11 +44,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowbit.formats import integer
+from lowbit.formats.activation import ActFormat
 from lowbit.formats.spec import WeightFormat
 from lowbit.io.native import WEIGHTS, atomic_directory, copy_tokenizer, hf_config, plain_state, qlinear_state_keys
 from lowbit.models.adapters import is_linear, set_module
 from lowbit.nn.qlinear import QLinear
+from lowbit.nn.w8a8 import W8A8Linear
 from lowbit.quantized_weight import QuantizedWeight
+
+READABLE = ("pack-quantized", "int-quantized", "mixed-precision")
 
 
 def _library():
@@ -61,6 +81,35 @@ def _scheme(fmt: WeightFormat, in_features: int) -> dict:
     }
 
 
+def _act_scheme(act) -> dict:
+    return {
+        "num_bits": act.bits,
+        "type": "int",
+        "symmetric": act.symmetric,
+        "strategy": "token" if act.granularity == "token" else "tensor",
+        "group_size": None,
+        "dynamic": act.dynamic,
+        "actorder": None,
+        "observer": None if act.dynamic else "minmax",
+        "observer_kwargs": {},
+    }
+
+
+def _act_problem(name: str, m: W8A8Linear) -> str | None:
+    if m.perm is not None or m.act.granularity == "group":
+        return f"{name}: per-group activation scales (PEG/RPTQ) have no compressed-tensors form"
+    if m.input_shift is not None or m.input_scale is not None:
+        return (
+            f"{name}: applies an input shift/scale itself (a migration no neighbouring layer could absorb); "
+            "compressed-tensors cannot carry it"
+        )
+    if m.outlier_threshold is not None:
+        return f"{name}: LLM.int8()'s mixed-precision decomposition has no compressed-tensors form"
+    if not m.act.dynamic and not bool(torch.isfinite(m.act_scale).all() and (m.act_scale > 0).all()):
+        return f"{name}: NaN, Inf or zero activation scales"
+    return None
+
+
 def check_exportable(model: nn.Module) -> list[tuple[str, QLinear]]:
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QLinear)]
     if not layers:
@@ -75,6 +124,10 @@ def check_exportable(model: nn.Module) -> list[tuple[str, QLinear]]:
         scale = m.scales.float()
         if not bool(torch.isfinite(scale).all()) or bool((scale == 0).any()):
             problems.append(f"{name}: NaN, Inf or zero scales")
+        if isinstance(m, W8A8Linear):
+            problem = _act_problem(name, m)
+            if problem:
+                problems.append(problem)
     if problems:
         raise ValueError("cannot write the compressed-tensors layout: " + "; ".join(problems))
     return layers
@@ -89,27 +142,39 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, toke
     for name, m in layers:
         qw = m.quantized_weight
         fmt, offset = qw.fmt, 1 << (qw.fmt.bits - 1)
+        act = m.act if isinstance(m, W8A8Linear) else None
+        layout = "int-quantized" if act is not None and fmt.bits == 8 else "pack-quantized"
         codes = (qw.codes().to(torch.int16) - offset).to(torch.int8)
-        tensors[f"{name}.weight_packed"] = pack_to_int32(codes, fmt.bits).contiguous()
-        tensors[f"{name}.weight_scale"] = qw.scale.to(dtype).contiguous()
-        tensors[f"{name}.weight_shape"] = torch.tensor(qw.shape, dtype=torch.int64)
-        if not fmt.symmetric:
-            zp = (qw.zero_or_default().to(torch.int16) - offset).to(torch.int8)
-            tensors[f"{name}.weight_zero_point"] = pack_to_int32(zp, fmt.bits, packed_dim=0).contiguous()
+        zp = (qw.zero_or_default().to(torch.int16) - offset).to(torch.int8)
+        if layout == "int-quantized":
+            tensors[f"{name}.weight"] = codes.contiguous()
+            tensors[f"{name}.weight_scale"] = qw.scale.float().contiguous()
+            if not fmt.symmetric:
+                tensors[f"{name}.weight_zero_point"] = zp.contiguous()
+        else:
+            tensors[f"{name}.weight_packed"] = pack_to_int32(codes, fmt.bits).contiguous()
+            tensors[f"{name}.weight_scale"] = qw.scale.to(dtype).contiguous()
+            tensors[f"{name}.weight_shape"] = torch.tensor(qw.shape, dtype=torch.int64)
+            if not fmt.symmetric:
+                tensors[f"{name}.weight_zero_point"] = pack_to_int32(zp, fmt.bits, packed_dim=0).contiguous()
+        if act is not None and not act.dynamic:
+            tensors[f"{name}.input_scale"] = m.act_scale.float().reshape(1).contiguous()
+            if not act.symmetric:  # lowbit's unsigned zero point, in the signed int8 range
+                tensors[f"{name}.input_zero_point"] = (m.act_zero.reshape(1) - 128).to(torch.int8).contiguous()
         if m.bias is not None:
             tensors[f"{name}.bias"] = m.bias.detach().to(dtype).contiguous()
-        key = json.dumps(_scheme(fmt, qw.shape[1]), sort_keys=True)
-        groups.setdefault(key, {"targets": [], "weights": json.loads(key)})["targets"].append(name)
+        scheme = {"weights": _scheme(fmt, qw.shape[1]), "input_activations": _act_scheme(act) if act else None,
+                  "format": layout}  # fmt: skip
+        key = json.dumps(scheme, sort_keys=True)
+        groups.setdefault(key, {"targets": [], **scheme})["targets"].append(name)
     quantized = {n for n, _ in layers}
     ignore = [n for n, mod in model.named_modules() if is_linear(mod) and n not in quantized]
+    layouts = {g["format"] for g in groups.values()}
     qconfig = {
         "quant_method": "compressed-tensors",
-        "format": "pack-quantized",
+        "format": layouts.pop() if len(layouts) == 1 else "mixed-precision",
         "quantization_status": "compressed",
-        "config_groups": {
-            f"group_{i}": {**g, "format": "pack-quantized", "input_activations": None, "output_activations": None}
-            for i, g in enumerate(groups.values())
-        },
+        "config_groups": {f"group_{i}": {**g, "output_activations": None} for i, g in enumerate(groups.values())},
         "ignore": ignore,
         "kv_cache_scheme": None,
         "sparsity_config": {},
@@ -125,51 +190,83 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, toke
     return Path(out_dir)
 
 
-def _module_scheme(qc: dict, name: str) -> dict | None:
+def _module_group(qc: dict, name: str) -> dict | None:
+    """The config group whose targets name module ``name`` (by name, ``re:`` pattern, or ``Linear``)."""
     for group in qc.get("config_groups", {}).values():
-        targets = group.get("targets", [])
-        if name in targets or "Linear" in targets:
-            return group.get("weights")
+        for target in group.get("targets", []):
+            if target in (name, "Linear") or (target.startswith("re:") and re.match(target[3:], name)):
+                return group
     return None
 
 
+def _read_weight(tensors: dict, name: str, w: dict, unpack_from_int32) -> QuantizedWeight:
+    bits, offset = int(w["num_bits"]), 1 << (int(w["num_bits"]) - 1)
+    scale = tensors[f"{name}.weight_scale"].float()
+    packed = f"{name}.weight_packed" in tensors
+    if packed:
+        shape = tuple(int(x) for x in tensors[f"{name}.weight_shape"].tolist())
+        codes = unpack_from_int32(tensors[f"{name}.weight_packed"], bits, torch.Size(shape)).to(torch.int16) + offset
+    else:  # int-quantized: one int8 per weight
+        codes = tensors[f"{name}.weight"].to(torch.int16) + offset
+    zero = None
+    if not w.get("symmetric", True):
+        zp = tensors[f"{name}.weight_zero_point"]
+        if packed:
+            zp = unpack_from_int32(zp, bits, scale.shape, packed_dim=0)
+        zero = (zp.reshape(scale.shape).to(torch.int16) + offset).to(torch.uint8)
+    group = int(w["group_size"]) if w.get("strategy") == "group" else -1
+    fmt = WeightFormat("int", bits, group, bool(w.get("symmetric", True)))
+    return QuantizedWeight.from_codes(codes.to(torch.uint8), scale, zero, fmt)
+
+
+def _read_activations(tensors: dict, name: str, a: dict) -> dict:
+    """``W8A8Linear`` arguments for a group's ``input_activations``."""
+    if a.get("type") != "int" or a.get("strategy") not in ("token", "tensor"):
+        raise ValueError(f"{name}: input activations {a} are not read by lowbit (integer, per token or per tensor)")
+    dynamic = bool(a.get("dynamic"))
+    fmt = ActFormat(int(a["num_bits"]), a["strategy"], dynamic, bool(a.get("symmetric", True)))
+    if dynamic:
+        return {"act": fmt}
+    zero = tensors.get(f"{name}.input_zero_point")
+    zero = zero.float().reshape(1) + 128 if zero is not None else torch.zeros(1)  # signed int8 -> lowbit's unsigned
+    return {"act": fmt, "act_scale": tensors[f"{name}.input_scale"].float().reshape(1), "act_zero": zero}
+
+
 def load_compressed_tensors(path: str | os.PathLike, model: nn.Module | None = None, kernel: str = "auto") -> nn.Module:
-    """Read a weight-only ``pack-quantized`` checkpoint (lowbit's or another toolkit's)."""
+    """Read a ``pack-quantized``, ``int-quantized`` or mixed checkpoint (lowbit's or another toolkit's)."""
     from lowbit.io.native import _skeleton
 
     _, _, unpack_from_int32 = _library()
     path = Path(path)
     qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
-    if qc.get("format") != "pack-quantized":
+    if qc.get("format") not in READABLE:
         raise ValueError(
-            f"{path}: compressed-tensors format {qc.get('format')!r} is not read by lowbit (pack-quantized)"
+            f"{path}: compressed-tensors format {qc.get('format')!r} is not read by lowbit ({', '.join(READABLE)})"
         )
     tensors = {}
     for f in sorted(path.glob("*.safetensors")):
         tensors.update(load_file(str(f)))
     model = model or _skeleton(path)
-    names = sorted(k[: -len(".weight_packed")] for k in tensors if k.endswith(".weight_packed"))
+    names = sorted(
+        {k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight_scale")}
+        & {k.rsplit(".", 1)[0] for k in tensors if k.endswith((".weight_packed", ".weight"))}
+    )
     used = set()
     for name in names:
-        w = _module_scheme(qc, name)
+        group = _module_group(qc, name)
+        w = (group or {}).get("weights")
         if w is None or w.get("type") != "int" or w.get("actorder"):
             raise ValueError(f"{path}: {name} uses a scheme lowbit does not read ({w})")
-        bits, offset = int(w["num_bits"]), 1 << (int(w["num_bits"]) - 1)
-        shape = tuple(int(x) for x in tensors[f"{name}.weight_shape"].tolist())
-        codes = unpack_from_int32(tensors[f"{name}.weight_packed"], bits, torch.Size(shape)).to(torch.int16) + offset
-        scale = tensors[f"{name}.weight_scale"].float()
-        zero = None
-        if not w.get("symmetric", True):
-            zp = unpack_from_int32(tensors[f"{name}.weight_zero_point"], bits, scale.shape, packed_dim=0)
-            zero = (zp.to(torch.int16) + offset).to(torch.uint8)
-        group = int(w["group_size"]) if w.get("strategy") == "group" else -1
-        fmt = WeightFormat("int", bits, group, bool(w.get("symmetric", True)))
-        qw = QuantizedWeight.from_codes(codes.to(torch.uint8), scale, zero, fmt)
+        qw = _read_weight(tensors, name, w, unpack_from_int32)
         bias = tensors.get(f"{name}.bias")
-        set_module(model, name, QLinear(qw, bias.float() if bias is not None else None, kernel))
-        used.update(
-            f"{name}.{p}" for p in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "bias")
-        )
+        bias = bias.float() if bias is not None else None
+        if group.get("input_activations"):
+            module = W8A8Linear(qw, bias, **_read_activations(tensors, name, group["input_activations"]))
+        else:
+            module = QLinear(qw, bias, kernel)
+        set_module(model, name, module)
+        used.update(f"{name}.{p}" for p in ("weight", "weight_packed", "weight_scale", "weight_shape",
+                                            "weight_zero_point", "input_scale", "input_zero_point", "bias"))  # fmt: skip
     rest = {k: v for k, v in tensors.items() if k not in used}
     missing, unexpected = model.load_state_dict(rest, strict=False)
     missing = [m for m in missing if m.rpartition(".")[0] not in set(names)]

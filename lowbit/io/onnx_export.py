@@ -1,14 +1,27 @@
 """ONNX with QuantizeLinear/DequantizeLinear (QDQ) nodes, for ONNX Runtime: encoders
-(BERT family) with weight-only int8 linears.
+(BERT family) with int8 weights, and int8 activations (W8A8).
 
 Each quantized linear becomes ``DequantizeLinear(W_q, scale, zero, axis=0)`` ->
 ``Transpose`` -> ``MatMul`` -> ``Add``: the weights travel as 8-bit integers with
 one scale (and, for asymmetric weights, one uint8 zero point) per output row,
-exactly lowbit's codes. The graph's input is ``input_ids`` and
-``attention_mask``, its output ``last_hidden_state``.
+exactly lowbit's codes. With integer activations the input first passes
+``QuantizeLinear`` -> ``DequantizeLinear`` with lowbit's static scale (int8
+symmetric or uint8 with a zero point, saturating as lowbit does); per-group
+scales (PEG, RPTQ) become per-channel scales along the last axis; a shift or
+scale the layer applies itself becomes ``Sub``/``Mul`` before it; dynamic
+per-tensor asymmetric activations use ``DynamicQuantizeLinear``, whose formula
+is lowbit's, feeding ``MatMulInteger`` (the pattern ONNX Runtime's own dynamic
+quantizer writes; its QDQ form would be rewritten by ONNX Runtime into a kernel
+that requantizes activations per block). Refused, with the reason: per-token dynamic scales (no QDQ form),
+per-group activation scales (PEG, RPTQ: valid QDQ, but ONNX Runtime's fused
+integer MatMul fails on them at run time), LLM.int8()'s decomposition and
+activations of other widths.
 
-W8A8 graphs (QDQ on activations too) need activation quantization, which lowbit
-does not have yet; they are refused with that reason.
+Integer activations make whole-model outputs sensitive to the last bit: a 1e-6
+difference in float summation order moves a value across a rounding boundary now
+and then, and that flip propagates. Each exported layer computes what lowbit's
+layer computes (to float rounding); whole encoders agree as two W8A8 runs do. The graph's input
+is ``input_ids`` and ``attention_mask``, its output ``last_hidden_state``.
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ from torch import nn
 from lowbit.io.native import atomic_directory, copy_tokenizer
 from lowbit.models.adapters import set_module
 from lowbit.nn.qlinear import QLinear
+from lowbit.nn.w8a8 import W8A8Linear
 
 
 class _QDQLinear(torch.autograd.Function):
@@ -60,6 +74,83 @@ class QDQLinear(nn.Module):
         return _QDQLinear.apply(x, self.codes, self.scale, self.zero, self.bias)
 
 
+class _QDQActLinear(torch.autograd.Function):
+    """Activations quantized and dequantized (as lowbit does), then the weight-only QDQ linear."""
+
+    @staticmethod
+    def forward(ctx, x, codes, scale, zero, bias, a_scale, a_zero, shift, inv, lo, hi, dynamic):
+        v = x
+        if shift.numel():
+            v = v - shift
+        if inv.numel():
+            v = v * inv
+        if dynamic:  # per tensor, asymmetric: DynamicQuantizeLinear's formula
+            top = float(hi)
+            s = (torch.clamp(v.max(), min=0) - torch.clamp(v.min(), max=0)) / top
+            z = torch.clamp(torch.round(-torch.clamp(v.min(), max=0) / s), 0, top)
+            q = torch.clamp(torch.round(v / s) + z, 0, top)
+            vq = (q - z) * s
+        else:
+            vq = (torch.clamp(torch.round(v / a_scale) + a_zero.float(), lo, hi) - a_zero.float()) * a_scale
+        w = (codes.float() - zero.float()[:, None]) * scale[:, None]
+        return vq @ w.t() + bias
+
+    @staticmethod
+    def symbolic(g, x, codes, scale, zero, bias, a_scale, a_zero, shift, inv, lo, hi, dynamic):
+        v = x
+        if _nonempty(shift):
+            v = g.op("Sub", v, shift)
+        if _nonempty(inv):
+            v = g.op("Mul", v, inv)
+        if dynamic:  # ONNX Runtime's own dynamic pattern: exact int32 sums of uint8 x uint8
+            q, s, z = g.op("DynamicQuantizeLinear", v, outputs=3)
+            acc = g.op("MatMulInteger", q, g.op("Transpose", codes, perm_i=[1, 0]), z, zero)
+            y = g.op("Mul", g.op("Cast", acc, to_i=1), g.op("Mul", s, scale))  # to_i=1: float
+            return g.op("Add", y, bias)
+        else:
+            vq = g.op("DequantizeLinear", g.op("QuantizeLinear", v, a_scale, a_zero), a_scale, a_zero)
+        w = g.op("DequantizeLinear", codes, scale, zero, axis_i=0)
+        y = g.op("MatMul", vq, g.op("Transpose", w, perm_i=[1, 0]))
+        return g.op("Add", y, bias)
+
+
+def _nonempty(value) -> bool:
+    """Whether a traced graph input holds any values (empty stand-ins mark absent options)."""
+    shape = value.type().sizes() if hasattr(value.type(), "sizes") else None
+    return bool(shape) and all(d != 0 for d in shape)
+
+
+class QDQActLinear(QDQLinear):
+    """The export-time stand-in for a W8A8Linear with 8-bit activations."""
+
+    def __init__(self, q: W8A8Linear):
+        super().__init__(q)
+        act = q.act
+        self.dynamic = act.dynamic
+        self.lo, self.hi = act.code_range
+        zero_dtype = torch.int8 if act.symmetric else torch.uint8
+        if act.dynamic:
+            a_scale, a_zero = torch.ones(()), torch.zeros((), dtype=zero_dtype)
+        else:
+            a_scale, a_zero = q.act_scale.reshape(()).float(), q.act_zero.reshape(()).to(zero_dtype)
+        self.register_buffer("a_scale", a_scale)
+        self.register_buffer("a_zero", a_zero)
+        self.register_buffer("shift", q.input_shift.clone() if q.input_shift is not None else torch.empty(0))
+        self.register_buffer("inv", q.input_scale.clone() if q.input_scale is not None else torch.empty(0))
+        if not act.symmetric and self.codes.dtype == torch.int8:
+            # uint8 activations times int8 weights is the U8S8 product that ONNX Runtime's AVX2 integer
+            # kernels compute with saturating 16-bit pair sums (wrong on machines without VNNI); the same
+            # weights as uint8 with a zero point of 128 take its exact U8U8 path.
+            self.codes = (self.codes.to(torch.int16) + 128).to(torch.uint8)
+            self.zero = torch.full_like(self.zero, 128, dtype=torch.uint8)
+        if q.perm is not None:  # lowbit stores the weight's columns in the permuted order; the graph reads inputs unpermuted
+            self.codes = self.codes[:, torch.argsort(q.perm)].contiguous()
+
+    def forward(self, x):
+        return _QDQActLinear.apply(x, self.codes, self.scale, self.zero, self.bias, self.a_scale, self.a_zero,
+                                   self.shift, self.inv, self.lo, self.hi, self.dynamic)  # fmt: skip
+
+
 class _Encoder(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -81,15 +172,38 @@ def check_exportable(model: nn.Module) -> None:
             problems.append(f"{name}: {m.fmt.describe()} (the QDQ export writes 8-bit per-channel weights)")
         elif not bool(torch.isfinite(m.scales.float()).all()) or bool((m.scales == 0).any()):
             problems.append(f"{name}: NaN, Inf or zero scales")
+        if isinstance(m, W8A8Linear):
+            problem = _act_problem(m)
+            if problem:
+                problems.append(f"{name}: {problem}")
     if problems:
         raise ValueError("cannot write ONNX QDQ: " + "; ".join(problems))
+
+
+def _act_problem(m: W8A8Linear) -> str | None:
+    act = m.act
+    if m.outlier_threshold is not None:
+        return "LLM.int8()'s mixed-precision decomposition has no QDQ form"
+    if act.bits != 8:
+        return f"{act.describe()} (QuantizeLinear carries 8-bit activations)"
+    if act.granularity == "token":
+        return "per-token dynamic activations have no QDQ form; quantize with act_granularity='tensor'"
+    if act.granularity == "group":  # valid QDQ, but ONNX Runtime's fused integer MatMul rejects it at run time
+        return "per-group activation scales (PEG, RPTQ): ONNX Runtime's integer MatMul takes one activation scale"
+    if act.dynamic and act.symmetric:
+        return "dynamic per-tensor activations must be asymmetric (DynamicQuantizeLinear is uint8)"
+    if not act.dynamic and not bool(torch.isfinite(m.act_scale).all() and (m.act_scale > 0).all()):
+        return "NaN, Inf or zero activation scales"
+    return None
 
 
 def export_onnx(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, opset: int = 17) -> Path:
     check_exportable(model)
     graph = copy.deepcopy(model).eval()
     for name, m in list(graph.named_modules()):
-        if isinstance(m, QLinear):
+        if isinstance(m, W8A8Linear):
+            set_module(graph, name, QDQActLinear(m))
+        elif isinstance(m, QLinear):
             set_module(graph, name, QDQLinear(m))
     # a padded example, so that tracing keeps the attention-mask path (all-ones masks are optimised away)
     mask = torch.ones(2, 8, dtype=torch.long)

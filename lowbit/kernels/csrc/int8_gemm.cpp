@@ -10,11 +10,11 @@
 // Products use the unsigned codes w; the zero point enters once per segment
 // through the activation row sums:  sum a (w - z) = sum a w - z sum a.
 //
-// - 8-bit symmetric weights (codes 1..255) x symmetric activations: `vpmaddubsw`
-//   on |a| and sign(w - 128, a), at most 2 * 127 * 127 = 32258 per pair (no
-//   saturation), widened by `vpmaddwd` with ones.
+// - 8-bit symmetric weights (codes 1..255) x symmetric activations (-128..127):
+//   `vpmaddubsw` on |a| (as unsigned, 128 included) and sign(w - 128, a), at most
+//   2 * 128 * 127 = 32512 per pair (no saturation), widened by `vpmaddwd` with ones.
 // - 4-bit codes x symmetric activations: `vpmaddubsw` on u8 codes x s8 activations.
-//   A pair is at most 15 * 127 * 2 = 3810, so several steps add up in int16 before
+//   A pair is at most 15 * 128 * 2 = 3840, so several steps add up in int16 before
 //   one `vpmaddwd` widens them: about twice the products per multiply instruction.
 // - Otherwise (asymmetric activations, |a| up to 255, or 8-bit codes of 0): codes and
 //   activations widened to int16, `vpmaddwd` (exact int16 x int16 -> int32).
@@ -143,9 +143,10 @@ struct Dot<4, int16_t, MR, NR> {
 };
 
 // 8-bit symmetric weights (codes 1..255, so w = code - 128 lies in [-127, 127]) and
-// symmetric activations: |a| * sign(w, a) = a * w in `vpmaddubsw` without saturation
-// (2 * 127 * 127 = 32258), widened at once by `vpmaddwd` with ones. Against the int16
-// path it halves the activation bytes loaded and needs no widening of the codes.
+// symmetric activations (-128..127): |a| * sign(w, a) = a * w in `vpmaddubsw` without
+// saturation (|a| = 128 reads as unsigned 128; 2 * 128 * 127 = 32512), widened at once
+// by `vpmaddwd` with ones. Against the int16 path it halves the activation bytes loaded
+// and needs no widening of the codes.
 template <int MR, int NR>
 struct Dot<8, int8_t, MR, NR> {
   static int64_t run(const uint8_t* const* rows, const int8_t* const* xs, int64_t k0, int64_t k1,
@@ -171,8 +172,8 @@ struct Dot<8, int8_t, MR, NR> {
 
 // 4-bit codes x int8 activations: 64 columns per step. 32 code bytes give 32 low
 // nibbles (even columns) and 32 high ones (odd columns), multiplied against the
-// block's even and odd activations. A step adds at most 2 * 3810 to an int16 lane,
-// so four steps accumulate before widening.
+// block's even and odd activations. A step adds at most 2 * 3840 to an int16 lane,
+// so four steps (30720) accumulate before widening.
 template <int MR, int NR>
 struct Dot<4, int8_t, MR, NR> {
   // 32 columns: half a block, its even and odd activations 32 apart
@@ -435,9 +436,10 @@ inline void narrow(const int32_t* q, A* out, int64_t n) {
 template <int BITS, typename A>
 void quantize_rows(const float* x, int64_t M, int64_t K, const ActSpec& a, const std::vector<Segment>& segs, A* xq,
                    int64_t ld, int32_t* rowsum, float* row_scale) {
-  // symmetric: q in [-qmax, qmax]; asymmetric: q in [0, 2 qmax + 1] with zero point z
+  // symmetric: q in [-qmax - 1, qmax] (scale absmax / qmax, so only a clipped static input reaches
+  // -qmax - 1); asymmetric: q in [0, 2 qmax + 1] with zero point z
   const float hi_code = a.symmetric ? static_cast<float>(a.qmax) : static_cast<float>(2 * a.qmax + 1);
-  const float lo_code = a.symmetric ? -static_cast<float>(a.qmax) : 0.f;
+  const float lo_code = a.symmetric ? -static_cast<float>(a.qmax) - 1.f : 0.f;
   auto range_params = [&](float lo, float hi, float& scale, float& zero) {
     if (a.symmetric) {
       scale = std::max(std::max(std::fabs(lo), std::fabs(hi)), 1e-8f) / static_cast<float>(a.qmax);
