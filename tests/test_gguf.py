@@ -93,9 +93,9 @@ def lowbit_perplexity(model, chunks):
 
 
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("bits,qtype", [(0, "f32"), (0, "q8_0"), (4, "q4_0")])
-def test_llama_cpp_perplexity_matches_lowbit(stories_dir, tinystories_halves, tmp_path, bits, qtype):
-    model, tok = _quantized(stories_dir, bits, True)
+@pytest.mark.parametrize("bits,sym,qtype", [(0, True, "f32"), (0, True, "q8_0"), (4, True, "q4_0"), (4, False, "q4_1")])
+def test_llama_cpp_perplexity_matches_lowbit(stories_dir, tinystories_halves, tmp_path, bits, sym, qtype):
+    model, tok = _quantized(stories_dir, bits, sym)
     chunks = token_chunks(tok, tinystories_halves[1][:120_000], 512)[:24]
     export_gguf(model, tmp_path / "m.gguf", stories_dir, qtype)
     theirs = llama_cpp_perplexity(tmp_path / "m.gguf", chunks)

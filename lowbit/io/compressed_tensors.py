@@ -20,7 +20,10 @@ by 127, so transformers' reading of a dynamic W8A8 export differs from lowbit's
 by up to about half an activation step. Static scales are written as they are.
 What the layout cannot carry is refused, by layer: per-group activation scales
 (PEG, RPTQ), input shifts and scales applied inside the layer (SmoothQuant and
-OS+ in post-LayerNorm encoders), LLM.int8()'s mixed-precision decomposition.
+OS+ in post-LayerNorm encoders), LLM.int8()'s mixed-precision decomposition, and
+act-order layers (a permuted input, from GPTQ ``desc_act`` checkpoints): the
+layout's one form for them, ``actorder: group`` with ``weight_g_idx``, has been
+removed from compressed-tensors (0.20 rejects the config), so nothing could read it.
 
 Codes and zero points are signed there (``q - 2**(bits-1)``); lowbit's are
 unsigned, so both shift by the same offset and ``(q - z) * s`` is unchanged.
@@ -115,6 +118,12 @@ def check_exportable(model: nn.Module) -> list[tuple[str, QLinear]]:
     if not layers:
         raise ValueError("the model has no quantized layers; quantize it before exporting")
     problems = []
+    permuted = [name for name, m in layers if m.in_perm is not None]
+    if permuted:
+        problems.append(
+            f"act-order (permuted input) layers {', '.join(permuted)}: the layout's g_idx form (actorder 'group') "
+            "is no longer read by compressed-tensors; export them to the GPTQ layout instead"
+        )
     for name, m in layers:
         fmt, k = m.fmt, m.in_features
         if fmt.kind != "int":

@@ -8,9 +8,12 @@ scheme is the GGUF type's:
 - int4, group 32 -> Q4_1 (``q * d + m`` with ``m = -z * d`` rounded to fp16);
 - int8, symmetric, group 32 -> Q8_0.
 
-Any other weight is requantized from its dequantized values with the ``gguf``
-package's reference quantizers, and tensors whose rows are not a multiple of 32
-(stories260K's 172-wide ``down_proj``) are written as F32. The report returned
+Any other weight is requantized from its dequantized values (in the input's
+channel order) with the ``gguf`` package's reference quantizers, and tensors
+whose rows are not a multiple of 32 (stories260K's 172-wide ``down_proj``) are
+written as F32. Act-order layers (``QLinear.in_perm``, from GPTQ ``desc_act``
+checkpoints) are among the requantized: their groups are scattered over the
+row, not the type's contiguous blocks of 32; ``f32`` writes them exactly. The report returned
 (and printed by ``lowbit export``) lists every tensor that was not written from
 lowbit's codes and why.
 
@@ -72,21 +75,25 @@ def _native_blocks(qw: QuantizedWeight, qtype: str, heads: int | None) -> np.nda
     return None
 
 
+def _permuted_input(module: QLinear) -> bool:
+    """Whether the stored code columns are a permutation of the input channels (act-order, or W8A8's ``perm``)."""
+    return module.in_perm is not None or getattr(module, "perm", None) is not None
+
+
 def _encode(name: str, module: nn.Module, qtype: str, heads: int | None, report: dict):
     """``(array, raw_type)`` for one weight, recording how it was written."""
     gguf = _gguf()
     types = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0,
              "q4_1": gguf.GGMLQuantizationType.Q4_1}  # fmt: skip
+    permuted = isinstance(module, QLinear) and _permuted_input(module)
     if isinstance(module, QLinear):
         qw = module.quantized_weight
-        if qtype != "f32":
+        if qtype != "f32" and not permuted:  # permuted codes are not in the row order GGUF blocks need
             native = _native_blocks(qw, qtype, heads)
             if native is not None:
                 report["native"].append(name)
                 return native, types[qtype]
-        w = qw.dequantize()
-    else:
-        w = module.weight.detach().float()
+    w = module.weight.detach().float().cpu()  # a QLinear's in the input's channel order
     if heads is not None:
         w = _rope_permute(w, heads)
     if qtype == "f32":
@@ -95,6 +102,8 @@ def _encode(name: str, module: nn.Module, qtype: str, heads: int | None, report:
         report["fallback_f32"].append(f"{name}: rows of {w.shape[1]} are not a multiple of {BLOCK}")
         return w.numpy().astype(np.float32), None
     why = f"{module.fmt.describe()} is not {qtype}'s scheme" if isinstance(module, QLinear) else "unquantized"
+    if permuted:
+        why = f"act-order (permuted input) {module.fmt.describe()}: its groups are not contiguous blocks of {BLOCK}"
     report["requantized"].append(f"{name}: {why}")
     return gguf.quants.quantize(w.numpy().astype(np.float32), types[qtype]), types[qtype]
 
@@ -108,6 +117,9 @@ def export_gguf(model: nn.Module, out: str | os.PathLike, tokenizer_dir: str | o
     cfg = getattr(model, "config", None)
     if getattr(cfg, "model_type", None) != "llama":
         raise ValueError("GGUF export supports Llama-architecture models (config.model_type == 'llama')")
+    w8a8 = [n for n, m in model.named_modules() if hasattr(m, "act") and isinstance(m, QLinear)]
+    if w8a8:  # llama.cpp quantizes activations its own way; the file would compute something else
+        raise ValueError("GGUF holds weight-only models; these layers have integer activations: " + ", ".join(w8a8))
     tok_model = Path(tokenizer_dir) / "tokenizer.model"
     if not tok_model.exists():
         raise FileNotFoundError(f"{tokenizer_dir} has no SentencePiece tokenizer.model to put in the GGUF file")

@@ -11,7 +11,15 @@ Per quantized linear with ``K`` inputs, ``N`` outputs, ``b`` bits and ``G`` grou
 ``config.json`` carries one global ``quantization_config`` (``quant_method: gptq``,
 ``bits``, ``group_size``, ``sym``, ``desc_act``). lowbit writes 2-, 4- and 8-bit
 weights whose dimensions fill whole words, and reads any such checkpoint whose
-``g_idx`` assigns contiguous groups.
+groups all hold ``group_size`` inputs (the last may hold fewer).
+
+Act-order checkpoints (``desc_act: true``, most GPTQ checkpoints on the Hub)
+scatter each group over the inputs: input ``c`` belongs to group ``g_idx[c]``.
+Sorting the inputs by group (a stable sort) gathers every group into one run,
+which is an ordinary grouped weight; lowbit stores the codes in that order and
+gives the ``QLinear`` the sort as ``in_perm``, which it applies to the input,
+so the layer computes exactly what the checkpoint describes. Export reverses
+it: the codes go back to input order and ``g_idx`` names each input's group.
 """
 
 from __future__ import annotations
@@ -76,6 +84,9 @@ def check_exportable(model: nn.Module) -> tuple[list[tuple[str, QLinear]], Weigh
             problems.append(f"{name}: scales outside the fp16 range the layout stores")
         if m.zeros is not None and bool((m.zeros == 0).any()):
             problems.append(f"{name}: a zero point of 0, which the layout's zero-minus-one storage cannot hold")
+        if hasattr(m, "act"):  # a W8A8Linear: the layout has no activation quantization to carry
+            problems.append(f"{name}: integer activations ({m.act.describe()}); the GPTQ layout is weight-only, "
+                            "export W8A8 models as compressed-tensors")  # fmt: skip
         formats[name] = (fmt.bits, integer.effective_group_size(k, fmt.group_size) if fmt.group_size != -1 else -1)
     if len(set(formats.values())) > 1:
         problems.append(f"layers disagree on bits/group size {sorted(set(formats.values()))}; the layout has one")
@@ -91,12 +102,16 @@ def export_gptq(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) ->
         qw = m.quantized_weight
         n, k = qw.shape
         g = integer.effective_group_size(k, fmt.group_size)
-        tensors[f"{name}.qweight"] = pack_int32(qw.codes().t(), fmt.bits, 0)
+        codes, g_idx = qw.codes(), torch.arange(k) // g  # both in stored column order
+        if m.in_perm is not None:  # stored column j is input in_perm[j]: put both back in input order
+            perm = m.in_perm.cpu()
+            codes, g_idx = _scatter_columns(codes, perm), _scatter_columns(g_idx[None], perm)[0]
+        tensors[f"{name}.qweight"] = pack_int32(codes.t(), fmt.bits, 0)
         tensors[f"{name}.qzeros"] = pack_int32(
             (qw.zero_or_default().t().to(torch.int64) - 1) % (1 << fmt.bits), fmt.bits, 1
         )
         tensors[f"{name}.scales"] = qw.scale.t().to(torch.float16).contiguous()
-        tensors[f"{name}.g_idx"] = (torch.arange(k) // g).to(torch.int32)
+        tensors[f"{name}.g_idx"] = g_idx.to(torch.int32).contiguous()
         if m.bias is not None:
             tensors[f"{name}.bias"] = m.bias.detach().to(torch.float16).contiguous()
     qconfig = {
@@ -105,7 +120,7 @@ def export_gptq(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) ->
         "bits": fmt.bits,
         "group_size": fmt.group_size,
         "sym": fmt.symmetric,
-        "desc_act": False,
+        "desc_act": any(m.in_perm is not None for _, m in layers),
         "true_sequential": True,
     }
     with atomic_directory(out_dir) as tmp:
@@ -118,18 +133,36 @@ def export_gptq(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) ->
     return Path(out_dir)
 
 
-def _group_size_from_g_idx(g_idx: torch.Tensor, name: str) -> int:
-    k = g_idx.numel()
-    ngroups = int(g_idx.max()) + 1
+def _scatter_columns(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``x`` with its column ``j`` moved to column ``perm[j]`` (the inverse of ``x[:, perm]``)."""
+    out = torch.empty_like(x)
+    out[:, perm] = x
+    return out
+
+
+def _groups_from_g_idx(g_idx: torch.Tensor, name: str, k: int, ngroups: int) -> tuple[int, torch.Tensor | None]:
+    """The group size ``g_idx`` describes and, for act-order, the input order that makes groups contiguous.
+
+    The order is the stable sort of ``g_idx``: after it, group ``i`` occupies
+    inputs ``[i * g, (i + 1) * g)``, the grouping lowbit's formats express.
+    ``None`` when the groups already are contiguous (no permutation to apply).
+    """
+    g_idx = g_idx.reshape(-1).long()
+    if g_idx.numel() != k:
+        raise ValueError(f"{name}.g_idx holds {g_idx.numel()} entries for {k} inputs")
+    if int(g_idx.min()) < 0 or int(g_idx.max()) >= ngroups:
+        raise ValueError(f"{name}.g_idx names groups outside the {ngroups} that {name}.scales holds")
+    counts = torch.bincount(g_idx, minlength=ngroups)
     if ngroups == 1:
-        return -1
-    g = int((g_idx == 0).sum())
-    if not torch.equal(g_idx.long(), torch.arange(k) // g):
+        return -1, None  # one group: per-channel, whatever the input order
+    g = int(counts[0])
+    if bool((counts[:-1] != g).any()) or not 0 < int(counts[-1]) <= g:
         raise ValueError(
-            f"{name}.g_idx assigns non-contiguous groups (an act-order checkpoint); lowbit stores contiguous "
-            f"groups only and does not read this layer"
+            f"{name}.g_idx assigns groups of {sorted(set(counts.tolist()))} inputs; lowbit's formats hold "
+            f"groups of one size (only the last may be smaller), so this layer cannot be read exactly"
         )
-    return g
+    perm = torch.argsort(g_idx, stable=True)
+    return g, None if torch.equal(perm, torch.arange(k)) else perm
 
 
 def load_gptq(path: str | os.PathLike, model: nn.Module | None = None, kernel: str = "auto") -> nn.Module:
@@ -155,7 +188,11 @@ def load_gptq(path: str | os.PathLike, model: nn.Module | None = None, kernel: s
         codes = unpack_int32(words, bits, 0).t().contiguous()  # [N, K]
         n, k = codes.shape
         g_idx = tensors.get(f"{name}.g_idx")
-        group = _group_size_from_g_idx(g_idx, name) if g_idx is not None else int(qc.get("group_size", -1))
+        group, perm = int(qc.get("group_size", -1)), None
+        if g_idx is not None:
+            group, perm = _groups_from_g_idx(g_idx, name, k, scales.shape[0])
+        if perm is not None:  # act-order: store the columns sorted by group, and permute the input to match
+            codes = codes[:, perm].contiguous()
         zeros = (unpack_int32(tensors[f"{name}.qzeros"], bits, 1)[:, :n].t().to(torch.int64) + offset).clamp(
             0, (1 << bits) - 1
         )
@@ -166,7 +203,7 @@ def load_gptq(path: str | os.PathLike, model: nn.Module | None = None, kernel: s
             codes, scales.t().contiguous(), None if symmetric else zeros.to(torch.uint8), fmt
         )
         bias = tensors.get(f"{name}.bias")
-        set_module(model, name, QLinear(qw, bias.float() if bias is not None else None, kernel))
+        set_module(model, name, QLinear(qw, bias.float() if bias is not None else None, kernel, in_perm=perm))
         used.update(f"{name}.{s}" for s in ("qweight", "qzeros", "scales", "g_idx", "bias"))
     rest = {k: v for k, v in tensors.items() if k not in used}
     missing, unexpected = model.load_state_dict(rest, strict=False)

@@ -81,6 +81,9 @@ def _collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict, dict[str,
             if mod.bias is not None:
                 tensors[f"{name}.bias"] = mod.bias.detach().cpu().contiguous()
             layers[name] = {"format": qw.fmt.to_dict(), "shape": list(qw.shape), "bias": mod.bias is not None}
+            if mod.in_perm is not None:  # act-order: the codes are stored in this input order
+                tensors[f"{name}.in_perm"] = mod.in_perm.detach().cpu().contiguous()
+                layers[name]["in_perm"] = True
             if isinstance(mod, W8A8Linear):
                 layers[name]["act"] = {**mod.act.to_dict(), "outlier_threshold": mod.outlier_threshold}
                 for extra in W8A8_BUFFERS:
@@ -201,7 +204,10 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, kernel: str = 
             module = W8A8Linear(qw, bias, ActFormat.from_dict(act), outlier_threshold=act.get("outlier_threshold"),
                                 **extras)  # fmt: skip
         else:
-            module = QLinear(qw, bias, kernel)
+            in_perm = tensors.get(f"{name}.in_perm")
+            if info.get("in_perm") and in_perm is None:
+                raise ValueError(f"{path}: {name} is an act-order layer but its {name}.in_perm is missing")
+            module = QLinear(qw, bias, kernel, in_perm=in_perm)
         set_module(model, name, module)
         used.update(k for k in tensors if k.startswith(name + ".") and k.count(".") == name.count(".") + 1)
     rest = {k: v for k, v in tensors.items() if k not in used}

@@ -4,9 +4,11 @@
 Each quantized linear becomes ``DequantizeLinear(W_q, scale, zero, axis=0)`` ->
 ``Transpose`` -> ``MatMul`` -> ``Add``: the weights travel as 8-bit integers with
 one scale (and, for asymmetric weights, one uint8 zero point) per output row,
-exactly lowbit's codes. With integer activations the input first passes
-``QuantizeLinear`` -> ``DequantizeLinear`` with lowbit's static scale (int8
-symmetric or uint8 with a zero point, saturating as lowbit does); per-group
+exactly lowbit's codes; an act-order layer's (``QLinear.in_perm``) code columns
+are put back in input order, which one scale per row allows exactly. With
+integer activations the input first passes ``QuantizeLinear`` ->
+``DequantizeLinear`` with lowbit's static scale (int8 symmetric or uint8 with a
+zero point, saturating as lowbit does); per-group
 scales (PEG, RPTQ) become per-channel scales along the last axis; a shift or
 scale the layer applies itself becomes ``Sub``/``Mul`` before it; dynamic
 per-tensor asymmetric activations use ``DynamicQuantizeLinear``, whose formula
@@ -66,6 +68,10 @@ class QDQLinear(nn.Module):
         else:
             self.register_buffer("codes", codes)
             self.register_buffer("zero", qw.zero.reshape(-1).clone())
+        if q.in_perm is not None:  # act-order: stored column j is input in_perm[j]; one scale per row, so exact
+            unpermuted = torch.empty_like(self.codes)
+            unpermuted[:, q.in_perm.cpu()] = self.codes
+            self.codes = unpermuted
         self.register_buffer("scale", qw.scale.float().reshape(-1))
         bias = q.bias.detach() if q.bias is not None else torch.zeros(qw.shape[0])
         self.register_buffer("bias", bias.float())
@@ -169,7 +175,7 @@ def check_exportable(model: nn.Module) -> None:
         raise ValueError("the model has no quantized layers; quantize it (8-bit per-channel) before exporting")
     for name, m in layers:
         if m.fmt.kind != "int" or m.fmt.bits != 8 or m.scales.shape[1] != 1:
-            problems.append(f"{name}: {m.fmt.describe()} (the QDQ export writes 8-bit per-channel weights)")
+            problems.append(f"{name}: {m.describe()} (the QDQ export writes 8-bit per-channel weights)")
         elif not bool(torch.isfinite(m.scales.float()).all()) or bool((m.scales == 0).any()):
             problems.append(f"{name}: NaN, Inf or zero scales")
         if isinstance(m, W8A8Linear):

@@ -12,16 +12,43 @@ from lowbit.quantized_weight import QuantizedWeight
 KERNELS = ("auto", "int4_avx512", "int4_cpu", "int8_cpu", "dequant")
 
 
+def input_permutation(perm, in_features: int) -> torch.Tensor | None:
+    """``perm`` as a ``long [in_features]`` permutation, ``None`` for none or the identity.
+
+    The identity is dropped so that a layer whose groups happen to be contiguous
+    is an ordinary layer (no gather in forward, nothing extra saved or refused).
+    """
+    if perm is None:
+        return None
+    perm = torch.as_tensor(perm).detach().to(torch.long).reshape(-1).cpu().clone()
+    if perm.numel() != in_features or not torch.equal(perm.sort().values, torch.arange(in_features)):
+        raise ValueError(f"in_perm must be a permutation of the {in_features} input channels")
+    return None if torch.equal(perm, torch.arange(in_features)) else perm
+
+
 class QLinear(nn.Module):
-    """``y = x @ dequantize(W).T + b`` computed by the fastest kernel for the device.
+    """``y = x[..., in_perm] @ dequantize(W).T + b`` computed by the fastest kernel for the device.
 
     The packed codes, scales and zero points are the module's state (what is
     saved). lowbit's AVX-512 kernel reads them as they are; PyTorch's kernels
     need a layout of their own, derived on first use on a device and cached
     (not saved).
+
+    ``in_perm`` (optional) carries act-order checkpoints (GPTQ ``desc_act``):
+    their groups are scattered over the input channels, and sorting the columns
+    by group makes them an ordinary grouped weight. The stored weight keeps that
+    sorted column order and the input is gathered to match before any kernel
+    runs, so every kernel sees a plain grouped weight. ``weight`` (and
+    ``dequantized_weight()``) return the columns in the input's own order.
     """
 
-    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None, kernel: str = "auto"):
+    def __init__(
+        self,
+        qw: QuantizedWeight,
+        bias: torch.Tensor | None = None,
+        kernel: str = "auto",
+        in_perm: torch.Tensor | None = None,
+    ):
         super().__init__()
         if kernel not in KERNELS:
             raise ValueError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
@@ -31,6 +58,7 @@ class QLinear(nn.Module):
         self.register_buffer("qweight", qw.packed)
         self.register_buffer("scales", qw.scale)
         self.register_buffer("zeros", qw.zero if qw.zero is not None else None)
+        self.register_buffer("in_perm", input_permutation(in_perm, self.in_features))
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         self._cache: dict = {}
 
@@ -49,9 +77,31 @@ class QLinear(nn.Module):
         )
 
     @property
-    def weight(self) -> torch.Tensor:
-        """The dequantized weight ``[out, in]``, for inspection and reference paths."""
+    def act_order(self) -> bool:
+        """Whether the stored columns are a permutation of the input channels (an act-order layer)."""
+        return self.in_perm is not None
+
+    def stored_weight(self) -> torch.Tensor:
+        """The dequantized weight ``[out, in]`` in stored column order: what multiplies ``x[..., in_perm]``."""
         return self.quantized_weight.dequantize().to(self.scales.device)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight ``[out, in]`` in the input's channel order, so ``y = x @ weight.T + b``."""
+        w = self.stored_weight()
+        if self.in_perm is None:
+            return w
+        out = torch.empty_like(w)
+        out[:, self.in_perm.to(w.device)] = w  # stored column j is input channel in_perm[j]
+        return out
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The dequantized weight in the input's channel order (the ``weight`` of the layer's subclass too)."""
+        return self.weight
+
+    def describe(self) -> str:
+        """The weight format, marked ``act-order`` when the input is permuted before the kernel."""
+        return self.fmt.describe() + (" act-order" if self.act_order else "")
 
     def select_kernel(self, device: torch.device, rows: int = 1) -> str:
         """The kernel a forward pass of ``rows`` rows on ``device`` uses."""
@@ -95,6 +145,8 @@ class QLinear(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_perm is not None:
+            x = x.index_select(-1, self.in_perm)  # every kernel below sees a plain grouped weight
         rows = x.numel() // max(x.shape[-1], 1)
         plan_key = (x.device, rows <= avx512.MAX_ROWS)
         kernel = self._cache.get(plan_key)
@@ -110,7 +162,7 @@ class QLinear(nn.Module):
         elif kernel == "int8_cpu":
             y = cpu.int8_mm(x, self._prepare(kernel, x.device))
         else:
-            y = x @ self.weight.to(x.dtype).t()
+            y = x @ self.stored_weight().to(x.dtype).t()
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
@@ -119,7 +171,7 @@ class QLinear(nn.Module):
         bpw = self.quantized_weight.bits_per_weight
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"format={self.fmt.describe()}, bits_per_weight={bpw:.3f}, kernel={self.kernel}"
+            f"format={self.describe()}, bits_per_weight={bpw:.3f}, kernel={self.kernel}"
         )
 
 
