@@ -2,6 +2,7 @@
 
 from lowbit.api import quantize
 from lowbit.coverage import Coverage
+from lowbit.engine.cnn import quantize_cnn
 from lowbit.formats.spec import WeightFormat
 from lowbit.io.native import load, save
 from lowbit.methods import AWQ, GPTQ, RTN, load_recipe, make_method, parse_recipe
@@ -23,5 +24,6 @@ __all__ = [
     "make_method",
     "parse_recipe",
     "quantize",
+    "quantize_cnn",
     "save",
 ]

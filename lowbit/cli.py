@@ -75,11 +75,16 @@ def quantize(
         help="scales at run time or from calibration (default: token dynamic, tensor static, which needs --calib)",
     ),
     act_sym: bool = typer.Option(True, "--act-sym/--act-asym", help="symmetric or zero-point activations"),
-    act_observer: str = typer.Option(
-        "minmax", "--act-observer", help="static scales: minmax, ema, percentile, mse or kl"
+    act_observer: Optional[str] = typer.Option(
+        None, "--act-observer", help="static scales: minmax (default for LLMs), ema, percentile, mse (CNNs) or kl"
     ),
     calib: Optional[Path] = typer.Option(None, "--calib", help="calibration text file"),
-    nsamples: int = typer.Option(128, help="calibration windows"),
+    calib_images: Optional[Path] = typer.Option(
+        None, "--calib-images", help="CNNs: CIFAR-10 images (a .tar.gz or a folder of class folders) to calibrate on"
+    ),
+    iters: Optional[int] = typer.Option(None, "--iters", help="CNNs: reconstruction steps per unit (adaround, brecq, qdrop)"),
+    first_last_bits: int = typer.Option(8, "--first-last-bits", help="CNNs: bits of the first and last layers (0: as the rest)"),
+    nsamples: Optional[int] = typer.Option(None, help="calibration windows (default 128), or images for CNNs (default 1024)"),
     seqlen: int = typer.Option(512, help="tokens per calibration window"),
     seed: int = typer.Option(0, help="calibration sampling seed"),
     skip: list[str] = typer.Option([], "--skip", help="glob of module names to keep in full precision"),
@@ -87,6 +92,13 @@ def quantize(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
 ):
     """Quantize MODEL and write a lowbit checkpoint to --out."""
+    from lowbit.models.resnet_cifar import is_resnet_cifar_checkpoint
+
+    if calib_images is not None or is_resnet_cifar_checkpoint(model):
+        return _quantize_cnn(model, out, method, bits, act_bits, act_observer or "mse", calib_images,
+                             nsamples or 1024, seed, iters, first_last_bits, skip, as_json)  # fmt: skip
+    act_observer = act_observer or "minmax"
+    nsamples = 128 if nsamples is None else nsamples
     import lowbit
     from lowbit.data import calibration_windows, read_text
     from lowbit.io.native import check_output_dir
@@ -139,6 +151,55 @@ def quantize(
     _emit(result, as_json, f"wrote {out}\n{cov.summary()}\nbits per weight {result['bits_per_weight']:.3f}")
 
 
+def _quantize_cnn(model, out, method, bits, act_bits, observer, calib_images, nsamples, seed, iters,
+                  first_last_bits, skip, as_json):  # fmt: skip
+    """The CNN path of ``quantize``: a CIFAR ResNet checkpoint, calibrated on images."""
+    from lowbit.data.cifar10 import load_cifar10
+    from lowbit.engine.cnn import CNN_METHODS, quantize_cnn
+    from lowbit.io.cnn_checkpoint import save_cnn
+    from lowbit.io.native import check_output_dir
+    from lowbit.methods.adaround import ReconConfig
+    from lowbit.methods.brecq import BRECQConfig
+    from lowbit.methods.qdrop import QDropConfig
+    from lowbit.models.resnet_cifar import NORMALIZE, load_resnet_cifar
+
+    try:
+        check_output_dir(out)
+        if method not in CNN_METHODS:
+            raise ValueError(f"--method {method} is not a CNN method; choose one of {', '.join(CNN_METHODS)}")
+        if calib_images is None:
+            raise ValueError("CNN quantization needs calibration images; pass --calib-images PATH")
+        if nsamples < 1 or (iters is not None and iters < 1):
+            raise ValueError("--nsamples and --iters must be positive")
+        net = load_resnet_cifar(model)
+        images, _ = load_cifar10(calib_images, split="train", limit=nsamples, seed=seed, normalize=NORMALIZE)
+        cfg = {"brecq": BRECQConfig, "qdrop": QDropConfig}.get(method, ReconConfig)(seed=seed)
+        if iters is not None:
+            cfg.iters = iters
+        result = quantize_cnn(net, images, method, bits=bits or 4, act_bits=act_bits, observer=observer,
+                              first_last_bits=first_last_bits or None, recon=cfg, skip=tuple(skip),
+                              progress=not as_json)  # fmt: skip
+        meta = {"recipe": method, "bits": bits or 4, "act_bits": act_bits, "first_last_bits": first_last_bits,
+                "calibration_images": images.shape[0], "seed": seed, "coverage": result.coverage.to_dict()}  # fmt: skip
+        save_cnn(result.model, out, meta)
+    except USER_ERRORS as e:
+        _fail(e)
+    cov = result.coverage
+    summary = {
+        "out": str(out),
+        "method": method,
+        "bits": bits or 4,
+        "act_bits": act_bits,
+        "bits_per_weight": cov.mean_bits_per_weight(),
+        "layers_quantized": len(cov.quantized),
+        "layers_skipped": len(cov.skipped),
+        "activation_sites": sum(1 for r in cov.quantized if r.act) + len(result.plan.act_sites),
+        "seconds": round(result.seconds, 3),
+        "size_bytes": _dir_size(out),
+    }
+    _emit(summary, as_json, f"wrote {out}\n{cov.summary()}\nbits per weight {summary['bits_per_weight']:.3f}")
+
+
 def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
@@ -169,14 +230,20 @@ def _load_any(model: str):
 def evaluate(
     model: str = typer.Argument(..., help="lowbit checkpoint, model directory, hub id or alias"),
     ppl: Optional[Path] = typer.Option(None, "--ppl", help="text file for perplexity"),
+    cifar10: Optional[Path] = typer.Option(
+        None, "--cifar10", help="CIFAR-10 test images (.tar.gz or a folder of class folders): top-1 accuracy"
+    ),
     seqlen: int = typer.Option(512, help="tokens per chunk"),
     batch_size: int = typer.Option(8, "--batch-size", help="chunks per forward pass"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
 ):
-    """Evaluate MODEL: perplexity of a text file (non-overlapping --seqlen chunks)."""
+    """Evaluate MODEL: perplexity of a text file (non-overlapping --seqlen chunks), or a CIFAR
+    ResNet's top-1 accuracy on CIFAR-10 test images."""
     from lowbit.data import read_text
     from lowbit.eval import perplexity
 
+    if cifar10 is not None:
+        return _eval_cifar(model, cifar10, as_json)
     try:
         if ppl is None:
             raise ValueError("nothing to evaluate; pass --ppl TEXTFILE")
@@ -191,6 +258,26 @@ def evaluate(
     except USER_ERRORS as e:
         _fail(e)
     _emit(result, as_json, f"perplexity {result['ppl']:.4f} over {result['tokens']} tokens")
+
+
+def _eval_cifar(model: str, path: Path, as_json: bool) -> None:
+    from lowbit.data.cifar10 import load_cifar10
+    from lowbit.eval.classification import top1
+    from lowbit.io.cnn_checkpoint import is_cnn_checkpoint, load_cnn
+    from lowbit.models.resnet_cifar import NORMALIZE, is_resnet_cifar_checkpoint, load_resnet_cifar
+
+    try:
+        if is_cnn_checkpoint(model):
+            net = load_cnn(model)
+        elif is_resnet_cifar_checkpoint(model):
+            net = load_resnet_cifar(model)
+        else:
+            raise ValueError(f"{model} is neither a CIFAR ResNet checkpoint nor a lowbit CNN checkpoint")
+        images, labels = load_cifar10(path, split="test", normalize=NORMALIZE)
+        result = {"top1": top1(net, images, labels, progress=not as_json), "images": int(labels.numel())}
+    except USER_ERRORS as e:
+        _fail(e)
+    _emit(result, as_json, f"top-1 {result['top1']:.2f}% over {result['images']} images")
 
 
 @app.command()
