@@ -305,3 +305,35 @@ def test_resnet20_w4a4_qdrop_beats_rtn(resnet20_data):
 
     qdrop = top1(quantize_cnn(model, calib, "qdrop", bits=4, act_bits=4, recon=QDropConfig(iters=150)).model, x, y)
     assert qdrop > rtn + 1.5
+
+
+def test_int8_execution_refuses_what_it_cannot_run_exactly():
+    from lowbit.nn.int8conv import Int8ResNet
+
+    model = small_resnet()
+    q = quantize_cnn(model, images(32), "rtn", bits=4, act_bits=8).model
+    with pytest.raises(ValueError, match="int4 weights"):
+        Int8ResNet(q, images(8))
+
+
+@pytest.mark.slow
+def test_resnet20_runs_in_real_int8_as_simulated(resnet20_data):
+    """PyTorch's quantized convs against the fake-quant model given the same extra 8-bit
+    points (each block's second conv output, which the integer kernels must requantize)."""
+    from lowbit.eval.classification import top1
+    from lowbit.models.adapters import set_module
+    from lowbit.nn.fakequant import ActSite
+    from lowbit.nn.int8conv import Int8ResNet
+
+    model, calib, x, y = resnet20_data
+    q = quantize_cnn(model, calib, "rtn", bits=8, act_bits=8).model
+    int8 = Int8ResNet(q, calib)
+    sim = copy.deepcopy(q)
+    names = [f"layer{s}.{i}" for s in (1, 2, 3) for i in range(3)]
+    for name, block in zip(names, int8.blocks):
+        set_module(sim, f"{name}.conv2", ActSite(sim.get_submodule(f"{name}.conv2"), block.out2))
+    with torch.no_grad():
+        a, b = sim(x[:300]), int8(x[:300])
+    assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.98
+    assert nn.functional.cosine_similarity(a, b).mean() > 0.999
+    assert abs(top1(int8, x, y) - top1(q, x, y)) <= 1.5
