@@ -49,53 +49,25 @@ def _batches(x: torch.Tensor, size: int):
         yield x[i : i + size]
 
 
-def _capture(model: nn.Module, images: torch.Tensor, first: str, last: str | None = None, batch: int = 256,
-             grads: bool = False):  # fmt: skip
-    """Inputs of module ``first`` (and outputs of ``last``, and with ``grads`` the gradient of the
-    model's cross-entropy against its own predictions with respect to those outputs) over ``images``."""
-    ins, outs, gs = [], [], []
-    mod_first = model.get_submodule(first)
-    mod_last = model.get_submodule(last) if last else None
-    hooks = [mod_first.register_forward_pre_hook(lambda m, a: ins.append(a[0].detach()) and None)]
-    held = {}
+def _unit_inputs(model: nn.Module, images: torch.Tensor, first: str, batch: int = 256) -> torch.Tensor:
+    """The inputs module ``first`` receives over ``images`` (each forward stops there)."""
+    ins = []
 
-    def out_hook(m, a, o):
-        outs.append(o.detach())
-        if grads:
-            o.retain_grad()
-            held["o"] = o
-        elif last is not None:
-            raise _Stop
+    def stop(m, a):
+        ins.append(a[0].detach())
+        raise _Stop
 
-    if mod_last is not None:
-        hooks.append(mod_last.register_forward_hook(out_hook))
-    elif not grads:
-        hooks[0].remove()
-
-        def stop_pre(m, a):
-            ins.append(a[0].detach())
-            raise _Stop
-
-        hooks[0] = mod_first.register_forward_pre_hook(stop_pre)
+    hook = model.get_submodule(first).register_forward_pre_hook(stop)
     try:
-        for xb in _batches(images, batch):
-            try:
-                if grads:
-                    with torch.enable_grad():
-                        logits = model(xb.clone().requires_grad_(True))
-                        loss = nn.functional.cross_entropy(logits, logits.argmax(1), reduction="sum")
-                        loss.backward()
-                    gs.append(held.pop("o").grad.detach())
-                else:
-                    with torch.no_grad():
-                        model(xb)
-            except _Stop:
-                pass
+        with torch.no_grad():
+            for xb in _batches(images, batch):
+                try:
+                    model(xb)
+                except _Stop:
+                    pass
     finally:
-        for h in hooks:
-            h.remove()
-    cat = torch.cat
-    return cat(ins), (cat(outs) if outs else None), (cat(gs) if gs else None)
+        hook.remove()
+    return torch.cat(ins)
 
 
 def _wrap(model: nn.Module, plan: CnnPlan, bits: int, act_bits: int | None, first_last_bits: int | None,
@@ -282,7 +254,7 @@ def _reconstruct_units(fp, q, units, images, cfg, log, bar, learn_acts, fisher, 
         if not layers and not (learn_acts and acts):
             continue
         x_fp, target, weight = floats.pop(unit.name)
-        x_q, _, _ = _capture(q, images, unit.modules[0])
+        x_q = _unit_inputs(q, images, unit.modules[0])
         run = _unit_runner(q, unit)
         stats = reconstruct(run, layers, acts, x_q, target, cfg, learn_rounding=learn_rounding and bool(layers),
                             learn_acts=learn_acts, x_fp=x_fp if drop else None, weight=weight)  # fmt: skip

@@ -83,14 +83,6 @@ def reconstruct(
     if not groups:
         return {}
     opt = torch.optim.Adam(groups)
-    act_sched = None
-    if scales:
-        n = len(groups) - 1
-
-        def lr_factor(step: int, n=n) -> float:
-            return 0.5 * (1 + math.cos(math.pi * step / cfg.iters))
-
-        act_sched = lr_factor
     drops = [(a, a.drop_prob) for a in acts]
     for a in acts:
         a.drop_prob = cfg.drop_prob
@@ -113,8 +105,8 @@ def reconstruct(
                 loss = loss + cfg.reg_weight * sum(layer.round_regularizer(beta) for layer in layers)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if act_sched is not None:
-                opt.param_groups[-1]["lr"] = cfg.act_lr * act_sched(step)
+            if scales:  # cosine-annealed step-size learning rate
+                opt.param_groups[-1]["lr"] = cfg.act_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.iters))
             opt.step()
             if scales:
                 with torch.no_grad():

@@ -126,8 +126,6 @@ def plan_cnn(model: nn.Module, example: torch.Tensor, skip: tuple[str, ...] = ()
             skipped[name] = "never called in a forward pass"
         elif isinstance(m, OTHER_WEIGHTED) and not isinstance(m, nn.Conv2d):
             skipped[name] = f"{type(m).__name__}: no CNN quantizer for this layer type"
-        elif isinstance(m, nn.Conv2d) and name in order and m.groups != 1 and m.groups == m.in_channels:
-            pass  # depthwise convs are quantized like any other
     layers = [n for n in order if not any(fnmatch.fnmatch(n, p) for p in skip)]
     for n in order:
         if n not in layers:
