@@ -2,8 +2,14 @@
 at several weight/activation widths (first and last layers at 8 bits), with the same
 calibration images and seed for every method, and the seconds each took.
 
-    python benchmarks/cnn_ptq.py [--models resnet20 resnet32] [--configs W4A4 W2A4] [--iters 100]
+    python benchmarks/cnn_ptq.py [--models resnet20 resnet32] [--configs W4A4 W2A4] [--iters 300]
         [--nsamples 1024] [--test-images 10000] [--json out.json]
+    python benchmarks/cnn_ptq.py --speed [--models resnet20 resnet32]
+
+``--speed`` times instead: the fp32 model, the W8A8 fake-quantized simulation and the
+real int8 model (``lowbit.nn.int8conv.Int8ResNet``) on the same batches, interleaved
+round by round, and reports each one's milliseconds and its speed relative to fp32 in
+that same run, with the int8 model's top-1.
 
 Accuracy is on the JPEG test set (fp32 ResNet-20 scores 81.0% there, not the 91.8%
 of the original PNG images): compare methods against fp32 on the same images.
@@ -40,17 +46,23 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--iters", type=int, default=100, help="reconstruction steps per unit (the papers: 20,000)")
+    ap.add_argument("--iters", type=int, default=300, help="reconstruction steps per unit (the papers: 20,000)")
     ap.add_argument("--nsamples", type=int, default=1024)
     ap.add_argument("--test-images", type=int, default=None, help="a balanced subset; default: all 10,000")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="write the rows here as they come")
+    ap.add_argument("--speed", action="store_true", help="time fp32 vs fake-quant vs int8 W8A8 instead")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 256], help="batch sizes for --speed")
+    ap.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds for --speed")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
 
     calib, _ = load_cifar10(default_cifar10("train"), split="train", limit=args.nsamples, seed=args.seed,
                             normalize=NORMALIZE)  # fmt: skip
     x, y = load_cifar10(default_cifar10("test"), split="test", limit=args.test_images, normalize=NORMALIZE)
+    if args.speed:
+        speed(args, calib, x, y)
+        return
     rows = []
     for model_name in args.models:
         model = load_resnet_cifar(asset("resnet_cifar", MODELS[model_name]))
@@ -74,6 +86,44 @@ def main() -> None:
                     args.json.write_text(json.dumps(rows, indent=1))
     print()
     print(table(rows, args.configs, args.methods))
+
+
+def speed(args, calib: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
+    """fp32, W8A8 simulation and int8 execution on the same batches, interleaved."""
+    from lowbit.nn.int8conv import Int8ResNet
+
+    rows = []
+    print(f"torch threads {torch.get_num_threads()}, quantized engine picked below", flush=True)
+    for model_name in args.models:
+        model = load_resnet_cifar(asset("resnet_cifar", MODELS[model_name])).eval()
+        torch.manual_seed(args.seed)
+        sim = quantize_cnn(model, calib, "rtn", bits=8, act_bits=8).model.eval()
+        int8 = Int8ResNet(sim, calib).eval()
+        accs = {"fp32": top1(model, x, y), "W8A8 simulated": top1(sim, x, y), "W8A8 int8": top1(int8, x, y)}
+        print(f"{model_name}: engine {int8.engine}; top1 " + ", ".join(f"{k} {v:.2f}" for k, v in accs.items()),
+              flush=True)  # fmt: skip
+        runners = {"fp32": model, "W8A8 simulated": sim, "W8A8 int8": int8}
+        for batch in args.batches:
+            inp = x[:batch]
+            times: dict[str, list[float]] = {k: [] for k in runners}
+            with torch.inference_mode():
+                for m in runners.values():  # warm-up: packing, allocator, first-call paths
+                    m(inp)
+                    m(inp)
+                for _ in range(args.rounds):
+                    for k, m in runners.items():
+                        t0 = time.perf_counter()
+                        m(inp)
+                        times[k].append(time.perf_counter() - t0)
+            base = sorted(times["fp32"])[len(times["fp32"]) // 2]
+            for k, ts in times.items():
+                med = sorted(ts)[len(ts) // 2]
+                rows.append({"model": model_name, "batch": batch, "runner": k, "ms": round(med * 1e3, 3),
+                             "speedup_vs_fp32": round(base / med, 3), "top1": accs[k], "engine": int8.engine})  # fmt: skip
+                print(f"{model_name} batch {batch:4d} {k:15s} {med * 1e3:9.2f} ms  x{base / med:.2f} vs fp32",
+                      flush=True)  # fmt: skip
+            if args.json:
+                args.json.write_text(json.dumps(rows, indent=1))
 
 
 def table(rows: list[dict], configs: list[str], methods: list[str]) -> str:

@@ -120,7 +120,7 @@ class Int8ResNet(nn.Module):
 
     @staticmethod
     def _calibrate_block_convs(q: nn.Module, images: torch.Tensor) -> dict[int, ActQuantizer]:
-        """An 8-bit range for each block's second conv output (MSE observer), on ``images``."""
+        """An 8-bit range for each block's second conv output (min-max observer), on ``images``."""
         observers, hooks = {}, []
         for stage in (q.layer1, q.layer2, q.layer3):
             for block in stage:
