@@ -140,6 +140,34 @@ def test_bias_correction_moves_the_bias_by_the_mean_shift():
     torch.testing.assert_close(bias_correction.channel_mean(y), y.mean((0, 2, 3)))
 
 
+def test_bias_correction_removes_each_layers_own_mean_weight_error():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 4, 3)).eval()  # fmt: skip
+    x = images(64)
+    kw = dict(bits=2, act_bits=None, first_last_bits=None)
+    rtn = quantize_cnn(model, x, "rtn", **kw).model
+    q = quantize_cnn(model, x, "bias_correction", **kw).model
+    inputs = {}
+    hooks = [q.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: inputs.__setitem__(n, a[0]))
+             for n in ("0", "2", "4")]  # fmt: skip
+    with torch.no_grad():
+        q(x)
+        for h in hooks:
+            h.remove()
+        moved = 0.0
+        for name, inp in inputs.items():
+            layer, before = q.get_submodule(name), rtn.get_submodule(name).bias
+            shift = (layer.bias - before).reshape(1, -1, 1, 1)
+            moved = max(moved, float(shift.abs().max()))
+            quantized = bias_correction.channel_mean(layer(inp))
+            layer.quantize_weight = False
+            wanted = bias_correction.channel_mean(layer(inp) - shift)  # float weights, the bias before
+            layer.quantize_weight = True
+            torch.testing.assert_close(quantized, wanted, atol=1e-4, rtol=1e-4)
+    assert moved > 1e-3  # 2-bit weights do shift the means: the check above is not vacuous
+
+
 # ---- engine ---------------------------------------------------------------------------------------
 
 

@@ -179,7 +179,7 @@ def quantize_cnn(
         units = [Unit(n, [n]) for n in plan.layers] if method == "adaround" else plan.units
         _reconstruct_units(fp, q, units, images, cfg, log, bar, learn_acts=False, fisher=method == "brecq" and cfg.fisher)
     if method == "bias_correction":
-        _bias_correct(fp, q, plan, images, log)
+        _bias_correct(q, plan, images, log)
     if act_bits is not None:
         calibrate_acts(q, images)
     if method == "brecq" and act_bits is not None and getattr(cfg, "learn_act_scales", False):
@@ -296,13 +296,18 @@ def _output_means(model: nn.Module, images: torch.Tensor, names: list[str], stop
     return {n: v / count for n, v in sums.items()}
 
 
-def _bias_correct(fp, q, plan, images, log) -> None:
-    """Each layer in execution order, against the quantized model as corrected so far."""
-    float_means = _output_means(fp, images, plan.layers, stop=False)
+def _bias_correct(q, plan, images, log) -> None:
+    """Each layer in execution order, on the inputs the quantized model (as corrected so far)
+    gives it: the mean output with float weights minus the mean with quantized weights."""
     for name in plan.layers:
+        layer = q.get_submodule(name)
+        layer.quantize_weight = False
+        try:
+            float_mean = _output_means(q, images, [name], stop=True)[name]
+        finally:
+            layer.quantize_weight = True
         quant_mean = _output_means(q, images, [name], stop=True)[name]
-        delta = bias_correction.correct(q.get_submodule(name), float_means[name], quant_mean)
-        log.append({"layer": name, "max_shift": delta})
+        log.append({"layer": name, "max_shift": bias_correction.correct(layer, float_mean, quant_mean)})
 
 
 def _coverage(q: nn.Module, plan: CnnPlan, layers: dict[str, QuantLayer], method: str) -> Coverage:

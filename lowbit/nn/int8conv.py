@@ -37,7 +37,8 @@ def pick_engine() -> str:
     Without VNNI, FBGEMM sums pairs of uint8 x int8 products in 16 bits with saturation
     (``vpmaddubsw``), which is why PyTorch's own x86 recipes reduce activations to 7 bits;
     with lowbit's full 8-bit activations it gets about a quarter of the output codes wrong
-    (measured on this project's AVX2 machine). QNNPACK computes uint8 x uint8 exactly.
+    (measured on an AVX2 machine without VNNI that this project ran on). QNNPACK computes
+    uint8 x uint8 exactly.
     """
     engines = torch.backends.quantized.supported_engines
     if has_vnni():
