@@ -179,7 +179,7 @@ def quantize_cnn(
         units = [Unit(n, [n]) for n in plan.layers] if method == "adaround" else plan.units
         _reconstruct_units(fp, q, units, images, cfg, log, bar, learn_acts=False, fisher=method == "brecq" and cfg.fisher)
     if method == "bias_correction":
-        _bias_correct(q, plan, images, log)
+        _bias_correct(q, plan, images, log, bar)
     if act_bits is not None:
         calibrate_acts(q, images)
     if method == "brecq" and act_bits is not None and getattr(cfg, "learn_act_scales", False):
@@ -271,17 +271,24 @@ def _unit_runner(model: nn.Module, unit: Unit):
     return run
 
 
-def _output_means(model: nn.Module, images: torch.Tensor, names: list[str], stop: bool, batch: int = 256):
-    """Per-channel means of the outputs of ``names`` over ``images`` (stopping after the last when ``stop``)."""
-    sums: dict[str, torch.Tensor] = {}
+def _weight_error_means(model: nn.Module, name: str, images: torch.Tensor, batch: int = 256):
+    """Per-channel output means of layer ``name`` with float and with quantized weights, both on
+    the inputs ``model`` gives it (each pass stops at the layer)."""
+    layer = model.get_submodule(name)
+    sums = [0, 0]
     count = 0
 
-    def hook(m, a, o, name):
-        sums[name] = sums.get(name, 0) + bias_correction.channel_mean(o.detach()) * o.shape[0]
-        if stop and name == names[-1]:
-            raise _Stop
+    def hook(m, a, o):
+        n = o.shape[0]
+        sums[1] = sums[1] + bias_correction.channel_mean(o) * n
+        layer.quantize_weight = False
+        try:
+            sums[0] = sums[0] + bias_correction.channel_mean(layer.forward(*a)) * n  # forward: no hooks
+        finally:
+            layer.quantize_weight = True
+        raise _Stop
 
-    hooks = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n)) for n in names]
+    handle = layer.register_forward_hook(hook)
     try:
         with torch.no_grad():
             for xb in _batches(images, batch):
@@ -291,23 +298,19 @@ def _output_means(model: nn.Module, images: torch.Tensor, names: list[str], stop
                 except _Stop:
                     pass
     finally:
-        for h in hooks:
-            h.remove()
-    return {n: v / count for n, v in sums.items()}
+        handle.remove()
+    return sums[0] / count, sums[1] / count
 
 
-def _bias_correct(q, plan, images, log) -> None:
+def _bias_correct(q, plan, images, log, bar) -> None:
     """Each layer in execution order, on the inputs the quantized model (as corrected so far)
     gives it: the mean output with float weights minus the mean with quantized weights."""
     for name in plan.layers:
-        layer = q.get_submodule(name)
-        layer.quantize_weight = False
-        try:
-            float_mean = _output_means(q, images, [name], stop=True)[name]
-        finally:
-            layer.quantize_weight = True
-        quant_mean = _output_means(q, images, [name], stop=True)[name]
-        log.append({"layer": name, "max_shift": bias_correction.correct(layer, float_mean, quant_mean)})
+        float_mean, quant_mean = _weight_error_means(q, name, images)
+        log.append({"layer": name, "max_shift": bias_correction.correct(q.get_submodule(name), float_mean, quant_mean)})
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(name)
 
 
 def _coverage(q: nn.Module, plan: CnnPlan, layers: dict[str, QuantLayer], method: str) -> Coverage:
