@@ -1,12 +1,16 @@
 """CIFAR-10 ResNets: top-1 of fp32, RTN, RTN + bias correction, AdaRound, BRECQ and QDrop
 at several weight/activation widths (first and last layers at 8 bits), with the same
-calibration images and seed for every method, and the seconds each took.
+calibration images and seed for every method, and the seconds each took. Every run is
+``lowbit.quantize(model, method, bits=..., act_bits=..., calib=images, iters=...)``: the
+one path of every model family (RTN with its MSE clipping search, the grid the
+reconstruction methods also start from).
 
     python benchmarks/cnn_ptq.py [--models resnet20 resnet32] [--configs W4A4 W2A4] [--iters 300]
         [--nsamples 1024] [--test-images 10000] [--json out.json]
     python benchmarks/cnn_ptq.py --speed [--models resnet20 resnet32]
 
-``--speed`` times instead: the fp32 model, the W8A8 fake-quantized simulation and the
+``--speed`` times instead: the fp32 model, the frozen W8A8 model lowbit returns (packed
+convs run as float convs on their dequantized weights, activations fake-quantized) and the
 real int8 model (``lowbit.nn.int8conv.Int8ResNet``) on the same batches, interleaved
 round by round, and reports each one's milliseconds and its speed relative to fp32 in
 that same run, with the int8 model's top-1.
@@ -18,6 +22,7 @@ of the original PNG images): compare methods against fp32 on the same images.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -29,11 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lowbit.assets import asset  # noqa: E402
 from lowbit.data.cifar10 import default_cifar10, load_cifar10  # noqa: E402
-from lowbit.engine.cnn import quantize_cnn  # noqa: E402
+import lowbit  # noqa: E402
 from lowbit.eval.classification import top1  # noqa: E402
-from lowbit.methods.adaround import ReconConfig  # noqa: E402
-from lowbit.methods.brecq import BRECQConfig  # noqa: E402
-from lowbit.methods.qdrop import QDropConfig  # noqa: E402
 from lowbit.models.resnet_cifar import NORMALIZE, load_resnet_cifar  # noqa: E402
 
 MODELS = {"resnet20": "resnet20-12fca82f.th", "resnet32": "resnet32-d509ac18.th"}
@@ -72,13 +74,11 @@ def main() -> None:
         for config in args.configs:
             bits, act_bits = CONFIGS[config]
             for method in args.methods:
-                cfg = {"brecq": BRECQConfig, "qdrop": QDropConfig}.get(method, ReconConfig)(iters=args.iters,
-                                                                                           seed=args.seed)  # fmt: skip
                 torch.manual_seed(args.seed)
                 t0 = time.perf_counter()
-                result = quantize_cnn(model, calib, method, bits=bits, act_bits=act_bits, recon=cfg)
+                q = quantize(model, calib, method, bits, act_bits, args)
                 seconds = time.perf_counter() - t0
-                acc = top1(result.model, x, y)
+                acc = top1(q, x, y)
                 rows.append({"model": model_name, "config": config, "method": method, "top1": acc,
                              "seconds": round(seconds, 1), "iters": args.iters})  # fmt: skip
                 print(f"{model_name} {config} {method:16s} top1 {acc:6.2f}  ({seconds:.0f} s)", flush=True)
@@ -86,6 +86,14 @@ def main() -> None:
                     args.json.write_text(json.dumps(rows, indent=1))
     print()
     print(table(rows, args.configs, args.methods))
+
+
+def quantize(model: torch.nn.Module, calib: torch.Tensor, method: str, bits: int, act_bits: int,
+             args: argparse.Namespace) -> torch.nn.Module:  # fmt: skip
+    """A quantized copy of ``model`` (``lowbit.quantize`` works in place); each method takes the knobs it
+    knows (``iters`` and ``seed`` for the reconstruction methods, ``mse`` for RTN)."""
+    return lowbit.quantize(copy.deepcopy(model), method, bits=bits, act_bits=act_bits, calib=calib, iters=args.iters,
+                           seed=args.seed, mse=True, progress=False).eval()  # fmt: skip
 
 
 def speed(args, calib: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -97,7 +105,7 @@ def speed(args, calib: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
     for model_name in args.models:
         model = load_resnet_cifar(asset("resnet_cifar", MODELS[model_name])).eval()
         torch.manual_seed(args.seed)
-        sim = quantize_cnn(model, calib, "rtn", bits=8, act_bits=8).model.eval()
+        sim = quantize(model, calib, "rtn", 8, 8, args)
         int8 = Int8ResNet(sim, calib).eval()
         accs = {"fp32": top1(model, x, y), "W8A8 simulated": top1(sim, x, y), "W8A8 int8": top1(int8, x, y)}
         print(f"{model_name}: engine {int8.engine}; top1 " + ", ".join(f"{k} {v:.2f}" for k, v in accs.items()),

@@ -1,24 +1,26 @@
-"""The public verb: ``lowbit.quantize(model, method_or_recipe, calib=..., **config)``."""
+"""The public verb: ``lowbit.quantize(model, method_or_recipe, calib=..., **config)``, for every
+model family."""
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from lowbit.coverage import Coverage, LayerRecord
-from lowbit.engine.sequential import block_linears, collect_model_stats, collect_stats, execution_groups, sequential
+from lowbit.engine.loop import run
 from lowbit.methods import MethodConfig, check_recipe, parse_recipe
-from lowbit.methods.transforms import input_transform
-from lowbit.models.adapters import Target, adapter_for, is_linear, plan, set_module
-from lowbit.nn.qlinear import QLinear, linear_weight
-from lowbit.nn.w8a8 import W8A8Linear
-from lowbit.observers import static_params
-from lowbit.quantized_weight import QuantizedWeight, check_finite
+from lowbit.models.adapters import adapter_for, plan
+from lowbit.nn.qmodule import op_kind
+from lowbit.quantized_weight import check_finite
+
+# Weight granularity per model family when a recipe built from names does not set it: vision
+# models' papers quantize weights per output channel; language models per group of 128.
+FAMILY_GROUP_SIZE = {"cnn": -1, "vit": -1}
+# Bits of the first and last quantized layers (weights and their input activations) by default.
+FAMILY_FIRST_LAST_BITS = {"cnn": 8, "vit": 8}
 
 
 def quantize(
@@ -30,126 +32,86 @@ def quantize(
     nsamples: int = 128,
     seqlen: int = 512,
     seed: int = 0,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     device: str | torch.device | None = None,
     skip: list[str] | tuple[str, ...] = (),
     include_lm_head: bool = False,
+    first_last_bits: int | None | str = "auto",
     kernel: str = "auto",
     progress: bool = True,
     **config,
 ) -> nn.Module:
-    """Quantize ``model`` in place and return it.
+    """Quantize ``model`` in place and return it: any ``nn.Module`` (a language model, an encoder,
+    a ViT, a CNN), any registered method or recipe.
 
-    ``method_or_recipe``: a registered name (``"rtn"``, ``"gptq"``), a
+    ``method_or_recipe``: a registered name (``"rtn"``, ``"gptq"``, ``"qdrop"``), a
     ``+``-joined recipe (``"awq+gptq"``), a method config, or a list of them;
     ``config`` fills the configs built from names (``bits=4, group_size=128``).
-    The last method of a recipe that quantizes decides the codes; the methods
-    before it transform the model first.
+    The last method of a recipe decides the codes; the methods before it transform
+    the model first.
 
-    ``calib`` (for methods that need data): token ids ``[n, seqlen]``, a list of
-    model inputs, or a text file path read with ``tokenizer`` into ``nsamples``
-    random windows of ``seqlen`` tokens (``seed``). ``skip``: glob patterns of
-    module names to keep in full precision. Every weight-bearing layer ends up in
-    ``model.lowbit_coverage``, quantized or skipped with a reason.
+    ``calib`` (for methods that need data): token ids ``[n, seqlen]``, a float tensor of
+    model inputs (images ``[n, 3, H, W]``), a list of model inputs, or a text file path
+    read with ``tokenizer`` into ``nsamples`` random windows of ``seqlen`` tokens
+    (``seed``). ``skip``: glob patterns of module names to keep in full precision.
+    ``first_last_bits``: bits of the first and last quantized layers (``"auto"``: 8 for
+    vision models, as their papers keep them; ``None``: like the rest). Every parameter of
+    two or more dimensions ends up in ``model.lowbit_coverage``, quantized (by the method
+    that really decided its codes) or skipped with a reason.
     """
-    methods = parse_recipe(method_or_recipe, **config)
+    start = time.perf_counter()
+    adapter = adapter_for(model)
+    if isinstance(method_or_recipe, str) and "group_size" not in config and adapter.family in FAMILY_GROUP_SIZE:
+        config["group_size"] = FAMILY_GROUP_SIZE[adapter.family]
+    methods = [m.for_family(adapter.family) for m in parse_recipe(method_or_recipe, **config)]
     check_recipe(methods)
     quantizer = methods[-1]
     if not quantizer.quantizes:
         raise ValueError(f"recipe ends with {quantizer.name}, which does not quantize; add a quantizer such as rtn")
-    transforms = methods[:-1]
-    start = time.perf_counter()
-    targets = plan(model, skip=skip, include_lm_head=include_lm_head)
-    if not any(is_linear(t.module) or isinstance(t.module, QLinear) for t in targets):
-        raise ValueError(f"{type(model).__name__} holds no nn.Linear layers to quantize")
-    todo = [t for t in targets if t.skip is None and not isinstance(t.module, QLinear)]
-    for t in todo:
-        check_finite(linear_weight(t.module), f"{t.name}.weight")
-
-    records: dict[str, LayerRecord] = {}
-    batches = None
-    if any(m.needs_calibration for m in methods) or quantizer.static_activations:
-        batches = _calibration_batches(model, calib, tokenizer, nsamples, seqlen, seed, batch_size)
-        _quantize_calibrated(model, transforms, quantizer, todo, batches, device, kernel, progress, records)
-    elif transforms:
+    for m in methods:
+        reason = m.refuses(adapter.family)
+        if reason:
+            raise ValueError(f"{m.name} cannot run on {type(model).__name__} ({adapter.family}): {reason}")
+    needs_data = any(m.needs_calibration for m in methods) or quantizer.static_activations
+    if methods[:-1] and not needs_data:
         raise ValueError(f"{'+'.join(m.name for m in methods)}: transforms need calibration data")
-    fmt = quantizer.weight_format
-    rest = [t for t in todo if t.name not in records]
-    calibrated = any(m.needs_calibration for m in methods) or quantizer.static_activations
-    stats = {}
-    if calibrated and rest:  # outside the blocks: observed on whole-model passes through the quantized blocks
-        modules = {t.name: t.module for t in rest}
-        stats = collect_model_stats(model, batches, modules, hessian=quantizer.uses_hessian)
-    for t in tqdm(rest, desc=f"{quantizer.name} {fmt.describe()}", disable=not progress or not rest, unit="layer"):
-        st = stats.get(t.name)
-        act, how = quantizer, quantizer.name
-        if not calibrated:
-            qw = quantizer.quantize_weight(linear_weight(t.module).float())
-        elif st is not None and st.tokens:
-            qw, how = _quantize_weight(t.module, quantizer, st), f"{quantizer.name} (after the blocks)"
-        else:  # never reached by the calibration data
-            qw, how = QuantizedWeight.quantize(linear_weight(t.module).float(), fmt), "rtn (not reached by calibration)"
-            if quantizer.static_activations:
-                act = replace(quantizer, act_granularity="token", act_dynamic=True)
-                how += ", dynamic per-token activations"
-        _replace(model, t, qw, kernel, records, how, act=act, stats=st)
-
-    coverage = Coverage()
-    for t in targets:
-        reason = "already quantized" if isinstance(t.module, QLinear) else t.skip
-        coverage.add(records.get(t.name) or LayerRecord(t.name, type(t.module).__name__, "skipped", reason, t.in_block))
+    given = _calibration_batches(calib, tokenizer, nsamples, seqlen, seed, batch_size) if calib is not None else None
+    if needs_data and given is None:
+        _calibration_batches(None, tokenizer, nsamples, seqlen, seed, batch_size)  # says what to pass
+    batches = given if needs_data else None
+    model.eval()
+    notes = adapter.prepare(model, _example(given))  # calibration data, even unused, checks BatchNorm folding
+    targets = plan(model, skip=skip, include_lm_head=include_lm_head, adapter=adapter)
+    todo = [t for t in targets if t.skip is None]
+    if not todo and not any(t.skip == "already quantized" for t in targets):
+        raise ValueError(f"{type(model).__name__} holds no layer lowbit can quantize (linears or convs)")
+    for t in todo:
+        if op_kind(t.module) is not None:
+            check_finite(t.module.weight.detach(), f"{t.name}.weight")
+    if first_last_bits == "auto":
+        first_last_bits = FAMILY_FIRST_LAST_BITS.get(adapter.family)
+    coverage = run(model, adapter, methods, targets, batches, _default_device(device), first_last_bits, progress,
+                   kernel)  # fmt: skip
     model.lowbit_coverage = coverage
     model.lowbit_recipe = [{"method": m.name, **asdict(m)} for m in methods]
+    model.lowbit_family = adapter.family
+    model.lowbit_notes = notes
     model.lowbit_seconds = time.perf_counter() - start
     return model
 
 
-def _replace(root, t: Target, qw: QuantizedWeight, kernel: str, records: dict, method: str, rel=None, act=None,
-             stats=None):  # fmt: skip
-    new = _integer_linear(t.module, qw, act, stats) if act is not None and act.act_bits else None
-    if new is None:
-        new = QLinear(qw, t.module.bias, kernel)
-    set_module(root, rel or t.name, new)
-    records[t.name] = LayerRecord(
-        t.name, type(t.module).__name__, "quantized", "", t.in_block, qw.fmt.describe(), qw.bits_per_weight,
-        qw.numel, method, new.act.describe() if isinstance(new, W8A8Linear) else "",
-    )  # fmt: skip
+def _example(batches):
+    if not batches:
+        return None
+    b = batches[0]
+    return b[:2] if torch.is_tensor(b) else b
 
 
-def _integer_linear(module: nn.Module, qw: QuantizedWeight, config: MethodConfig, stats) -> W8A8Linear:
-    """The integer-activation linear for ``module``: its activation format, static scales from
-    ``stats`` (observed after any input transform), and what earlier methods attached to it."""
-    fmt = config.act_format
-    perm, bounds = getattr(module, "lowbit_act_groups", (None, None))
-    if bounds is not None:
-        fmt = replace(fmt, granularity="group", dynamic=False)
-    shift, inv_scale = input_transform(module)
-    kw = {}
-    if not fmt.dynamic:
-        if stats is None:
-            raise ValueError("static activation scales need calibration data")
-        scale, zero = static_params(stats.channel_stats(), fmt, config.act_observer, perm, bounds,
-                                    config.act_percentile)  # fmt: skip
-        kw = dict(act_scale=scale, act_zero=zero, act_bounds=bounds)
-    return W8A8Linear(qw, module.bias, fmt, perm=perm, input_shift=shift, input_scale=inv_scale,
-                      outlier_threshold=getattr(config, "threshold", None), **kw)  # fmt: skip
-
-
-def _quantize_weight(module: nn.Module, quantizer: MethodConfig, stats) -> QuantizedWeight:
-    """Codes for ``module``'s weight, its columns in the order its activation groups put them."""
-    w = linear_weight(module).float()
-    perm, _ = getattr(module, "lowbit_act_groups", (None, None))
-    if perm is not None:
-        w = w[:, perm]
-        stats = stats.permuted(perm) if stats is not None else None
-    return quantizer.quantize_linear(w, stats)
-
-
-def _calibration_batches(model, calib, tokenizer, nsamples, seqlen, seed, batch_size) -> list:
+def _calibration_batches(calib, tokenizer, nsamples, seqlen, seed, batch_size) -> list:
     from lowbit.data import calibration_windows, read_text
 
     if calib is None:
-        raise ValueError("this recipe needs calibration data: pass calib= (token ids or a text file)")
+        raise ValueError("this recipe needs calibration data: pass calib= (token ids, images or a text file)")
     if isinstance(calib, (str, os.PathLike)):
         if tokenizer is None:
             raise ValueError("calib is a text file: pass tokenizer= to read it")
@@ -157,43 +119,16 @@ def _calibration_batches(model, calib, tokenizer, nsamples, seqlen, seed, batch_
     if torch.is_tensor(calib):
         if calib.dim() == 1:
             calib = calib.unsqueeze(0)
-        return list(calib.split(batch_size))
+        if calib.is_floating_point() and not bool(torch.isfinite(calib).all()):
+            raise ValueError("calibration inputs hold NaN or Inf")
+        size = batch_size or (8 if calib.dtype == torch.long else 256)
+        return list(calib.split(size))
     if isinstance(calib, (list, tuple)) and calib:
         return list(calib)
-    raise TypeError("calib must be token ids [n, seqlen], a list of model inputs, or a text file path")
+    raise TypeError("calib must be token ids [n, seqlen], a tensor of inputs, a list of model inputs, or a text file")
 
 
 def _default_device(device) -> torch.device:
     if device is not None:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _quantize_calibrated(model, transforms, quantizer, todo, batches, device, kernel, progress, records) -> None:
-    adapter = adapter_for(model)
-    blocks = adapter.blocks(model) or [("", model)]
-    wanted = {t.name: t for t in todo}
-
-    def process(block_name: str, block: nn.Module, inputs, replay) -> None:
-        prefix = f"{block_name}." if block_name else ""
-        linears = {rel: m for rel, m in block_linears(block).items() if prefix + rel in wanted}
-        for transform in [*transforms, quantizer]:
-            transform.transform_block(block, inputs, adapter.scale_pairs(block), linears, quantizer)
-            linears = {rel: block.get_submodule(rel) for rel in linears}
-            replay.changed()
-        if quantizer.true_sequential:
-            groups = execution_groups(block, inputs, list(linears))
-        else:
-            groups = [list(linears)]
-        for group in groups:
-            modules = {rel: block.get_submodule(rel) for rel in group}
-            stats = collect_stats(block, inputs, modules, replay, hessian=quantizer.uses_hessian)
-            for rel in group:
-                module = block.get_submodule(rel)
-                qw = _quantize_weight(module, quantizer, stats[rel])
-                t = wanted[prefix + rel]
-                target = Target(t.name, module, t.in_block, None)
-                _replace(block, target, qw, kernel, records, quantizer.name, rel, act=quantizer, stats=stats[rel])
-            replay.changed(group)
-
-    sequential(model, blocks, batches, _default_device(device), process, progress)

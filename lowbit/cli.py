@@ -45,17 +45,18 @@ def _log(msg: str) -> None:
 
 @app.command()
 def quantize(
-    model: str = typer.Argument(..., help="model directory, hub id, or alias (minilm, stories260K)"),
+    model: str = typer.Argument(..., help="model directory, hub id, checkpoint, or alias (minilm, stories260K, "
+                                          "resnet20, resnet32, vit_cifar)"),
     out: Path = typer.Option(..., "--out", help="directory to write; must not exist or be empty"),
     method: str = typer.Option(
         "rtn",
-        help="method or +-joined recipe: rtn, gptq, awq, awq+gptq, llmint8, zeroquant, smoothquant+rtn, "
-        "osplus+rtn, rptq+rtn, peg+rtn",
+        help="method or +-joined recipe: rtn, gptq, awq, awq+gptq, adaround, brecq, qdrop, bias_correction, "
+        "llmint8, zeroquant, smoothquant+rtn, osplus+rtn, rptq+rtn, peg+rtn",
     ),
     recipe_file: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe (overrides --method)"),
     bits: Optional[int] = typer.Option(None, help="weight bits, 2-8 (default 4; 8 for llmint8)"),
     group_size: Optional[int] = typer.Option(
-        None, "--group-size", help="group size; -1 for per-channel (default 128; -1 for llmint8)"
+        None, "--group-size", help="group size; -1 for per-channel (default 128; per-channel for vision models)"
     ),
     sym: Optional[bool] = typer.Option(
         None, "--sym/--asym", help="symmetric or asymmetric (zero-point) weights (default asym for int weights)"
@@ -67,79 +68,81 @@ def quantize(
     act_bits: Optional[int] = typer.Option(
         None, "--act-bits", help="integer activations (2-8; 8 for W8A8) and an integer matmul"
     ),
-    act_granularity: str = typer.Option(
-        "token", "--act-granularity", help="activation scales: token (one per row) or tensor (one per input)"
+    act_granularity: Optional[str] = typer.Option(
+        None, "--act-granularity",
+        help="activation scales: token (one per row) or tensor (default: token for language models, tensor for vision)",
     ),
     act_dynamic: Optional[bool] = typer.Option(
         None, "--act-dynamic/--act-static",
         help="scales at run time or from calibration (default: token dynamic, tensor static, which needs --calib)",
     ),
-    act_sym: bool = typer.Option(True, "--act-sym/--act-asym", help="symmetric or zero-point activations"),
+    act_sym: Optional[bool] = typer.Option(None, "--act-sym/--act-asym", help="symmetric or zero-point activations"),
     act_observer: Optional[str] = typer.Option(
-        None, "--act-observer", help="static scales: minmax (default for LLMs), ema, percentile, mse (CNNs) or kl"
+        None, "--act-observer", help="static scales: minmax (default for language models), ema, percentile, "
+                                     "mse (default for vision models) or kl",
     ),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="calibration text file"),
-    calib_images: Optional[Path] = typer.Option(
-        None, "--calib-images", help="CNNs: CIFAR-10 images (a .tar.gz or a folder of class folders) to calibrate on"
+    calib: Optional[Path] = typer.Option(
+        None, "--calib", "--calib-images",
+        help="calibration data: a text file (language models, encoders) or CIFAR-10 images, a .tar.gz or a "
+             "folder of class folders (vision models)",
     ),
-    iters: Optional[int] = typer.Option(None, "--iters", help="CNNs: reconstruction steps per unit (adaround, brecq, qdrop)"),
-    first_last_bits: int = typer.Option(8, "--first-last-bits", help="CNNs: bits of the first and last layers (0: as the rest)"),
-    nsamples: Optional[int] = typer.Option(None, help="calibration windows (default 128), or images for CNNs (default 1024)"),
+    iters: Optional[int] = typer.Option(None, "--iters", help="reconstruction steps per unit (adaround, brecq, qdrop)"),
+    first_last_bits: Optional[int] = typer.Option(
+        None, "--first-last-bits", help="bits of the first and last quantized layers (default 8 for vision models; "
+                                        "0: as the rest)",
+    ),
+    nsamples: Optional[int] = typer.Option(None, help="calibration windows (default 128), or images (default 1024)"),
     seqlen: int = typer.Option(512, help="tokens per calibration window"),
     seed: int = typer.Option(0, help="calibration sampling seed"),
     skip: list[str] = typer.Option([], "--skip", help="glob of module names to keep in full precision"),
     include_lm_head: bool = typer.Option(False, "--include-lm-head", help="quantize the output projection too"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
 ):
-    """Quantize MODEL and write a lowbit checkpoint to --out."""
-    from lowbit.models.resnet_cifar import is_resnet_cifar_checkpoint
-
-    if calib_images is not None or is_resnet_cifar_checkpoint(model):
-        return _quantize_cnn(model, out, method, bits, act_bits, act_observer or "mse", calib_images,
-                             nsamples or 1024, seed, iters, first_last_bits, skip, as_json)  # fmt: skip
-    act_observer = act_observer or "minmax"
-    nsamples = 128 if nsamples is None else nsamples
+    """Quantize MODEL (any family) and write a lowbit checkpoint to --out."""
     import lowbit
-    from lowbit.data import calibration_windows, read_text
     from lowbit.io.native import check_output_dir
     from lowbit.methods import check_recipe, load_recipe, parse_recipe
-    from lowbit.models import load_pretrained, resolve_model_path
 
     try:
         check_output_dir(out)
         config = dict(bits=bits, group_size=group_size, symmetric=sym, format=fmt, mse=mse, act_bits=act_bits,
                       act_granularity=act_granularity, act_dynamic=act_dynamic, act_symmetric=act_sym,
-                      act_observer=act_observer)  # fmt: skip
+                      act_observer=act_observer, iters=iters, seed=seed)  # fmt: skip
+        if iters is not None and iters < 1:
+            raise ValueError(f"--iters {iters} is invalid; use at least 1")
+        if nsamples is not None and nsamples < 1:
+            raise ValueError(f"--nsamples {nsamples} is invalid; use at least 1")
         recipe = load_recipe(recipe_file, **config) if recipe_file else parse_recipe(method, **config)
         check_recipe(recipe)
         method = "+".join(m.name for m in recipe)
         needs_data = any(m.needs_calibration for m in recipe) or recipe[-1].static_activations
         if needs_data and calib is None:
-            raise ValueError(f"{method} needs calibration data; pass --calib TEXTFILE")
-        resolve_model_path(model)
-        calib_text = read_text(calib) if calib is not None else None
-        if nsamples < 1:
-            raise ValueError(f"--nsamples {nsamples} is invalid; use at least 1")
+            raise ValueError(f"{method} needs calibration data; pass --calib (a text file or images)")
+        if calib is not None and not calib.exists():
+            raise FileNotFoundError(f"calibration data {calib} does not exist")
         _quiet_transformers()
-        net, tokenizer = load_pretrained(model)
-        windows = None
-        if calib_text is not None:
-            if tokenizer is None:
-                raise ValueError(f"{model} has no tokenizer to read --calib with")
-            windows = calibration_windows(tokenizer, calib_text, nsamples, seqlen, seed)
-            if not needs_data:
-                _log(f"note: {method} does not use calibration data; --calib was checked and not used")
-        lowbit.quantize(net, recipe, calib=windows if needs_data else None, skip=skip, include_lm_head=include_lm_head)
+        net, tokenizer = _load_model(model)
+        data = _calibration(net, tokenizer, calib, nsamples, seqlen, seed) if calib is not None else None
+        if data is not None and not needs_data:
+            _log(f"note: {method} does not use calibration data; --calib was checked and not used")
+        # by name, so that the model family fills what the flags leave unset (as the Python API does)
+        target, overrides = (recipe, {}) if recipe_file else (method, {k: v for k, v in config.items() if v is not None})
+        flb = "auto" if first_last_bits is None else (first_last_bits or None)
+        lowbit.quantize(net, target, calib=data if needs_data else None, skip=skip, include_lm_head=include_lm_head,
+                        first_last_bits=flb, progress=not as_json, **overrides)  # fmt: skip
         lowbit.save(net, out, tokenizer=tokenizer)
     except USER_ERRORS as e:
         _fail(e)
     cov = net.lowbit_coverage
     done, total = cov.block_counts()
+    quantizer = net.lowbit_recipe[-1]
     result = {
         "out": str(out),
         "method": method,
-        "format": recipe[-1].weight_format.describe(),
-        "activations": recipe[-1].act_format.describe() if recipe[-1].act_format else None,
+        "family": net.lowbit_family,
+        "bits": quantizer.get("bits"),
+        "group_size": quantizer.get("group_size"),
+        "act_bits": quantizer.get("act_bits"),
         "bits_per_weight": cov.mean_bits_per_weight(),
         "layers_quantized": len(cov.quantized),
         "layers_skipped": len(cov.skipped),
@@ -151,53 +154,36 @@ def quantize(
     _emit(result, as_json, f"wrote {out}\n{cov.summary()}\nbits per weight {result['bits_per_weight']:.3f}")
 
 
-def _quantize_cnn(model, out, method, bits, act_bits, observer, calib_images, nsamples, seed, iters,
-                  first_last_bits, skip, as_json):  # fmt: skip
-    """The CNN path of ``quantize``: a CIFAR ResNet checkpoint, calibrated on images."""
-    from lowbit.data.cifar10 import load_cifar10
-    from lowbit.engine.cnn import CNN_METHODS, quantize_cnn
-    from lowbit.io.cnn_checkpoint import save_cnn
-    from lowbit.io.native import check_output_dir
-    from lowbit.methods.adaround import ReconConfig
-    from lowbit.methods.brecq import BRECQConfig
-    from lowbit.methods.qdrop import QDropConfig
-    from lowbit.models.resnet_cifar import NORMALIZE, load_resnet_cifar
+def _load_model(model: str):
+    from lowbit.models.loading import load_model, resolve_model_path
 
-    try:
-        check_output_dir(out)
-        if method not in CNN_METHODS:
-            raise ValueError(f"--method {method} is not a CNN method; choose one of {', '.join(CNN_METHODS)}")
-        if calib_images is None:
-            raise ValueError("CNN quantization needs calibration images; pass --calib-images PATH")
-        if nsamples < 1 or (iters is not None and iters < 1):
-            raise ValueError("--nsamples and --iters must be positive")
-        net = load_resnet_cifar(model)
-        images, _ = load_cifar10(calib_images, split="train", limit=nsamples, seed=seed, normalize=NORMALIZE)
-        cfg = {"brecq": BRECQConfig, "qdrop": QDropConfig}.get(method, ReconConfig)(seed=seed)
-        if iters is not None:
-            cfg.iters = iters
-        result = quantize_cnn(net, images, method, bits=bits or 4, act_bits=act_bits, observer=observer,
-                              first_last_bits=first_last_bits or None, recon=cfg, skip=tuple(skip),
-                              progress=not as_json)  # fmt: skip
-        meta = {"recipe": method, "bits": bits or 4, "act_bits": act_bits, "first_last_bits": first_last_bits,
-                "calibration_images": images.shape[0], "seed": seed, "coverage": result.coverage.to_dict()}  # fmt: skip
-        save_cnn(result.model, out, meta)
-    except USER_ERRORS as e:
-        _fail(e)
-    cov = result.coverage
-    summary = {
-        "out": str(out),
-        "method": method,
-        "bits": bits or 4,
-        "act_bits": act_bits,
-        "bits_per_weight": cov.mean_bits_per_weight(),
-        "layers_quantized": len(cov.quantized),
-        "layers_skipped": len(cov.skipped),
-        "activation_sites": sum(1 for r in cov.quantized if r.act) + len(result.plan.act_sites),
-        "seconds": round(result.seconds, 3),
-        "size_bytes": _dir_size(out),
-    }
-    _emit(summary, as_json, f"wrote {out}\n{cov.summary()}\nbits per weight {summary['bits_per_weight']:.3f}")
+    if not Path(model).exists():
+        resolve_model_path(model)  # a one-line error for a path that does not exist
+    return load_model(model)
+
+
+def _calibration(net, tokenizer, path: Path, nsamples, seqlen: int, seed: int):
+    """Token windows from a text file for language models, images for vision models."""
+    from lowbit.models.adapters import adapter_for
+
+    if adapter_for(net).family in ("cnn", "vit") or _is_image_data(path):
+        from lowbit.data.cifar10 import load_cifar10
+        from lowbit.models.loading import normalization
+
+        norm = normalization(net)
+        if norm is None:
+            raise ValueError(f"{type(net).__name__} takes no images; pass a text file to --calib")
+        images, _ = load_cifar10(path, split="train", limit=nsamples or 1024, seed=seed, normalize=norm)
+        return images
+    from lowbit.data import calibration_windows, read_text
+
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer to read a --calib text file with")
+    return calibration_windows(tokenizer, read_text(path), nsamples or 128, seqlen, seed)
+
+
+def _is_image_data(path: Path) -> bool:
+    return path.is_dir() or path.name.endswith((".tar.gz", ".tgz", ".tar"))
 
 
 def _dir_size(path: Path) -> int:
@@ -213,71 +199,71 @@ def _load_any(model: str):
 
     import lowbit
     from lowbit.io.native import read_quantization_config
-    from lowbit.models import load_pretrained
 
     path = Path(model)
-    if path.is_dir() and read_quantization_config(path).get("quant_method") in READABLE:
+    if path.is_dir() and (path / "config.json").is_file() and \
+            read_quantization_config(path).get("quant_method") in READABLE:  # fmt: skip
         net = lowbit.load(path)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path))
-        except (OSError, ValueError):
+        except (OSError, ValueError, TypeError):
             tokenizer = None
         return net, tokenizer
-    return load_pretrained(model)
+    return _load_model(model)
 
 
 @app.command("eval")
 def evaluate(
-    model: str = typer.Argument(..., help="lowbit checkpoint, model directory, hub id or alias"),
-    ppl: Optional[Path] = typer.Option(None, "--ppl", help="text file for perplexity"),
+    model: str = typer.Argument(..., help="lowbit checkpoint, model directory, hub id, checkpoint or alias"),
+    ppl: Optional[Path] = typer.Option(None, "--ppl", help="text file for perplexity (language models)"),
     cifar10: Optional[Path] = typer.Option(
         None, "--cifar10", help="CIFAR-10 test images (.tar.gz or a folder of class folders): top-1 accuracy"
     ),
+    limit: Optional[int] = typer.Option(None, "--limit", help="cifar10: a class-balanced subset of this many images"),
     seqlen: int = typer.Option(512, help="tokens per chunk"),
     batch_size: int = typer.Option(8, "--batch-size", help="chunks per forward pass"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
 ):
-    """Evaluate MODEL: perplexity of a text file (non-overlapping --seqlen chunks), or a CIFAR
-    ResNet's top-1 accuracy on CIFAR-10 test images."""
+    """Evaluate MODEL: perplexity of a text file (non-overlapping --seqlen chunks) for a language
+    model, or top-1 accuracy on CIFAR-10 test images for a vision model."""
     from lowbit.data import read_text
     from lowbit.eval import perplexity
 
-    if cifar10 is not None:
-        return _eval_cifar(model, cifar10, as_json)
     try:
-        if ppl is None:
-            raise ValueError("nothing to evaluate; pass --ppl TEXTFILE")
-        text = read_text(ppl)
-        _quiet_transformers()
-        net, tokenizer = _load_any(model)
-        if tokenizer is None:
-            raise ValueError(f"{model} has no tokenizer; perplexity needs one")
-        if not hasattr(net(input_ids=tokenizer("a", return_tensors="pt").input_ids), "logits"):
-            raise ValueError(f"{model} is not a language model; perplexity needs next-token logits")
-        result = perplexity(net, tokenizer, text, seqlen=seqlen, batch_size=batch_size)
+        if ppl is None and cifar10 is None:
+            raise ValueError("nothing to evaluate; pass --ppl TEXTFILE (language models) or --cifar10 PATH (vision)")
+        if cifar10 is not None:
+            if not cifar10.exists():
+                raise FileNotFoundError(f"CIFAR-10 images {cifar10} do not exist")
+            result = _eval_cifar(model, cifar10, limit, as_json)
+        else:
+            text = read_text(ppl)
+            _quiet_transformers()
+            net, tokenizer = _load_any(model)
+            if tokenizer is None:
+                raise ValueError(f"{model} has no tokenizer; perplexity needs one (use --cifar10 for vision models)")
+            if not hasattr(net(input_ids=tokenizer("a", return_tensors="pt").input_ids), "logits"):
+                raise ValueError(f"{model} is not a language model; perplexity needs next-token logits")
+            result = perplexity(net, tokenizer, text, seqlen=seqlen, batch_size=batch_size)
     except USER_ERRORS as e:
         _fail(e)
-    _emit(result, as_json, f"perplexity {result['ppl']:.4f} over {result['tokens']} tokens")
+    if "top1" in result:
+        _emit(result, as_json, f"top-1 {result['top1']:.2f}% over {result['images']} images")
+    else:
+        _emit(result, as_json, f"perplexity {result['ppl']:.4f} over {result['tokens']} tokens")
 
 
-def _eval_cifar(model: str, path: Path, as_json: bool) -> None:
+def _eval_cifar(model: str, path: Path, limit, as_json: bool) -> dict:
     from lowbit.data.cifar10 import load_cifar10
     from lowbit.eval.classification import top1
-    from lowbit.io.cnn_checkpoint import is_cnn_checkpoint, load_cnn
-    from lowbit.models.resnet_cifar import NORMALIZE, is_resnet_cifar_checkpoint, load_resnet_cifar
+    from lowbit.models.loading import normalization
 
-    try:
-        if is_cnn_checkpoint(model):
-            net = load_cnn(model)
-        elif is_resnet_cifar_checkpoint(model):
-            net = load_resnet_cifar(model)
-        else:
-            raise ValueError(f"{model} is neither a CIFAR ResNet checkpoint nor a lowbit CNN checkpoint")
-        images, labels = load_cifar10(path, split="test", normalize=NORMALIZE)
-        result = {"top1": top1(net, images, labels, progress=not as_json), "images": int(labels.numel())}
-    except USER_ERRORS as e:
-        _fail(e)
-    _emit(result, as_json, f"top-1 {result['top1']:.2f}% over {result['images']} images")
+    net, _ = _load_any(model)
+    norm = normalization(net)
+    if norm is None:
+        raise ValueError(f"{model} is not a CIFAR-10 vision model; use --ppl for language models")
+    images, labels = load_cifar10(path, split="test", limit=limit, normalize=norm)
+    return {"top1": top1(net, images, labels, progress=not as_json), "images": int(labels.numel())}
 
 
 @app.command()

@@ -22,13 +22,15 @@ of channels can be observed, for per-group activation scales).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from lowbit.formats import activation as A
 from lowbit.formats.activation import ActFormat
+from lowbit.formats.search import shrink_factors, shrink_search
 
 OBSERVERS = ("minmax", "ema", "percentile", "mse", "kl")
 EMA_CONSTANT = 0.1
@@ -94,14 +96,14 @@ def _quantile(x: torch.Tensor, q: float) -> float:
 def mse_range(values: torch.Tensor, lo: float, hi: float, fmt: ActFormat, grid: int = 100,
               min_ratio: float = 0.1) -> tuple[float, float]:  # fmt: skip
     """Shrink ``[lo, hi]`` by ``p`` in ``(min_ratio, 1]`` to minimise the mean squared error on ``values``."""
-    best, best_err = (lo, hi), float("inf")
-    for i in range(grid):
-        p = 1 - i * (1 - min_ratio) / grid
-        scale, zero = A.params_from_range(torch.tensor(p * lo), torch.tensor(p * hi), fmt)
-        err = float((A.codes(values, scale, zero, fmt) * scale - values).pow(2).mean())
-        if err < best_err:
-            best, best_err = (p * lo, p * hi), err
-    return best
+
+    def error(lo_p, hi_p):
+        scale, zero = A.params_from_range(lo_p.float(), hi_p.float(), fmt)
+        return (A.codes(values, scale, zero, fmt) * scale - values).pow(2).mean()
+
+    best_lo, best_hi = shrink_search(torch.tensor(float(lo)), torch.tensor(float(hi)), error,
+                                     shrink_factors(grid, (1 - min_ratio) / grid))  # fmt: skip
+    return float(best_lo), float(best_hi)
 
 
 def kl_threshold(mags: torch.Tensor, bits: int = 8, bins: int = 2048) -> float:
@@ -154,3 +156,74 @@ def static_params(stats: ChannelStats, fmt: ActFormat, observer: str, perm: torc
         scales.append(s)
         zeros.append(z)
     return torch.stack(scales).float(), torch.stack(zeros).float()
+
+
+@dataclass
+class InputStats:
+    """What a quantizer may want to know of a layer's input rows ``x: [rows, K]`` (a linear's
+    tokens, a conv's unfolded patches, an activation's positions by channel).
+
+    ``H = 2/n X^T X`` (GPTQ's Hessian of the layer's squared output error; only
+    when asked for: it costs a ``K x K`` product per batch),
+    ``abs_mean`` per input channel (AWQ's activation salience), ``abs_max``
+    (SmoothQuant's activation range), per-channel ``lo``/``hi`` and per-batch
+    ranges, and a fixed sample of whole input rows (activation observers).
+    """
+
+    H: torch.Tensor | None
+    abs_mean: torch.Tensor
+    abs_max: torch.Tensor
+    tokens: int = 0
+    lo: torch.Tensor | None = None
+    hi: torch.Tensor | None = None
+    batch_lo: list = field(default_factory=list)
+    batch_hi: list = field(default_factory=list)
+    rows: list = field(default_factory=list)
+    unsupported: str = ""  # why a layer's inputs could not be observed, if they could not
+
+    SAMPLE_VALUES_PER_BATCH: ClassVar[int] = 65536  # rows sampled per batch: this many values' worth
+
+    @classmethod
+    def empty(cls, width: int, device=None, hessian: bool = False) -> InputStats:
+        zeros = torch.zeros(width, device=device)
+        H = torch.zeros(width, width, device=device) if hessian else None
+        return cls(H, zeros, zeros.clone(), 0,
+                   torch.full((width,), float("inf"), device=device),
+                   torch.full((width,), float("-inf"), device=device))  # fmt: skip
+
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate rows ``x: [..., K]``."""
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        n = x.shape[0]
+        if n == 0:
+            return
+        total = self.tokens + n
+        if self.H is not None:
+            self.H.mul_(self.tokens / total).addmm_(x.t(), x, alpha=2 / total)
+        self.abs_mean.mul_(self.tokens / total).add_(x.abs().sum(0) / total)
+        torch.maximum(self.abs_max, x.abs().amax(0), out=self.abs_max)
+        blo, bhi = x.amin(0), x.amax(0)
+        torch.minimum(self.lo, blo, out=self.lo)
+        torch.maximum(self.hi, bhi, out=self.hi)
+        self.batch_lo.append(blo.cpu())
+        self.batch_hi.append(bhi.cpu())
+        gen = torch.Generator().manual_seed(len(self.rows))  # fixed per batch: same data, same sample
+        take = min(n, max(1, self.SAMPLE_VALUES_PER_BATCH // x.shape[1]))
+        pick = torch.randperm(n, generator=gen)[:take]
+        self.rows.append(x[pick.to(x.device)].cpu())
+        self.tokens = total
+
+    def channel_stats(self) -> ChannelStats:
+        """What the activation observers read (on the CPU)."""
+        if not self.tokens:
+            raise ValueError("this layer saw no calibration data; static activation scales need some")
+        return ChannelStats(self.lo.cpu(), self.hi.cpu(), torch.stack(self.batch_lo), torch.stack(self.batch_hi),
+                            torch.cat(self.rows))  # fmt: skip
+
+    def permuted(self, perm: torch.Tensor) -> InputStats:
+        """The statistics of ``x[:, perm]``."""
+        p = perm.to(self.abs_mean.device)
+        H = self.H[p][:, p] if self.H is not None else None
+        return InputStats(H, self.abs_mean[p], self.abs_max[p], self.tokens, self.lo[p], self.hi[p],
+                          [b[perm] for b in self.batch_lo], [b[perm] for b in self.batch_hi],
+                          [r[:, perm] for r in self.rows])  # fmt: skip

@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from lowbit.formats import floating, integer, packing
 from lowbit.formats.spec import WeightFormat
+
+
+def matrix_shape_of(shape: tuple[int, ...]) -> tuple[int, int]:
+    """``(out, prod(rest))``: the ``[out, K]`` view every weight is grouped and packed in.
+
+    A conv ``[out, in/groups, kh, kw]`` becomes ``[out, in/groups*kh*kw]`` (row-major,
+    so a row is one output channel's whole filter), which lets convs share the
+    linear layers' groups, codes and packing unchanged.
+    """
+    shape = tuple(int(d) for d in shape)
+    if len(shape) < 2:
+        raise ValueError(
+            f"a quantized weight needs at least 2 dimensions [out, ...], got shape {shape}; "
+            "biases and norms stay in floating point"
+        )
+    return shape[0], math.prod(shape[1:])
 
 
 def check_finite(w: torch.Tensor, name: str = "weight") -> None:
@@ -22,7 +39,12 @@ def check_finite(w: torch.Tensor, name: str = "weight") -> None:
 class QuantizedWeight:
     """Packed codes + scales (+ integer zero points) + format + original shape.
 
-    ``packed``: ``uint8`` bit stream of the ``[out, in]`` codes (see ``formats.packing``).
+    ``shape`` is the original weight's shape: ``[out, in]`` for a linear,
+    ``[out, in/groups, kh, kw]`` for a Conv2d, ``[out, in/groups, k]`` for a Conv1d.
+    Everything else lives in the matrix view ``matrix_shape = [out, K]``,
+    ``K = prod(shape[1:])``, with groups along ``K`` (ragged last group allowed):
+
+    ``packed``: ``uint8`` bit stream of the ``[out, K]`` codes (see ``formats.packing``).
     ``scale``: ``[out, ngroups]`` in fp16 (fp32 when a scale does not fit fp16).
     ``zero``: ``uint8 [out, ngroups]`` for asymmetric integer formats, else ``None``.
     """
@@ -31,7 +53,7 @@ class QuantizedWeight:
     scale: torch.Tensor
     zero: torch.Tensor | None
     fmt: WeightFormat
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
 
     @classmethod
     def from_codes(
@@ -40,7 +62,24 @@ class QuantizedWeight:
         scale: torch.Tensor,
         zero: torch.Tensor | None,
         fmt: WeightFormat,
+        shape: tuple[int, ...] | None = None,
     ) -> QuantizedWeight:
+        """Pack ``codes: [out, K]`` (the matrix view) of a weight whose original shape is ``shape``.
+
+        ``shape`` defaults to the codes' own shape (a linear); a conv passes its
+        N-D shape so that ``dequantize()`` gives the conv weight back.
+        """
+        if codes.dim() != 2:
+            raise ValueError(
+                f"codes must be the 2-D matrix view [out, K], got shape {tuple(codes.shape)}; "
+                "reshape them with codes.reshape(shape[0], -1)"
+            )
+        shape = tuple(int(d) for d in (codes.shape if shape is None else shape))
+        if matrix_shape_of(shape) != tuple(codes.shape):
+            raise ValueError(
+                f"codes of shape {tuple(codes.shape)} are not the matrix view of a weight of shape {shape}; "
+                f"expected {matrix_shape_of(shape)}"
+            )
         # fp16 when that loses nothing (lowbit's own scales are rounded to fp16 when found);
         # scales from elsewhere that fp16 would change stay fp32
         exact = scale.float().to(torch.float16).float()
@@ -53,7 +92,7 @@ class QuantizedWeight:
             scale=scale.detach().to(storage).cpu().contiguous(),
             zero=zero.detach().to(torch.uint8).cpu().contiguous() if fmt.has_zero else None,
             fmt=fmt,
-            shape=(int(codes.shape[0]), int(codes.shape[1])),
+            shape=shape,
         )
 
     @classmethod
@@ -64,11 +103,18 @@ class QuantizedWeight:
         scale: torch.Tensor | None = None,
         zero: torch.Tensor | None = None,
     ) -> QuantizedWeight:
-        """Quantize ``w: [out, in]``; min-max (or absmax) parameters unless given."""
-        if w.dim() != 2:
-            raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(w.shape)}")
+        """Quantize ``w: [out, ...]`` through its matrix view ``[out, K]``; min-max (or absmax) unless given.
+
+        ``scale`` / ``zero``, when given, are ``[out, ngroups]`` of that matrix view.
+        """
+        if w.dim() < 2:
+            raise ValueError(
+                f"expected a weight of at least 2 dimensions ([out, in] or a conv's [out, in/groups, *kernel]), "
+                f"got shape {tuple(w.shape)}; biases and norms stay in floating point"
+            )
         check_finite(w)
-        w = w.detach().float()
+        shape = tuple(int(d) for d in w.shape)
+        w = w.detach().float().reshape(matrix_shape_of(shape))  # [out, K]
         if fmt.kind == "int":
             if scale is None:
                 scale, zero = integer.minmax_params(w, fmt.bits, fmt.group_size, fmt.symmetric)
@@ -77,15 +123,20 @@ class QuantizedWeight:
             if scale is None:
                 scale = floating.absmax_scale(w, fmt.kind, fmt.group_size)
             codes = floating.quantize(w, scale, fmt.kind, fmt.group_size)
-        return cls.from_codes(codes, scale, zero, fmt)
+        return cls.from_codes(codes, scale, zero, fmt, shape)
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """``(out, K)``, ``K = prod(shape[1:])``: the shape of ``codes()`` and what groups split."""
+        return matrix_shape_of(self.shape)
 
     @property
     def numel(self) -> int:
-        return self.shape[0] * self.shape[1]
+        return math.prod(self.shape)
 
     def codes(self) -> torch.Tensor:
-        """Unpacked codes ``uint8 [out, in]``."""
-        return packing.unpack(self.packed, self.fmt.bits, self.numel).reshape(self.shape)
+        """Unpacked codes ``uint8 [out, K]`` (the matrix view, also for convs)."""
+        return packing.unpack(self.packed, self.fmt.bits, self.numel).reshape(self.matrix_shape)
 
     def zero_or_default(self) -> torch.Tensor:
         if self.zero is not None:
@@ -93,12 +144,13 @@ class QuantizedWeight:
         return torch.full(self.scale.shape, 1 << (self.fmt.bits - 1), dtype=torch.uint8)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        codes = self.codes()
+        """The weight in its original shape ``shape`` (``[out, in]`` or a conv's N-D shape)."""
+        codes = self.codes()  # [out, K]
         if self.fmt.kind == "int":
             w = integer.dequantize(codes, self.scale, self.zero_or_default(), self.fmt.group_size)
         else:
             w = floating.dequantize(codes, self.scale, self.fmt.kind, self.fmt.group_size)
-        return w.to(dtype)
+        return w.reshape(self.shape).to(dtype)
 
     def storage_bits(self) -> int:
         """Exact bits stored: packed codes, scales, and zero points packed at ``bits``."""
@@ -121,16 +173,19 @@ class QuantizedWeight:
     def from_tensors(
         cls, tensors: dict[str, torch.Tensor], prefix: str, fmt: WeightFormat, shape: tuple
     ) -> QuantizedWeight:
+        """Rebuild from ``to_tensors`` output; ``shape`` is the original (N-D for convs) shape."""
+        shape = tuple(int(d) for d in shape)
+        matrix_shape_of(shape)  # refuses 0-D / 1-D shapes with a message
         scale = tensors[f"{prefix}.scales"]
         zero = None
         if fmt.has_zero:
             zero = packing.unpack(tensors[f"{prefix}.qzeros"], fmt.bits, scale.numel())
             zero = zero.reshape(scale.shape)
         packed = tensors[f"{prefix}.qweight"]
-        expected = packing.packed_nbytes(shape[0] * shape[1], fmt.bits)
+        expected = packing.packed_nbytes(math.prod(shape), fmt.bits)
         if packed.numel() != expected or packed.dtype != torch.uint8:
             raise ValueError(
                 f"{prefix}.qweight holds {packed.numel()} {packed.dtype} values; "
                 f"{expected} uint8 were expected for {shape} at {fmt.bits} bits"
             )
-        return cls(packed=packed, scale=scale, zero=zero, fmt=fmt, shape=tuple(shape))
+        return cls(packed=packed, scale=scale, zero=zero, fmt=fmt, shape=shape)

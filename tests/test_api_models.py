@@ -22,15 +22,19 @@ def test_quantize_bare_sequential_with_rtn():
 
 
 def test_generic_walker_reports_unsupported_layers_as_skipped():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+    model = nn.Sequential(nn.Conv3d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6 * 6, 10))
+    x = torch.randn(2, 3, 8, 8, 8)
+    ref = model(x)
     lowbit.quantize(model, "rtn", bits=8, group_size=-1, progress=False)
     cov = model.lowbit_coverage
     assert [r.name for r in cov.quantized] == ["2"]
-    assert cov.get("0").status == "skipped" and "Conv2d" in cov.get("0").reason
+    assert cov.get("0").status == "skipped" and "Conv3d" in cov.get("0").reason
+    assert cov.get("0").numel == 8 * 3 * 27  # the skipped weight still counts in the report
+    assert isinstance(model[0], nn.Conv3d) and (model(x) - ref).norm() / ref.norm() < 0.02
 
 
 def test_model_without_linears_is_an_error():
-    with pytest.raises(ValueError, match="no nn.Linear"):
+    with pytest.raises(ValueError, match="no layer lowbit can quantize"):
         lowbit.quantize(nn.Sequential(nn.ReLU()), "rtn", progress=False)
 
 

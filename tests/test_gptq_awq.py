@@ -7,18 +7,15 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.engine.sequential import (
-    ChildReplay,
-    block_linears,
-    capture_block_inputs,
-    collect_stats,
-    execution_groups,
-)
+from lowbit.engine.capture import capture_inputs
+from lowbit.engine.loop import wrap
+from lowbit.engine.unit import Unit
 from lowbit.formats import WeightFormat, integer
-from lowbit.methods import AWQ, GPTQ, load_recipe, parse_recipe
-from lowbit.methods.awq import fold_scales, search_scales
+from lowbit.methods import AWQ, GPTQ, RTN, load_recipe, parse_recipe
+from lowbit.methods.awq import search_scales
 from lowbit.methods.gptq import gptq_quantize, inverse_hessian_cholesky
-from lowbit.models import adapter_for
+from lowbit.methods.transforms import fold_scales, foldable_pairs
+from lowbit.models import adapter_for, plan
 
 
 def _layer(seed=0, rows=48, cols=40, n=512):
@@ -122,25 +119,31 @@ def _tiny(family):
     return tf.BertModel(cfg).eval()
 
 
+def _first_block_unit(model, batches, quantizer=None):
+    """The model wrapped for quantization (nothing decided yet) and the engine's ``Unit`` for
+    its first block, with the block's captured calibration inputs."""
+    adapter = adapter_for(model)
+    adapter.prepare(model)
+    todo = [t for t in plan(model, adapter=adapter) if t.skip is None]
+    wrap(model, adapter, quantizer or RTN(bits=4, group_size=32), todo, None)
+    spec = next(s for s in adapter.units(model) if s.name == adapter.blocks(model)[0][0])
+    inputs = capture_inputs(model, model.get_submodule(spec.name), batches, torch.device("cpu"))
+    return Unit(model, spec, adapter, inputs)
+
+
 @pytest.mark.parametrize("family,npairs", [("llama", 4), ("opt", 4), ("bert", 1)])
 def test_awq_fold_leaves_block_outputs_unchanged_before_rounding(family, npairs):
     model = _tiny(family)
-    ids = torch.randint(0, 96, (2, 16))
-    block = adapter_for(model).blocks(model)[0][1]
-    inputs = capture_block_inputs(model, block, [ids], torch.device("cpu"))
-    args, kwargs = inputs.batches[0]
-    with torch.no_grad():
-        before = block(*args, **kwargs)
-        before = before[0] if isinstance(before, tuple) else before
-    pairs = adapter_for(model).scale_pairs(block)
+    unit = _first_block_unit(model, [torch.randint(0, 96, (2, 16))])
+    before = unit.outputs()
+    pairs = unit.scale_pairs()
     assert len(pairs) == npairs
+    assert foldable_pairs(unit) == pairs  # every adapter pair folds into its quantized modules
     for producer, consumers in pairs:
-        s = torch.rand(block.get_submodule(consumers[0]).in_features) * 3 + 0.2
-        fold_scales(block.get_submodule(producer), [block.get_submodule(c) for c in consumers], s)
-    with torch.no_grad():
-        after = block(*args, **kwargs)
-        after = after[0] if isinstance(after, tuple) else after
-    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+        s = torch.rand(unit.get(consumers[0]).in_features) * 3 + 0.2
+        fold_scales(unit.get(producer), [unit.get(c) for c in consumers], s)
+    unit.changed()
+    torch.testing.assert_close(unit.outputs()[0], before[0], rtol=1e-5, atol=1e-5)
 
 
 def test_awq_transform_is_exact_and_quantization_beats_rtn_on_a_tiny_llama():
@@ -148,6 +151,15 @@ def test_awq_transform_is_exact_and_quantization_beats_rtn_on_a_tiny_llama():
     ids = torch.randint(0, 96, (8, 32))
     with torch.no_grad():
         ref = model(input_ids=ids).logits
+
+    scaled = copy.deepcopy(model)
+    unit = _first_block_unit(scaled, [ids])
+    before = unit.outputs()
+    weights = {n: m.weight.clone() for n, m in unit.qmodules().items()}
+    AWQ(bits=3, group_size=32).transform(unit, RTN(bits=3, group_size=32))
+    assert any(not torch.equal(m.weight, weights[n]) for n, m in unit.qmodules().items())  # it did scale
+    torch.testing.assert_close(unit.outputs()[0], before[0], rtol=1e-4, atol=1e-4)  # and changed nothing
+
     rtn = lowbit.quantize(copy.deepcopy(model), "rtn", bits=3, group_size=32, progress=False)
     awq = lowbit.quantize(copy.deepcopy(model), "awq", calib=ids, bits=3, group_size=32, progress=False)
     with torch.no_grad():
@@ -158,30 +170,29 @@ def test_awq_transform_is_exact_and_quantization_beats_rtn_on_a_tiny_llama():
 
 def test_execution_groups_follow_the_block_and_shared_inputs():
     model = _tiny("llama")
-    block = model.model.layers[0]
-    inputs = capture_block_inputs(model, block, [torch.randint(0, 96, (2, 16))], torch.device("cpu"))
-    groups = execution_groups(block, inputs, list(block_linears(block)))
+    unit = _first_block_unit(model, [torch.randint(0, 96, (2, 16))])
+    groups = [[unit.relative(n) for n in g] for g in unit.groups()]
     assert groups == [
         ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
         ["self_attn.o_proj"],
         ["mlp.gate_proj", "mlp.up_proj"],
         ["mlp.down_proj"],
     ]
+    assert [unit.relative(n) for n in unit.qmodules()] == [n for g in groups for n in g]
 
 
 def test_replayed_children_give_the_same_statistics():
     model = _tiny("llama")
-    block = model.model.layers[0]
-    inputs = capture_block_inputs(model, block, list(torch.randint(0, 96, (4, 16)).split(2)), torch.device("cpu"))
-    replay = ChildReplay(block)
-    names = {"mlp.gate_proj": block.mlp.gate_proj}
-    first = collect_stats(block, inputs, names, replay)
-    assert "self_attn" in replay.cache  # the attention output is now reused
-    again = collect_stats(block, inputs, {"mlp.down_proj": block.mlp.down_proj}, replay, hessian=True)
-    fresh = collect_stats(block, inputs, {"mlp.down_proj": block.mlp.down_proj}, hessian=True)
-    assert torch.equal(again["mlp.down_proj"].H, fresh["mlp.down_proj"].H)
-    assert torch.equal(again["mlp.down_proj"].hi, fresh["mlp.down_proj"].hi)
-    assert first["mlp.gate_proj"].tokens == 64
+    unit = _first_block_unit(model, list(torch.randint(0, 96, (4, 16)).split(2)))
+    gate, down = (unit.prefix + n for n in ("mlp.gate_proj", "mlp.down_proj"))
+    first = unit.stats([gate])
+    assert "self_attn" in unit.replay.cache  # the attention output is now reused
+    again = unit.stats([down], hessian=True)
+    fresh = Unit(unit.model, unit.spec, unit.adapter, unit.inputs).stats([down], hessian=True)
+    assert torch.equal(again[down].H, fresh[down].H)
+    assert torch.equal(again[down].hi, fresh[down].hi)
+    assert first[gate].tokens == 64
+    assert first[gate].H is None and again[down].H.shape == (96, 96)  # a Hessian only when asked for
 
 
 def test_recipes_from_strings_configs_and_yaml(tmp_path):

@@ -14,6 +14,7 @@ from lowbit.formats import activation as A
 from lowbit.formats.activation import ActFormat
 from lowbit.kernels import int8 as int8_kernel
 from lowbit.nn import W8A8Linear
+from lowbit.nn.qmodule import QModule
 from lowbit.nn.w8a8 import quantize_per_token
 from lowbit.quantized_weight import QuantizedWeight
 
@@ -250,18 +251,30 @@ def test_static_activations_calibrate_through_the_engine(tmp_path):
 
 
 def exact_transform_only(model, method, ids_or_batch, act=None):
-    """Run ``method``'s transform on every block (no rounding) and return the model's new output."""
-    from lowbit.engine.sequential import advance, block_linears, capture_block_inputs
+    """Wrap ``model`` as the engine does and run ``method``'s transform on every unit, each on the
+    previous one's outputs, with every quantizer off (no rounding): the model now computes through
+    the transformed quantized modules in floating point. Returns the modules whose weights changed."""
+    from lowbit.engine.capture import capture_inputs
+    from lowbit.engine.loop import advance, wrap
+    from lowbit.engine.unit import Unit
     from lowbit.methods import RTN
-    from lowbit.models import adapter_for
+    from lowbit.models import adapter_for, plan
+    from lowbit.nn.qmodule import set_quantization
 
     adapter = adapter_for(model)
-    blocks = adapter.blocks(model)
-    inputs = capture_block_inputs(model, blocks[0][1], [ids_or_batch], torch.device("cpu"))
-    quantizer = RTN(bits=8, group_size=-1, symmetric=True, act_bits=8, **(act or {}))
-    for _, block in blocks:
-        method.transform_block(block, inputs, adapter.scale_pairs(block), block_linears(block), quantizer)
-        inputs = advance(block, inputs)
+    adapter.prepare(model)
+    quantizer = RTN(bits=8, group_size=-1, symmetric=True, act_bits=8, **(act or {})).for_family(adapter.family)
+    wrap(model, adapter, quantizer, [t for t in plan(model, adapter=adapter) if t.skip is None], None)
+    set_quantization(model, False)
+    before = {n: m.weight.clone() for n, m in model.named_modules() if isinstance(m, QModule)}
+    inputs = None
+    for spec in adapter.units(model):
+        if not (spec.follows and inputs is not None):
+            inputs = capture_inputs(model, model.get_submodule(spec.modules[0]), [ids_or_batch], torch.device("cpu"))
+        unit = Unit(model, spec, adapter, inputs)
+        method.transform(unit, quantizer)
+        inputs = advance(unit.outputs(), inputs)
+    return [n for n, w in before.items() if not torch.equal(model.get_submodule(n).weight, w)]
 
 
 @pytest.mark.parametrize("name", ["smoothquant", "smoothquant_fixed", "osplus"])
@@ -292,10 +305,13 @@ def test_migration_alone_leaves_outputs_unchanged(name, arch):
     with torch.no_grad():
         before = run()
     act = {"act_granularity": "tensor"} if name == "osplus" else None
-    exact_transform_only(model, method, ids, act)
-    touched = [m for m in model.modules() if getattr(m, "lowbit_transform_hooked", False)]
+    changed = exact_transform_only(model, method, ids, act)
+    assert changed, "the migration must move something into the weights"
+    explicit = [m for m in model.modules() if isinstance(m, QModule) and m.input_q.input_scale is not None]
     if arch == "bert":
-        assert touched, "post-LayerNorm encoders must get explicit input transforms"
+        assert explicit, "post-LayerNorm encoders must get explicit input transforms"
+    else:  # pre-norm decoders: the norms and linears before q/k/v, gate/up, o and down absorb it all
+        assert not explicit
     with torch.no_grad():
         torch.testing.assert_close(run(), before, rtol=1e-4, atol=1e-4)
 

@@ -22,13 +22,18 @@ from lowbit.coverage import Coverage
 from lowbit.formats.activation import ActFormat
 from lowbit.formats.spec import WeightFormat
 from lowbit.models.adapters import set_module
+from lowbit.models.loading import build_skeleton, skeleton_config
+from lowbit.nn.qconv import QConv
 from lowbit.nn.qlinear import QLinear
+from lowbit.nn.qmodule import QSite
+from lowbit.nn.quantizers import ActQuantizer
 from lowbit.nn.w8a8 import W8A8Linear
 from lowbit.quantized_weight import QuantizedWeight
 
 QUANT_METHOD = "lowbit"
 WEIGHTS = "model.safetensors"
 # the W8A8Linear buffers a checkpoint carries, by their names on the module
+ACT_BUFFERS = ("scale", "zero", "perm", "bounds", "input_shift", "input_scale")
 W8A8_BUFFERS = ("act_scale", "act_zero", "act_bounds", "perm", "input_shift", "input_scale")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -62,9 +67,10 @@ def plain_state(model: nn.Module, exclude: set[str]) -> tuple[dict[str, torch.Te
 
 
 def qlinear_state_keys(model: nn.Module) -> set[str]:
+    """State keys of the packed layers (written from their ``QuantizedWeight`` instead)."""
     keys = set()
     for name, mod in model.named_modules():
-        if isinstance(mod, QLinear):
+        if isinstance(mod, (QLinear, QConv)):
             keys.update(f"{name}.{k}" for k, _ in mod.named_parameters(recurse=False))
             keys.update(f"{name}.{k}" for k, _ in mod.named_buffers(recurse=False))
     return keys
@@ -89,8 +95,27 @@ def _collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict, dict[str,
                 for extra in W8A8_BUFFERS:
                     if getattr(mod, extra) is not None:
                         tensors[f"{name}.{extra}"] = getattr(mod, extra).detach().cpu().reshape(-1).contiguous()
-
+        elif isinstance(mod, QConv):
+            qw = mod.quantized_weight
+            tensors.update({k: v.contiguous() for k, v in qw.to_tensors(name).items()})
+            if mod.bias is not None:
+                tensors[f"{name}.bias"] = mod.bias.detach().cpu().contiguous()
+            layers[name] = {"format": qw.fmt.to_dict(), "shape": list(qw.shape), "bias": mod.bias is not None,
+                            "conv": mod.conv_config()}  # fmt: skip
     return tensors, layers, tied
+
+
+def _structure(model: nn.Module) -> dict:
+    """How the quantized model's structure differs from its architecture's: activation sites, and
+    what preparation replaced (folded BatchNorms, explicit attention)."""
+    from lowbit.models.attention import ExplicitEncoderLayer, ExplicitMultiheadAttention
+
+    return {
+        "sites": {n: m.to_config() for n, m in model.named_modules() if isinstance(m, QSite)},
+        "identity": [n for n, m in model.named_modules() if isinstance(m, nn.Identity) and n],
+        "explicit_attention": any(isinstance(m, (ExplicitEncoderLayer, ExplicitMultiheadAttention))
+                                  for m in model.modules()),  # fmt: skip
+    }
 
 
 @contextmanager
@@ -124,12 +149,14 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
         tensors, layers, tied = _collect(model)
         # a single metadata key: safetensors writes metadata in hash order, and same input must give same bytes
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        config = hf_config(model)
+        config = hf_config(model) or skeleton_config(model) or {}
         coverage = getattr(model, "lowbit_coverage", None)
         config["quantization_config"] = {
             "quant_method": QUANT_METHOD,
             "recipe": getattr(model, "lowbit_recipe", []),
+            "family": getattr(model, "lowbit_family", None),
             "layers": layers,
+            "structure": _structure(model),
             "tied": tied,
             "coverage": coverage.to_dict() if coverage else None,
         }
@@ -166,6 +193,30 @@ def _skeleton(path: Path) -> nn.Module:
     return cls.from_config(config, dtype=torch.float32)
 
 
+def _restore_structure(model: nn.Module, structure: dict, tensors: dict) -> set[str]:
+    """Put back what preparation and wrapping changed, and the activation quantizers' parameters;
+    returns the tensor keys used."""
+    from lowbit.models.attention import make_explicit
+
+    if structure.get("explicit_attention"):
+        make_explicit(model)
+    for name in structure.get("identity", []):
+        set_module(model, name, nn.Identity())
+    for name, cfg in structure.get("sites", {}).items():
+        set_module(model, name, QSite.from_config(model.get_submodule(name), cfg))
+    used = set()
+    for qname, q in model.named_modules():
+        if isinstance(q, ActQuantizer):
+            for buf in ACT_BUFFERS:
+                key = f"{qname}.{buf}"
+                if key in tensors:
+                    setattr(q, buf, tensors[key])
+                    used.add(key)
+            if q.static and q.scale is None:
+                raise ValueError(f"{qname}: the checkpoint holds no activation scale for this static quantizer")
+    return used
+
+
 def load(path: str | os.PathLike, model: nn.Module | None = None, kernel: str = "auto") -> nn.Module:
     """Load a lowbit checkpoint, or a GPTQ-layout or compressed-tensors one another toolkit wrote.
 
@@ -187,17 +238,22 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, kernel: str = 
         raise ValueError(f"{path} is not a lowbit checkpoint (quant_method={qc.get('quant_method')!r})")
     if model is None:
         config = json.loads((path / "config.json").read_text())
-        if "model_type" not in config:
-            raise ValueError(f"{path} holds a model that is not a transformers model; pass its skeleton as model=")
-        model = _skeleton(path)
+        model = build_skeleton(config)
+        if model is None:
+            if "model_type" not in config:
+                raise ValueError(f"{path} holds a model lowbit cannot rebuild by itself; pass its skeleton as model=")
+            model = _skeleton(path)
     tensors = load_file(str(path / WEIGHTS))
-    used = set()
+    used = _restore_structure(model, qc.get("structure") or {}, tensors)
     for name, info in qc.get("layers", {}).items():
         fmt = WeightFormat.from_dict(info["format"])
         qw = QuantizedWeight.from_tensors(tensors, name, fmt, tuple(info["shape"]))
         bias = tensors.get(f"{name}.bias") if info.get("bias") else None
         act = info.get("act")
-        if act:
+        if info.get("conv"):
+            c = info["conv"]
+            module = QConv(qw, bias, **{k: tuple(v) if isinstance(v, list) else v for k, v in c.items()})
+        elif act:
             if "dynamic" not in act:  # written before static activations had their own flag
                 act = {**act, "dynamic": act.get("granularity") == "token"}
             extras = {k: tensors.get(f"{name}.{k}") for k in W8A8_BUFFERS}
@@ -215,10 +271,11 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, kernel: str = 
         rest.setdefault(alias, tensors[source])
     missing, unexpected = model.load_state_dict(rest, strict=False)
     quantized = set(qc.get("layers", {}))
-    missing = [k for k in missing if k.rpartition(".")[0] not in quantized]
+    missing = [k for k in missing if k not in used and k.rpartition(".")[0] not in quantized]
     if missing or unexpected:
         raise ValueError(f"{path} does not match its model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.eval()
+    model.lowbit_family = qc.get("family")
     if qc.get("coverage"):
         model.lowbit_coverage = Coverage.from_dict(qc["coverage"])
     model.lowbit_recipe = qc.get("recipe", [])

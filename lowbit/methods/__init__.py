@@ -1,11 +1,15 @@
 """Quantization methods, one file per algorithm, registered by name."""
 
+from lowbit.methods.adaround import AdaRound
 from lowbit.methods.awq import AWQ
 from lowbit.methods.base import REGISTRY, MethodConfig, check_recipe, load_recipe, make_method, parse_recipe, register
+from lowbit.methods.bias_correction import BiasCorrection
+from lowbit.methods.brecq import BRECQ
 from lowbit.methods.gptq import GPTQ
 from lowbit.methods.llmint8 import LLMInt8
 from lowbit.methods.osplus import OSPlus
 from lowbit.methods.peg import PEG
+from lowbit.methods.qdrop import QDrop
 from lowbit.methods.rptq import RPTQ
 from lowbit.methods.rtn import RTN
 from lowbit.methods.smoothquant import SmoothQuant
@@ -13,6 +17,10 @@ from lowbit.methods.zeroquant import ZeroQuant
 
 __all__ = [
     "AWQ",
+    "AdaRound",
+    "BRECQ",
+    "BiasCorrection",
+    "QDrop",
     "GPTQ",
     "LLMInt8",
     "OSPlus",

@@ -22,12 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.engine.sequential import collect_stats
 from lowbit.formats import integer
+from lowbit.formats.search import grid_factors, shrink_search
 from lowbit.formats.spec import WeightFormat
 from lowbit.methods.base import MethodConfig, register
-from lowbit.methods.transforms import fold_scales, out_features
-from lowbit.nn.qlinear import linear_weight
+from lowbit.methods.transforms import fold_scales, foldable_pairs
 from lowbit.quantized_weight import QuantizedWeight, check_finite
 
 
@@ -79,20 +78,15 @@ def clip_search(
     Hp = torch.nn.functional.pad(H, (0, pad, 0, pad))
     Hblocks = torch.stack([Hp[j * g : (j + 1) * g, j * g : (j + 1) * g] for j in range(ng)])  # [ng, g, g]
     groups = integer.to_groups(w, fmt.group_size)  # [rows, ng, g]
-    lo, hi = groups.amin(-1), groups.amax(-1)
-    best_err = torch.full(lo.shape, float("inf"), device=w.device)
-    best_s, best_z = integer.params_from_range(lo, hi, fmt.bits, fmt.symmetric)
-    for i in range(int(max_shrink * grid) + 1):
-        p = 1 - i / grid
-        s, z = integer.params_from_range(p * lo, p * hi, fmt.bits, fmt.symmetric)
+
+    def error(lo_p, hi_p):
+        s, z = integer.params_from_range(lo_p, hi_p, fmt.bits, fmt.symmetric)
         q = (torch.round(groups / s[..., None]) + z[..., None]).clamp(0, integer.qmax(fmt.bits))
         E = (q - z[..., None]) * s[..., None] - groups  # [rows, ng, g]
-        err = (torch.einsum("rng,ngh->rnh", E, Hblocks) * E).sum(-1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_s = torch.where(better, s, best_s)
-        best_z = torch.where(better, z, best_z)
-    return best_s, best_z
+        return (torch.einsum("rng,ngh->rnh", E, Hblocks) * E).sum(-1)
+
+    lo, hi = shrink_search(groups.amin(-1), groups.amax(-1), error, grid_factors(grid, max_shrink))
+    return integer.params_from_range(lo, hi, fmt.bits, fmt.symmetric)
 
 
 @register
@@ -116,22 +110,21 @@ class AWQ(MethodConfig):
         if self.format != "int":
             raise ValueError(f"AWQ searches integer grids; format {self.format!r} is not supported")
 
-    def transform_block(self, block, inputs, pairs, linears, quantizer) -> None:
+    def transform(self, unit, quantizer) -> None:
+        """Per foldable (producer, consumers) pair of the unit: search the scales, fold them."""
         fmt = quantizer.weight_format
-        live = [(p, c) for p, c in pairs if all(x in linears for x in c)]
-        usable = []
-        for producer, consumers in live:
-            width = out_features(block.get_submodule(producer))
-            if width is not None and all(linear_weight(block.get_submodule(c)).shape[1] == width for c in consumers):
-                usable.append((producer, consumers))
-        if not usable:
+        pairs = foldable_pairs(unit)
+        if not pairs or not unit.inputs:
             return
-        stats = collect_stats(block, inputs, {c[0]: block.get_submodule(c[0]) for _, c in usable}, hessian=True)
-        for producer, consumers in usable:
-            st = stats[consumers[0]]
-            mods = [block.get_submodule(c) for c in consumers]
-            s, _, _ = search_scales([linear_weight(m).float() for m in mods], st.abs_mean, st.H, fmt, self.grid)
-            fold_scales(block.get_submodule(producer), mods, s.to(mods[0].weight.dtype))
+        stats = unit.stats([c[0] for _, c in pairs], hessian=True, acts=False)
+        for producer, consumers in pairs:
+            st = stats.get(consumers[0])
+            if st is None or not st.tokens:
+                continue
+            mods = [unit.get(c) for c in consumers]
+            s, _, _ = search_scales([m.weight.float() for m in mods], st.abs_mean, st.H, fmt, self.grid)
+            fold_scales(unit.get(producer), mods, s.to(mods[0].weight.dtype))
+        unit.changed()
 
     def quantize_linear(self, w: torch.Tensor, stats) -> QuantizedWeight:
         check_finite(w)

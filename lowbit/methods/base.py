@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -21,18 +21,32 @@ def register(cls: type[MethodConfig]) -> type[MethodConfig]:
     return cls
 
 
+# Activation defaults per model family, for knobs a recipe leaves unset: language models and
+# encoders quantize linear inputs per token at run time (symmetric); vision models use static
+# per-tensor ranges, unsigned after ReLUs (asymmetric), from the MSE observer, as their papers do.
+FAMILY_ACT_DEFAULTS = {
+    "cnn": {"act_granularity": "tensor", "act_symmetric": False, "act_observer": "mse"},
+    "vit": {"act_granularity": "tensor", "act_symmetric": False, "act_observer": "mse"},
+}
+ACT_DEFAULTS = {"act_granularity": "token", "act_symmetric": True, "act_observer": "minmax"}
+
+
 @dataclass
 class MethodConfig:
-    """The knobs every weight quantizer shares; a method's dataclass adds its own.
+    """The knobs every method shares; a method's dataclass adds its own, and the hooks the
+    engine calls for each unit (``transform``, then ``quantize``) and at the end (``finetune``).
 
     ``bits``: 2-8. ``group_size``: positive, ``-1`` per-channel. ``symmetric``:
     fixed mid-range zero point instead of a per-group integer zero. ``format``:
-    ``int``, ``nf4``, ``fp4``, ``fp8_e4m3`` or ``fp8_e5m2``.
+    ``int``, ``nf4``, ``fp4``, ``fp8_e4m3`` or ``fp8_e5m2``. ``act_*``: integer
+    activations (unset knobs take the model family's defaults).
     """
 
     name: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False
     uses_hessian: ClassVar[bool] = False  # quantize_linear reads stats.H
+    needs_float_inputs: ClassVar[bool] = False  # the unit's float inputs and target (reconstruction)
+    quantizes: ClassVar[bool] = True  # False for pure transforms (smoothing, rotations)
 
     bits: int = 4
     group_size: int = 128
@@ -40,23 +54,38 @@ class MethodConfig:
     format: str = "int"
     # integer activations (W8A8, W4A8, ...): None keeps them in floating point
     act_bits: int | None = None
-    act_granularity: str = "token"  # token: a scale per row; tensor: one scale
+    act_granularity: str | None = None  # token: a scale per row; tensor: one scale
     act_dynamic: bool | None = None  # None: token -> at run time, tensor -> static from calibration
-    act_symmetric: bool = True
-    act_observer: str = "minmax"  # static scales: minmax, ema, percentile, mse or kl
+    act_symmetric: bool | None = None
+    act_observer: str | None = None  # static scales: minmax, ema, percentile, mse or kl
     act_percentile: float = 99.99
+    true_sequential: bool = True
 
     def __post_init__(self):
         fmt = self.weight_format  # validates bits, group size and format early
         if self.act_bits is not None:
-            if self.act_granularity not in ("token", "tensor"):
+            if self.act_granularity not in (None, "token", "tensor"):
                 raise ValueError(f"act_granularity {self.act_granularity!r} is not supported; use token or tensor")
             _ = self.act_format  # validates the activation knobs
-            check_observer(self.act_observer)
+            check_observer(self._act("act_observer"))
             if fmt.kind != "int" or fmt.group_size is None:
                 raise ValueError(
                     f"integer activations need integer weights per channel or per group, not {fmt.describe()}"
                 )
+
+    def _act(self, knob: str):
+        value = getattr(self, knob)
+        return ACT_DEFAULTS[knob] if value is None else value
+
+    @property
+    def observer(self) -> str:
+        """The activation observer, with the default for an unset knob."""
+        return self._act("act_observer")
+
+    def for_family(self, family: str) -> MethodConfig:
+        """This config with the family's defaults for the activation knobs left unset."""
+        unset = {k: v for k, v in FAMILY_ACT_DEFAULTS.get(family, {}).items() if getattr(self, k) is None}
+        return replace(self, **unset) if unset else self
 
     @property
     def weight_format(self) -> WeightFormat:
@@ -66,11 +95,19 @@ class MethodConfig:
     def act_format(self) -> ActFormat | None:
         if self.act_bits is None:
             return None
-        dynamic = self.act_granularity == "token" if self.act_dynamic is None else self.act_dynamic
-        return ActFormat(self.act_bits, self.act_granularity, dynamic, self.act_symmetric)
+        gran = self._act("act_granularity")
+        dynamic = gran == "token" if self.act_dynamic is None else self.act_dynamic
+        return ActFormat(self.act_bits, gran, dynamic, self._act("act_symmetric"))
 
-    quantizes: ClassVar[bool] = True  # False for pure transforms (smoothing, rotations)
-    true_sequential: bool = True
+    @property
+    def static_activations(self) -> bool:
+        return self.act_bits is not None and not self.act_format.dynamic
+
+    def refuses(self, family: str) -> str | None:
+        """Why this method cannot run on a model of ``family``, or ``None``."""
+        return None
+
+    # --- what a method computes ---------------------------------------------------------
 
     def quantize_weight(self, w: torch.Tensor) -> QuantizedWeight:
         """Codes and parameters for ``w: [out, in]``; calibration-free methods implement it."""
@@ -80,12 +117,51 @@ class MethodConfig:
         """Codes and parameters for ``w: [out, in]`` given its input statistics (``None`` if none)."""
         return self.quantize_weight(w)
 
-    @property
-    def static_activations(self) -> bool:
-        return self.act_bits is not None and not self.act_format.dynamic
+    # --- the hooks the engine calls -------------------------------------------------------
 
-    def transform_block(self, block, inputs, pairs, linears, quantizer) -> None:
-        """Rewrite ``block`` exactly before quantization (AWQ scales, ...); most methods do nothing."""
+    def prepare(self, model, adapter, batches) -> None:
+        """Before anything is wrapped: look at the whole float model (BRECQ's Fisher weights)."""
+
+    def transform(self, unit, quantizer: MethodConfig) -> None:
+        """Rewrite ``unit`` exactly before quantization (AWQ scales, SmoothQuant, ...); most do nothing."""
+
+    def quantize(self, unit) -> None:
+        """Decide the unit's codes and activation ranges: its quantized modules and sites in
+        execution order, each observed with everything before it already quantized (true
+        sequential), modules that read the same input together."""
+        groups = unit.groups() if self.true_sequential else [list(unit.order())]
+        for group in groups:
+            hessian = self.uses_hessian and unit.inputs is not None
+            stats = unit.stats(group, hessian=hessian, weights=self.needs_calibration) if unit.inputs else {}
+            for name in group:
+                m = unit.get(name)
+                if hasattr(m, "weight_q"):
+                    self.quantize_module(m, stats.get(name))
+            unit.changed(group)
+
+    def quantize_module(self, qm, stats) -> None:
+        """Codes for one quantized module from its input statistics (in its stored column order)."""
+        w = qm.stored_weight().detach()
+        if stats is not None and qm.perm is not None:
+            stats = stats.permuted(qm.perm)
+        method = self.with_format(qm.weight_q.fmt)
+        label = self.name
+        if self.needs_calibration and (stats is None or stats.tokens == 0):
+            why = getattr(stats, "unsupported", "") or "saw no calibration input for this layer"
+            qw = QuantizedWeight.quantize(w.reshape(w.shape[0], -1).float(), qm.weight_q.fmt)
+            label = f"rtn (fallback: {self.name} {why})"
+        else:
+            qw = method.quantize_linear(w.reshape(w.shape[0], -1).float(), stats)
+        qm.weight_q.set_fixed(replace(qw, shape=tuple(w.shape)), label)
+
+    def with_format(self, fmt: WeightFormat) -> MethodConfig:
+        """This config targeting ``fmt`` (the first and last layers may keep more bits)."""
+        if fmt == self.weight_format:
+            return self
+        return replace(self, bits=fmt.bits, group_size=fmt.group_size, symmetric=fmt.symmetric, format=fmt.kind)
+
+    def finetune(self, model, batches) -> None:
+        """After every unit: whole-model training (QAT, distillation); most methods do nothing."""
 
 
 def make_method(name: str, **config) -> MethodConfig:

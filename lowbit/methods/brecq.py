@@ -1,24 +1,135 @@
 """BRECQ (Li et al., "BRECQ: Pushing the Limit of Post-Training Quantization by Block
 Reconstruction", ICLR 2021).
 
-AdaRound's learned rounding, optimised for a whole block (a residual block, the
-stem, the head) at once, so the rounding of one conv can compensate another's. The
-output error is weighted by the squared gradient of the task loss with respect to
-the block output (the diagonal Fisher approximation of the loss's Hessian, eq. 10);
-lowbit takes the gradient of the float model's cross-entropy against its own
-predictions (no labels needed) and normalises the weights to mean 1 per block, so the
-rounding regulariser keeps the weight it has under a plain squared error. Then,
-with the rounding fixed, the activation step sizes are learned block by block (LSQ).
+AdaRound's learned rounding, optimised for a whole unit (a residual block, a
+transformer block, the stem, the head) at once, so the rounding of one layer can
+compensate another's. The output error is weighted by the squared gradient of
+the task loss with respect to the unit's output (the diagonal Fisher
+approximation of the loss's Hessian, eq. 10); lowbit takes the gradient of the
+float model's cross-entropy against its own predictions (no labels needed; a
+language model's next-token logits count as predictions too) and normalises the
+weights to mean 1 per unit, so the rounding regulariser keeps the weight it has
+under a plain squared error. A model without logits (an encoder's hidden states)
+gets the plain squared error, as logged. Then, with the rounding fixed, the
+activation step sizes are learned unit by unit (LSQ).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lowbit.methods.adaround import ReconConfig
+import torch
+import torch.nn.functional as F
+
+from lowbit.methods.adaround import AdaRound, acts_off, calibrate_acts, init_grids, unit_quantizers
+from lowbit.methods.base import register
 
 
+def task_loss(out) -> torch.Tensor | None:
+    """Cross-entropy of the model's output against its own argmax, or ``None`` without logits."""
+    logits = getattr(out, "logits", out)
+    if not torch.is_tensor(logits) or logits.dim() < 2 or not logits.is_floating_point():
+        return None
+    flat = logits.reshape(-1, logits.shape[-1])
+    return F.cross_entropy(flat, flat.argmax(-1), reduction="sum")
+
+
+@register
 @dataclass
-class BRECQConfig(ReconConfig):
+class BRECQ(AdaRound):
+    """BRECQ: unit-wise rounding with a Fisher-weighted output error, then LSQ step sizes."""
+
+    name = "brecq"
+
     fisher: bool = True
     learn_act_scales: bool = True
+
+    def prepare(self, model, adapter, batches) -> None:
+        """Each unit's Fisher weights from one forward and backward pass of the float model."""
+        self._fisher = {}
+        if not self.fisher or not batches:
+            return
+        specs = adapter.units(model)
+        held: dict[str, torch.Tensor] = {}
+        grads = {s.name: [] for s in specs}
+        hooks = []
+        for spec in specs:
+            last = model.get_submodule(spec.modules[-1])
+
+            def keep(_m, _a, out, name=spec.name):
+                o = out[0] if isinstance(out, (tuple, list)) else out
+                if torch.is_tensor(o) and o.requires_grad:
+                    o.retain_grad()
+                    held[name] = o
+
+            hooks.append(last.register_forward_hook(keep))
+        try:
+            for batch in batches:
+                with torch.enable_grad():
+                    out = _forward(model, batch)
+                    loss = task_loss(out)
+                    if loss is None:
+                        self._fisher = {}
+                        return
+                    loss.backward()
+                for name, o in held.items():
+                    grads[name].append(o.grad.detach().pow(2) if o.grad is not None else torch.zeros_like(o))
+                held.clear()
+        finally:
+            for h in hooks:
+                h.remove()
+            model.zero_grad(set_to_none=True)
+        for name, gs in grads.items():
+            if gs:
+                w = torch.cat(gs)
+                self._fisher[name] = w / w.mean().clamp(min=1e-30)
+
+    def quantize(self, unit) -> None:
+        modules = init_grids(unit, self.name)
+        inputs, float_inputs = _as_samples(unit)
+        target = _stack([o for o in unit.float_outputs()], inputs)
+        weight = getattr(self, "_fisher", {}).get(unit.name)
+        if weight is not None and torch.is_tensor(target) and weight.shape != target.shape:
+            weight = None
+        if weight is not None and not torch.is_tensor(target):
+            weight = list(weight.split([t.shape[0] for t in target]))
+        run = _runner(unit, inputs)
+        layers = list(modules.values())
+        if layers:
+            with acts_off(unit):
+                stats = self.reconstruct(run, layers, [], inputs, target, weight=weight)
+            unit.log.append({"unit": unit.name, "phase": "rounding", **stats})
+            unit.changed()
+        calibrate_acts(unit)
+        acts = [q for q in unit_quantizers(unit) if q.static]
+        if self.learn_act_scales and acts:
+            stats = self.reconstruct(run, layers, acts, inputs, target, learn_rounding=False, weight=weight)
+            unit.log.append({"unit": unit.name, "phase": "step sizes", **stats})
+            unit.changed()
+
+
+def _forward(model, batch):
+    if isinstance(batch, dict):
+        return model(**batch)
+    if torch.is_tensor(batch) and batch.dtype == torch.long:
+        return model(input_ids=batch)
+    return model(batch)
+
+
+def _as_samples(unit):
+    """The unit's quantized and float inputs as stacked tensors when they are lone tensors."""
+    x_q = unit.stacked(unit.inputs)
+    x_fp = unit.stacked(unit.float_inputs) if unit.float_inputs else None
+    if x_q is not None:
+        return x_q, x_fp
+    return unit.inputs, unit.float_inputs
+
+
+def _stack(outs: list[torch.Tensor], inputs):
+    return torch.cat(outs) if torch.is_tensor(inputs) else outs
+
+
+def _runner(unit, inputs):
+    if torch.is_tensor(inputs):
+        return lambda x: unit.run((x,))
+    return lambda *args, **kwargs: unit.run(args, kwargs)

@@ -31,6 +31,11 @@ class LLMInt8(MethodConfig):
     act_bits: int | None = 8
     threshold: float = 6.0
 
+    def refuses(self, family: str) -> str | None:
+        if family == "cnn":
+            return "its mixed-precision decomposition keeps outlier feature columns of a linear's input in float; convs have no such column path"
+        return None
+
     def __post_init__(self):
         if self.bits != 8 or self.format != "int":
             raise ValueError(f"LLM.int8() quantizes weights to int8; bits={self.bits} is not supported (use --bits 8)")

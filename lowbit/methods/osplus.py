@@ -29,19 +29,17 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.engine.sequential import collect_stats, execution_groups
 from lowbit.methods.base import MethodConfig, register
 from lowbit.methods.transforms import (
     can_fold_shift,
     fold_scales,
     fold_shift,
     migration_error,
-    out_features,
+    migration_sites,
     sample_rows,
     transform_input,
 )
-from lowbit.models.adapters import is_linear
-from lowbit.nn.qlinear import linear_weight
+from lowbit.nn.qmodule import QModule
 
 
 def search_scales(x: torch.Tensor, amax: torch.Tensor, w: torch.Tensor, fmt_w, fmt_a, grid: int = 100) -> torch.Tensor:
@@ -73,36 +71,32 @@ class OSPlus(MethodConfig):
     shift: bool = True
     grid: int = 100
 
-    def transform_block(self, block, inputs, pairs, linears, quantizer) -> None:
+    def refuses(self, family: str) -> str | None:
+        if family == "cnn":
+            return "its channel shift and scale are folded between a LayerNorm or linear and the linears reading it; a CNN has no such pairs"
+        return None
+
+    def transform(self, unit, quantizer) -> None:
         if not quantizer.act_bits:
             raise ValueError("Outlier Suppression+ prepares integer activations; give the quantizer act_bits")
-        sites = []  # (producer or None, consumers)
-        covered = set()
-        for producer, consumers in pairs:
-            if not all(c in linears for c in consumers):
-                continue
-            width = out_features(block.get_submodule(producer))
-            if width is not None and all(linear_weight(block.get_submodule(c)).shape[1] == width for c in consumers):
-                sites.append((producer, consumers))
-                covered.update(consumers)
-        for group in execution_groups(block, inputs, list(linears)):
-            if not covered.intersection(group):
-                sites.append((None, group))
+        sites = migration_sites(unit)
         if not sites:
             return
-        stats = collect_stats(block, inputs, {c[0]: block.get_submodule(c[0]) for _, c in sites})
+        stats = unit.stats([c[0] for _, c in sites], acts=False)
         fmt_w, fmt_a = quantizer.weight_format, quantizer.act_format
         for producer, consumers in sites:
-            st = stats[consumers[0]]
-            mods = [block.get_submodule(c) for c in consumers]
-            prod = block.get_submodule(producer) if producer is not None else None
+            st = stats.get(consumers[0])
+            if st is None or not st.tokens:
+                continue
+            mods = [unit.get(c) for c in consumers]
+            prod = unit.get(producer) if producer is not None else None
             # a shift folds only into a norm: between a linear producer and its consumer there may be
             # a ReLU or a gate (fc1 -> fc2, up -> down), which commute with positive scales, not shifts
-            shift_here = self.shift and (prod is None or (can_fold_shift(prod) and not is_linear(prod)))
+            shift_here = self.shift and (prod is None or (can_fold_shift(prod) and not isinstance(prod, QModule)))
             z = (st.hi + st.lo) / 2 if shift_here else torch.zeros_like(st.lo)
             rows = sample_rows(st.channel_stats().rows).to(z.device)
             amax = torch.maximum((st.hi - z).abs(), (st.lo - z).abs())
-            w = torch.cat([linear_weight(m).float() for m in mods], 0)
+            w = torch.cat([m.weight.float() for m in mods], 0)
             s = search_scales(rows - z, amax, w, fmt_w, fmt_a, self.grid)
             if prod is None:
                 for m in mods:
@@ -111,3 +105,4 @@ class OSPlus(MethodConfig):
                 if shift_here:
                     fold_shift(prod, mods, z.to(mods[0].weight.dtype))
                 fold_scales(prod, mods, s.to(mods[0].weight.dtype))
+        unit.changed()

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.engine.sequential import collect_stats
 from lowbit.methods.base import MethodConfig, register
-from lowbit.methods.transforms import input_sites, set_act_groups
+from lowbit.methods.transforms import linear_groups
 
 
 def embedding_groups(
@@ -49,18 +48,25 @@ class PEG(MethodConfig):
     groups: int = 6
     permute: bool = True
 
+    def refuses(self, family: str) -> str | None:
+        if family == "cnn":
+            return "its per-embedding-group scales are for transformer embedding dimensions; the integer conv kernels take per-tensor activation scales"
+        return None
+
     def __post_init__(self):
         if self.groups < 1:
             raise ValueError(f"groups {self.groups} must be at least 1")
         super().__post_init__()
 
-    def transform_block(self, block, inputs, pairs, linears, quantizer) -> None:
+    def transform(self, unit, quantizer) -> None:
         if not quantizer.static_activations:
             raise ValueError("PEG's per-group activation scales are static: use act_granularity='tensor'")
-        sites = input_sites(block, inputs, linears)
-        stats = collect_stats(block, inputs, {g[0]: block.get_submodule(g[0]) for g in sites})
+        sites = linear_groups(unit)
+        stats = unit.stats([g[0] for g in sites], acts=False)
         for group in sites:
-            st = stats[group[0]]
+            st = stats.get(group[0])
+            if st is None or not st.tokens:
+                continue
             perm, bounds = embedding_groups(st.lo.cpu(), st.hi.cpu(), self.groups, self.permute)
             for name in group:
-                set_act_groups(block.get_submodule(name), perm, bounds)
+                unit.get(name).input_q.set_groups(perm, bounds)

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.engine.sequential import collect_stats
 from lowbit.methods.base import MethodConfig, register
-from lowbit.methods.transforms import input_sites, set_act_groups
+from lowbit.methods.transforms import linear_groups
 
 
 def kmeans(points: torch.Tensor, k: int, seed: int = 0, n_init: int = 10, iters: int = 100) -> torch.Tensor:
@@ -78,16 +77,23 @@ class RPTQ(MethodConfig):
     clusters: int = 32
     min_cluster: int = 8
 
-    def transform_block(self, block, inputs, pairs, linears, quantizer) -> None:
+    def refuses(self, family: str) -> str | None:
+        if family == "cnn":
+            return "it reorders the feature channels of linear inputs into clusters; the integer conv kernels take per-tensor activation scales"
+        return None
+
+    def transform(self, unit, quantizer) -> None:
         if not quantizer.static_activations:
             raise ValueError("RPTQ's per-cluster activation scales are static: use act_granularity='tensor'")
-        sites = input_sites(block, inputs, linears)
-        stats = collect_stats(block, inputs, {g[0]: block.get_submodule(g[0]) for g in sites})
+        sites = linear_groups(unit)
+        stats = unit.stats([g[0] for g in sites], acts=False)
         for group in sites:
-            st = stats[group[0]]
+            st = stats.get(group[0])
+            if st is None or not st.tokens:
+                continue
             lo, hi = st.lo.cpu(), st.hi.cpu()
             k = max(1, min(self.clusters, lo.numel() // self.min_cluster))
             labels = kmeans(torch.stack([hi, lo], 1), k)
             perm, bounds = reorder_by_cluster(labels, hi - lo)
             for name in group:
-                set_act_groups(block.get_submodule(name), perm, bounds)
+                unit.get(name).input_q.set_groups(perm, bounds)

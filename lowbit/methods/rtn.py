@@ -12,35 +12,15 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.formats import integer
+from lowbit.formats.search import grid_factors
 from lowbit.methods.base import MethodConfig, register
 from lowbit.quantized_weight import QuantizedWeight, check_finite
 
 
-def mse_clip_params(
-    w: torch.Tensor,
-    bits: int,
-    group_size: int,
-    symmetric: bool,
-    grid: int = 100,
-    maxshrink: float = 0.8,
-    norm: float = 2.4,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def mse_clip_params(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool, grid: int = 100,
+                    maxshrink: float = 0.8, norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Per-group scale and zero (``[out, ngroups]``) minimising ``sum |w - q(w)|^norm``."""
-    groups = integer.to_groups(w.float(), group_size)  # [out, ngroups, g]
-    lo, hi = groups.amin(-1), groups.amax(-1)
-    best_err = torch.full(lo.shape, float("inf"))
-    best_scale, best_zero = integer.params_from_range(lo, hi, bits, symmetric)
-    for i in range(int(maxshrink * grid) + 1):
-        p = 1 - i / grid
-        scale, zero = integer.params_from_range(p * lo, p * hi, bits, symmetric)
-        q = torch.round(groups / scale[..., None]) + zero[..., None]
-        deq = (q.clamp(0, integer.qmax(bits)) - zero[..., None]) * scale[..., None]
-        err = (deq - groups).abs().pow(norm).sum(-1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zero = torch.where(better, zero, best_zero)
-    return best_scale, best_zero
+    return integer.mse_params(w, bits, group_size, symmetric, grid_factors(grid, maxshrink), norm)
 
 
 @register

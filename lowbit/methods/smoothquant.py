@@ -20,10 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.engine.sequential import collect_stats, execution_groups
 from lowbit.methods.base import MethodConfig, register
-from lowbit.methods.transforms import fold_scales, migration_error, out_features, sample_rows, transform_input
-from lowbit.nn.qlinear import linear_weight
+from lowbit.methods.transforms import fold_scales, migration_error, migration_sites, sample_rows, transform_input
 
 
 def smoothing_scales(x_max: torch.Tensor, ws: list[torch.Tensor], alpha: float) -> torch.Tensor:
@@ -47,40 +45,36 @@ class SmoothQuant(MethodConfig):
     alpha: float = 0.5
     search: bool = True
 
+    def refuses(self, family: str) -> str | None:
+        if family == "cnn":
+            return "its per-channel migration is between a linear's input features and weight columns; a CNN's convs read spatial patches (no linear pairs to fold into)"
+        return None
+
     def __post_init__(self):
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"alpha {self.alpha} must lie in [0, 1]")
 
-    def transform_block(self, block, inputs, pairs, linears, quantizer) -> None:
+    def transform(self, unit, quantizer) -> None:
         if not quantizer.act_bits:
             raise ValueError("SmoothQuant prepares integer activations; give the quantizer act_bits")
-        folded, explicit = [], []
-        for producer, consumers in pairs:
-            if not all(c in linears for c in consumers):
-                continue
-            width = out_features(block.get_submodule(producer))
-            if width is not None and all(linear_weight(block.get_submodule(c)).shape[1] == width for c in consumers):
-                folded.append((producer, consumers))
-        covered = {c for _, cs in folded for c in cs}
-        for group in execution_groups(block, inputs, list(linears)):
-            if not covered.intersection(group):
-                explicit.append((None, group))
-        sites = folded + explicit
+        sites = migration_sites(unit)
         if not sites:
             return
-        stats = collect_stats(block, inputs, {cs[0]: block.get_submodule(cs[0]) for _, cs in sites})
+        stats = unit.stats([cs[0] for _, cs in sites], acts=False)
         for producer, consumers in sites:
-            mods = [block.get_submodule(c) for c in consumers]
-            ws = [linear_weight(m).float() for m in mods]
-            st = stats[consumers[0]]
-            s = self._scales(st, ws, quantizer)
+            st = stats.get(consumers[0])
+            if st is None or not st.tokens:
+                continue
+            mods = [unit.get(c) for c in consumers]
+            s = self._scales(st, [m.weight.float() for m in mods], quantizer)
             if s is None:
                 continue
             if producer is not None:
-                fold_scales(block.get_submodule(producer), mods, s.to(mods[0].weight.dtype))
+                fold_scales(unit.get(producer), mods, s.to(mods[0].weight.dtype))
             else:
                 for m in mods:
                     transform_input(m, scale=s)
+        unit.changed()
 
     def _scales(self, st, ws, quantizer) -> torch.Tensor | None:
         if not self.search:

@@ -1,16 +1,15 @@
 """Equivalence transforms shared by the methods that migrate difficulty between layers.
 
-A consumer linear ``y = W x + b`` computes the same function on ``x~ = (x - z) / s``
-with ``W' = W diag(s)`` and ``b' = b + W z``. The change of variables must be paid
-for somewhere:
+A consumer ``y = W x + b`` (a ``QModule``; ``W: [out, in]``) computes the same
+function on ``x~ = (x - z) / s`` with ``W' = W diag(s)`` and ``b' = b + W z``. The
+change of variables must be paid for somewhere:
 
 - ``fold_scales`` / ``fold_shift``: exactly, by the layer that produces ``x``
   (a LayerNorm/RMSNorm's elementwise weight and bias, or a linear's output rows),
   when that layer feeds nothing else;
-- ``transform_input``: explicitly, by the consumer itself. Until the quantizer
-  replaces the linear, a forward pre-hook applies ``(x - z) / s``; the quantized
-  linear then applies it inside its activation quantization (``W8A8Linear``'s
-  ``input_shift`` and ``input_scale``), never silently changing the model.
+- ``transform_input``: explicitly, by the consumer's input quantizer, which
+  applies ``(x - z) / s`` before quantizing (and the frozen integer linear
+  inside its activation quantization): the model never changes silently.
 """
 
 from __future__ import annotations
@@ -18,42 +17,35 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowbit.engine.sequential import execution_groups
 from lowbit.formats import activation as act
 from lowbit.formats import integer
+from lowbit.nn.qmodule import QModule
 
 
-def _is_conv1d(m: nn.Module) -> bool:
-    return type(m).__name__ == "Conv1D"
-
-
-def scale_columns(linear: nn.Module, s: torch.Tensor) -> None:
+def scale_columns(consumer: QModule, s: torch.Tensor) -> None:
     """``W <- W diag(s)``: the consumer's input channels multiplied by ``s``."""
     with torch.no_grad():
-        if _is_conv1d(linear):
-            linear.weight.mul_(s.to(linear.weight.dtype).unsqueeze(1))
-        else:
-            linear.weight.mul_(s.to(linear.weight.dtype).unsqueeze(0))
+        shape = [1] * consumer.weight.dim()
+        shape[1] = -1
+        consumer.weight.mul_(s.to(consumer.weight.dtype).reshape(shape))
 
 
-def absorb_shift(linear: nn.Module, z: torch.Tensor) -> None:
-    """``b <- b + W z`` (a bias is created if the linear has none)."""
+def absorb_shift(consumer: QModule, z: torch.Tensor) -> None:
+    """``b <- b + W z`` (a bias is created if the consumer has none)."""
     with torch.no_grad():
-        w = linear.weight.t() if _is_conv1d(linear) else linear.weight  # [out, in]
-        delta = (w.double() @ z.double()).to(w.dtype)
-        if linear.bias is None:
-            linear.bias = nn.Parameter(delta.clone())
+        delta = (consumer.weight.double() @ z.double().to(consumer.weight.device)).to(consumer.weight.dtype)
+        if consumer.bias is None:
+            consumer.bias = nn.Parameter(delta.clone(), requires_grad=False)
         else:
-            linear.bias.add_(delta)
+            consumer.bias.add_(delta)
 
 
-def fold_scales(producer: nn.Module, consumers: list[nn.Module], s: torch.Tensor) -> None:
+def fold_scales(producer: nn.Module, consumers: list[QModule], s: torch.Tensor) -> None:
     """Divide the producer's output channels by ``s`` and multiply the consumers' inputs by it."""
     with torch.no_grad():
-        if isinstance(producer, nn.Linear):
-            producer.weight.div_(s.unsqueeze(1))
-        elif _is_conv1d(producer):
-            producer.weight.div_(s.unsqueeze(0))
+        if isinstance(producer, QModule):
+            shape = [-1] + [1] * (producer.weight.dim() - 1)
+            producer.weight.div_(s.reshape(shape))
         else:  # LayerNorm / RMSNorm: an elementwise weight (and bias)
             producer.weight.div_(s)
         if getattr(producer, "bias", None) is not None:
@@ -66,7 +58,7 @@ def can_fold_shift(producer: nn.Module) -> bool:
     return getattr(producer, "bias", None) is not None
 
 
-def fold_shift(producer: nn.Module, consumers: list[nn.Module], z: torch.Tensor) -> None:
+def fold_shift(producer: nn.Module, consumers: list[QModule], z: torch.Tensor) -> None:
     """Subtract ``z`` from the producer's output (through its bias) and add ``W z`` to each consumer's bias."""
     if not can_fold_shift(producer):
         raise ValueError(f"{type(producer).__name__} has no bias to absorb a shift")
@@ -76,65 +68,49 @@ def fold_shift(producer: nn.Module, consumers: list[nn.Module], z: torch.Tensor)
         producer.bias.sub_(z.to(producer.bias.dtype))
 
 
-def transform_input(linear: nn.Module, shift: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> None:
-    """Make ``linear`` read ``x~ = (x - shift) / scale`` with unchanged outputs, applying the
-    transform itself (composed with any transform already there)."""
+def transform_input(consumer: QModule, shift: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> None:
+    """Make ``consumer`` read ``x~ = (x - shift) / scale`` with unchanged outputs: its weights
+    absorb the change and its input quantizer applies it."""
     if shift is not None:
-        absorb_shift(linear, shift)
+        absorb_shift(consumer, shift)
     if scale is not None:
-        scale_columns(linear, scale)
-    old_shift = getattr(linear, "lowbit_input_shift", None)
-    old_inv = getattr(linear, "lowbit_input_scale", None)
-    k = linear.weight.shape[0] if _is_conv1d(linear) else linear.weight.shape[1]
-    inv_before = old_inv if old_inv is not None else torch.ones(k)
-    # (((x - z1) * i1) - z2) * i2 = (x - (z1 + z2 / i1)) * (i1 * i2)
-    new_shift = old_shift
-    if shift is not None:
-        add = shift.float() / inv_before
-        new_shift = add if old_shift is None else old_shift + add
-    new_inv = old_inv
-    if scale is not None:
-        new_inv = inv_before / scale.float()
-    linear.lowbit_input_shift = new_shift
-    linear.lowbit_input_scale = new_inv
-    if not getattr(linear, "lowbit_transform_hooked", False):
-        linear.register_forward_pre_hook(_apply_input_transform)
-        linear.lowbit_transform_hooked = True
-
-
-def _apply_input_transform(module: nn.Module, args: tuple):
-    x = args[0]
-    if module.lowbit_input_shift is not None:
-        x = x - module.lowbit_input_shift.to(x.device, x.dtype)
-    if module.lowbit_input_scale is not None:
-        x = x * module.lowbit_input_scale.to(x.device, x.dtype)
-    return (x, *args[1:])
-
-
-def input_transform(linear: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The ``(shift, inverse scale)`` a linear applies to its input, if any."""
-    return getattr(linear, "lowbit_input_shift", None), getattr(linear, "lowbit_input_scale", None)
+        scale_columns(consumer, scale)
+    consumer.input_q.add_transform(shift, scale)
 
 
 def out_features(m: nn.Module) -> int | None:
     """Width of what ``m`` produces (a linear's outputs or a norm's channels), if known."""
-    if hasattr(m, "out_features"):
+    if isinstance(m, QModule):
         return m.out_features
-    if _is_conv1d(m):
-        return m.weight.shape[1]
     if hasattr(m, "weight") and m.weight is not None and m.weight.dim() == 1:
         return m.weight.numel()
     return None
 
 
-def set_act_groups(linear: nn.Module, perm: torch.Tensor, bounds: torch.Tensor) -> None:
-    """Quantize ``linear``'s input per group of channels ``perm[bounds[g]:bounds[g+1]]`` (static scales)."""
-    linear.lowbit_act_groups = (perm.long().cpu(), bounds.long().cpu())
+def foldable_pairs(unit) -> list[tuple[str, list[str]]]:
+    """The unit's scale pairs whose consumers are all linear ``QModule``s of the producer's width."""
+    out = []
+    for producer, consumers in unit.scale_pairs():
+        mods = [unit.get(c) for c in consumers]
+        width = out_features(unit.get(producer))
+        if width is not None and all(isinstance(m, QModule) and m.kind == "linear" and m.in_features == width
+                                     for m in mods):  # fmt: skip
+            out.append((producer, consumers))
+    return out
 
 
-def input_sites(block: nn.Module, inputs, linears: dict) -> list[list[str]]:
-    """The groups of ``linears`` (names relative to ``block``) that read the same input tensor."""
-    return execution_groups(block, inputs, list(linears))
+def linear_groups(unit) -> list[list[str]]:
+    """The unit's groups of linear ``QModule``s that read the same input tensor."""
+    return [g for g in unit.groups() if all(isinstance(unit.get(n), QModule) and unit.get(n).kind == "linear"
+                                             for n in g)]  # fmt: skip
+
+
+def migration_sites(unit) -> list[tuple[str | None, list[str]]]:
+    """Where a migration goes: each foldable pair (its producer absorbs it), then every other
+    group of linears reading one input (``None``: their input quantizer applies it)."""
+    pairs = foldable_pairs(unit)
+    covered = {c for _, cs in pairs for c in cs}
+    return pairs + [(None, g) for g in linear_groups(unit) if not covered.intersection(g)]
 
 
 def sample_rows(rows: torch.Tensor, count: int = 1024, seed: int = 0) -> torch.Tensor:

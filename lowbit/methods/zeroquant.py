@@ -39,6 +39,7 @@ class ZeroQuant(MethodConfig):
     group_size: int = 128
     symmetric: bool = True
     act_bits: int | None = 8
+    act_granularity: str | None = "token"  # the paper's, on every model family
 
     def __post_init__(self):
         if self.act_bits is None:

@@ -1,4 +1,16 @@
-"""Adapters: where a model keeps its repeated blocks and which layers to leave alone.
+"""Adapters: what the one engine needs to know of a model family.
+
+- ``prepare``: make the model quantizable without changing what it computes
+  (fold BatchNorms into convs; split ``nn.MultiheadAttention`` into explicit
+  q/k/v/out linears and op modules), checked on an example input;
+- ``units``: the pieces the engine calibrates one after another, in execution
+  order: the stem, each block, the head, and any weighted layer outside them;
+- ``scale_pairs``: (producer, consumers) inside a block whose input scaling folds
+  exactly into the producer (AWQ, SmoothQuant, OS+);
+- ``sites``: activation quantization points besides the inputs of the weighted
+  layers (a ReLU's output, the softmax, the q.k^T operands, residual adds), and
+  which weighted layers quantize their own input;
+- ``skip_reason``: which weighted layers stay in full precision by default.
 
 Adding an architecture is adding an adapter here, not editing methods.
 """
@@ -6,21 +18,23 @@ Adding an architecture is adding an adapter here, not editing methods.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
-LINEAR_KINDS = ("Linear", "Conv1D")
-# Weight-bearing layers that weight-only linear quantization does not handle yet:
-# they are listed in every coverage report as skipped, never ignored.
-OTHER_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Embedding, nn.EmbeddingBag)
+from lowbit.nn.qmodule import QModule, QSite, is_hf_conv1d, op_kind
 
 
 def is_linear(module: nn.Module) -> bool:
     """``nn.Linear`` or transformers' GPT-2 ``Conv1D`` (a linear with a transposed weight)."""
-    if isinstance(module, nn.Linear):
-        return True
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+    return isinstance(module, nn.Linear) or is_hf_conv1d(module)
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
 
 
 def _get(model: nn.Module, path: str) -> nn.Module | None:
@@ -33,6 +47,28 @@ def _get(model: nn.Module, path: str) -> nn.Module | None:
 
 
 @dataclass
+class UnitSpec:
+    """Modules run one after another (flattening before a linear) on the unit's input.
+
+    ``follows``: the unit's input is the previous unit's output, so it needs no
+    capture pass of its own."""
+
+    name: str
+    modules: list[str]
+    follows: bool = False
+
+
+@dataclass
+class SiteSpec:
+    """An activation quantization point on a module: its ``inputs`` (how many operands)
+    or its ``output``."""
+
+    name: str
+    inputs: int = 0
+    output: bool = False
+
+
+@dataclass
 class Adapter:
     """``block_paths``: candidate attribute paths of the ``nn.ModuleList`` of blocks."""
 
@@ -42,15 +78,25 @@ class Adapter:
     # (producer, consumers) inside a block, names relative to the block: the producer's
     # output feeds only those linears, so an input scaling of theirs folds into it exactly.
     pairs: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    family: str = "llm"  # llm, encoder, vit, cnn, generic: picks defaults (activation scheme, ends at 8 bits)
 
     def matches(self, model: nn.Module) -> bool:
         config = getattr(model, "config", None)
         return getattr(config, "model_type", None) in self.model_types and self.block_prefix(model) is not None
 
+    def prepare(self, model: nn.Module, example=None) -> list[str]:
+        """Rewrite ``model`` in place into a quantizable form; returns what was done."""
+        from lowbit.models.attention import make_explicit
+        from lowbit.models.cnn import fold_all_batchnorms
+
+        n = make_explicit(model)
+        notes = [f"split {n} attention layers into explicit q/k/v/out linears"] if n else []
+        return notes + fold_all_batchnorms(model, example)
+
     def block_prefix(self, model: nn.Module) -> str | None:
         for path in self.block_paths:
             blocks = _get(model, path)
-            if isinstance(blocks, nn.ModuleList):
+            if isinstance(blocks, (nn.ModuleList, nn.Sequential)):
                 return path
         return None
 
@@ -60,10 +106,33 @@ class Adapter:
             return []
         return [(f"{path}.{i}", block) for i, block in enumerate(_get(model, path))]
 
+    def units(self, model: nn.Module) -> list[UnitSpec]:
+        """Blocks in order; every weighted layer outside them its own unit, before or after
+        the blocks as the model registers it."""
+        blocks = self.blocks(model)
+        prefixes = [n + "." for n, _ in blocks]
+        names = [n for n, _ in model.named_modules()]
+        first_block = names.index(blocks[0][0]) if blocks else len(names)
+        stem, head = [], []
+        for i, (name, m) in enumerate(model.named_modules()):
+            if not (is_weighted(m)) or any(name.startswith(p) for p in prefixes):
+                continue
+            (stem if i < first_block else head).append(UnitSpec(name, [name]))
+        return stem + [UnitSpec(n, [n], follows=i > 0) for i, (n, _) in enumerate(blocks)] + head
+
     def scale_pairs(self, block: nn.Module) -> list[tuple[str, list[str]]]:
         """The pairs present in ``block`` (a missing module drops its pair)."""
         names = {n for n, _ in block.named_modules()}
         return [(p, list(c)) for p, c in self.pairs if p in names and all(x in names for x in c)]
+
+    def sites(self, model: nn.Module) -> list[SiteSpec]:
+        """Activation points besides the weighted layers' inputs (none for language models: their
+        integer activations are the linears' inputs)."""
+        return []
+
+    def quantizes_input(self, name: str) -> bool:
+        """Whether the weighted layer ``name`` quantizes its own input when activations are quantized."""
+        return True
 
     def skip_reason(self, model: nn.Module, name: str, module: nn.Module) -> str | None:
         """Why ``module`` is left in full precision by default, or ``None`` to quantize it."""
@@ -80,9 +149,14 @@ class Adapter:
                 + (", tied to the input embedding" if tied else "")
                 + (": kept in full precision by default")
             )
-        if not is_linear(module):
-            return f"{type(module).__name__} is not supported by weight-only linear quantization"
+        if op_kind(module) is None:
+            return f"{type(module).__name__}: no quantized module for this layer type yet"
         return None
+
+
+def is_weighted(module: nn.Module) -> bool:
+    """A module holding a parameter of two or more dimensions itself (not in a child)."""
+    return any(p.dim() >= 2 for p in module.parameters(recurse=False)) or isinstance(module, (QModule,))
 
 
 LLAMA_PAIRS = (
@@ -101,19 +175,13 @@ OPT_PAIRS = (
 # value -> attention output folds exactly.
 BERT_PAIRS = (("attention.self.value", ("attention.output.dense",)),)
 
-ADAPTERS = [
-    Adapter("llama", ("llama", "mistral", "qwen2", "qwen3"), ("model.layers",), LLAMA_PAIRS),
-    Adapter("opt", ("opt",), ("model.decoder.layers", "decoder.layers"), OPT_PAIRS),
-    Adapter("gpt2", ("gpt2",), ("transformer.h", "h")),
-    Adapter("bert", ("bert", "roberta"), ("encoder.layer", "bert.encoder.layer", "roberta.encoder.layer"), BERT_PAIRS),
-]
-
 
 class GenericAdapter(Adapter):
-    """Any ``nn.Module``: the largest ``nn.ModuleList`` counts as the blocks, if any."""
+    """Any ``nn.Module``: the largest ``nn.ModuleList`` counts as the blocks, if any; every
+    other weighted layer is its own unit and quantizes its own input."""
 
     def __init__(self):
-        super().__init__("generic")
+        super().__init__("generic", family="generic")
 
     def matches(self, model: nn.Module) -> bool:
         return True
@@ -125,13 +193,38 @@ class GenericAdapter(Adapter):
         return max(lists, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))[0]
 
 
+def _resnet_adapter():
+    from lowbit.models.cnn import ResNetCifarAdapter
+
+    return ResNetCifarAdapter()
+
+
+def _vit_adapter():
+    from lowbit.models.vision import ViTCifarAdapter
+
+    return ViTCifarAdapter()
+
+
+ADAPTERS = [
+    Adapter("llama", ("llama", "mistral", "qwen2", "qwen3"), ("model.layers",), LLAMA_PAIRS),
+    Adapter("opt", ("opt",), ("model.decoder.layers", "decoder.layers"), OPT_PAIRS),
+    Adapter("gpt2", ("gpt2",), ("transformer.h", "h")),
+    Adapter("bert", ("bert", "roberta"), ("encoder.layer", "bert.encoder.layer", "roberta.encoder.layer"), BERT_PAIRS,
+            family="encoder"),  # fmt: skip
+]
+FAMILY_ADAPTERS = {"ResNetCifar": _resnet_adapter, "ViTCifar": _vit_adapter}
+
+
 def adapter_for(model: nn.Module) -> Adapter:
+    make = FAMILY_ADAPTERS.get(type(model).__name__)
+    if make is not None:
+        return make()
     return next((a for a in ADAPTERS if a.matches(model)), GenericAdapter())
 
 
 @dataclass
 class Target:
-    name: str
+    name: str  # the module's name; ``module.param`` for a loose parameter (a class token)
     module: nn.Module
     in_block: bool
     skip: str | None  # reason, or None to quantize
@@ -141,34 +234,38 @@ def plan(
     model: nn.Module,
     skip: list[str] | tuple[str, ...] = (),
     include_lm_head: bool = False,
+    adapter: Adapter | None = None,
 ) -> list[Target]:
-    """Every weight-bearing leaf of ``model`` with the decision to quantize it or why not.
-
-    ``skip``: glob patterns of module names to keep in full precision.
-    """
-    adapter = adapter_for(model)
-    prefix = adapter.block_prefix(model)
-    targets = []
+    """Every parameter of two or more dimensions, by the module holding it, with the decision to
+    quantize it or why not (``skip``: glob patterns of module names to keep in full precision)."""
+    from lowbit.nn.qconv import QConv
     from lowbit.nn.qlinear import QLinear
 
+    adapter = adapter or adapter_for(model)
+    prefix = adapter.block_prefix(model)
+    targets = []
     for name, module in model.named_modules():
-        if isinstance(module, QLinear):
-            in_block = prefix is not None and name.startswith(prefix + ".")
+        in_block = prefix is not None and name.startswith(prefix + ".")
+        if isinstance(module, (QLinear, QConv)):
             targets.append(Target(name, module, in_block, "already quantized"))
             continue
-        if not (is_linear(module) or isinstance(module, OTHER_WEIGHTED)):
+        if isinstance(module, (QModule, QSite)) or not is_weighted(module):
+            continue
+        if op_kind(module) is None:
+            params = [n for n, p in module.named_parameters(recurse=False) if p.dim() >= 2]
+            reason = adapter.skip_reason(model, name, module)
+            if params == ["weight"]:
+                targets.append(Target(name, module, in_block, reason))
+            else:
+                for p in params:
+                    full = f"{name}.{p}" if name else p
+                    targets.append(Target(full, module, in_block, f"{type(module).__name__}.{p}: not a layer "
+                                                                 "weight; kept in full precision"))  # fmt: skip
             continue
         reason = adapter.skip_reason(model, name, module)
-        if include_lm_head and reason and reason.startswith("output projection") and is_linear(module):
+        if include_lm_head and reason and reason.startswith("output projection"):
             reason = None
         if reason is None and any(fnmatch.fnmatch(name, pat) for pat in skip):
             reason = "matched a --skip pattern"
-        in_block = prefix is not None and name.startswith(prefix + ".") and is_linear(module)
         targets.append(Target(name, module, in_block, reason))
     return targets
-
-
-def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)

@@ -1,64 +1,18 @@
-"""What the CNN quantization engine needs to know of a model: its weighted layers in
-execution order, which BatchNorms fold into which convs, where activations are
-quantized, and the units that block-wise reconstruction (BRECQ, QDrop) optimises.
+"""Convolutional networks as a family: BatchNorm folding, and the adapter of the CIFAR
+ResNets (units: the stem, each BasicBlock, the head; activations quantized at the
+image input, after every ReLU, the one after the residual add included, and at
+the classifier input; the first and last layers at 8 bits, as in the papers).
 
-The CIFAR ResNets have an adapter (units: the stem, each BasicBlock, the head;
-activations quantized after every ReLU, the one after the residual add
-included). Any other module goes through the generic walker: every conv and
-linear is found by running the model once, each is its own unit, and each
-quantizes its own input.
+Any other module of convs and linears goes through the generic adapter: every
+weighted layer is its own unit and quantizes its own input.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
-from lowbit.models.adapters import OTHER_WEIGHTED
-from lowbit.models.resnet_cifar import BasicBlock, ResNetCifar
-
-WEIGHTED = (nn.Conv2d, nn.Linear)
-NORMS = (nn.BatchNorm2d, nn.BatchNorm1d)
-
-
-@dataclass
-class Unit:
-    """Modules run one after another (flattening before a Linear) between two capture points."""
-
-    name: str
-    modules: list[str]
-
-
-@dataclass
-class CnnPlan:
-    adapter: str
-    layers: list[str]  # convs and linears, in execution order
-    skipped: dict[str, str] = field(default_factory=dict)  # weighted modules left in float, with why
-    act_sites: list[str] = field(default_factory=list)  # modules whose output is quantized
-    input_sites: list[str] = field(default_factory=list)  # layers whose input is quantized
-    units: list[Unit] = field(default_factory=list)
-    bn_pairs: list[tuple[str, str]] = field(default_factory=list)
-
-
-def execution_order(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """Names of the convs and linears in the order one forward pass calls them."""
-    names = {m: n for n, m in model.named_modules()}
-    order: list[str] = []
-    hooks = [m.register_forward_pre_hook(lambda mod, _: order.append(names[mod]) and None)
-             for m in model.modules() if isinstance(m, WEIGHTED)]  # fmt: skip
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
-    seen: list[str] = []
-    for n in order:
-        if n not in seen:
-            seen.append(n)
-    return seen
+from lowbit.models.adapters import Adapter, SiteSpec, UnitSpec, set_module
 
 
 def _bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
@@ -88,8 +42,6 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, pairs: list[tuple[st
     the norm becomes an ``nn.Identity``. The model's output on ``example`` is checked
     to be unchanged, so a wrongly guessed pair fails loudly instead of computing
     something else."""
-    from lowbit.models.adapters import set_module
-
     pairs = _bn_pairs(model) if pairs is None else pairs
     if not pairs:
         return []
@@ -115,40 +67,42 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, pairs: list[tuple[st
     return pairs
 
 
-def plan_cnn(model: nn.Module, example: torch.Tensor, skip: tuple[str, ...] = ()) -> CnnPlan:
-    """The plan for ``model`` (already BatchNorm-folded)."""
-    import fnmatch
-
-    order = execution_order(model, example)
-    skipped = {}
-    for name, m in model.named_modules():
-        if isinstance(m, WEIGHTED) and name not in order:
-            skipped[name] = "never called in a forward pass"
-        elif isinstance(m, OTHER_WEIGHTED) and not isinstance(m, nn.Conv2d):
-            skipped[name] = f"{type(m).__name__}: no CNN quantizer for this layer type"
-    layers = [n for n in order if not any(fnmatch.fnmatch(n, p) for p in skip)]
-    for n in order:
-        if n not in layers:
-            skipped[n] = "matched --skip"
-    if isinstance(model, ResNetCifar):
-        sites = ["relu"]
-        units = [Unit("stem", ["conv1", "bn1", "relu"])]
-        for sname in ("layer1", "layer2", "layer3"):
-            for i, block in enumerate(getattr(model, sname)):
-                assert isinstance(block, BasicBlock)
-                sites += [f"{sname}.{i}.relu1", f"{sname}.{i}.relu2"]
-                units.append(Unit(f"{sname}.{i}", [f"{sname}.{i}"]))
-        units.append(Unit("head", ["pool", "linear"]))
-        return CnnPlan("resnet_cifar", layers, skipped, sites, ["conv1", "linear"], units)
-    units = [Unit(n, [n]) for n in layers]
-    return CnnPlan("generic", layers, skipped, [], list(layers), units)
+def fold_all_batchnorms(model: nn.Module, example) -> list[str]:
+    """Fold every foldable BatchNorm of ``model`` (in place, checked on ``example``)."""
+    if example is None:
+        return ["BatchNorms left unfolded: folding is checked on an example input (pass calib=)"] if _bn_pairs(model) \
+            else []  # fmt: skip
+    pairs = fold_batchnorm(model, example)
+    return [f"folded {len(pairs)} BatchNorms into their convs"] if pairs else []
 
 
-def run_chain(model: nn.Module, names: list[str], x: torch.Tensor) -> torch.Tensor:
-    """Run the modules ``names`` of ``model`` in order, flattening before a linear."""
-    for n in names:
-        m = model.get_submodule(n)
-        if x.dim() > 2 and (isinstance(m, nn.Linear) or getattr(m, "kind", "") == "Linear"):
-            x = torch.flatten(x, 1)
-        x = m(x)
-    return x
+class ResNetCifarAdapter(Adapter):
+    def __init__(self):
+        super().__init__("resnet_cifar", family="cnn")
+
+    def matches(self, model: nn.Module) -> bool:
+        return type(model).__name__ == "ResNetCifar"
+
+    def prepare(self, model: nn.Module, example=None) -> list[str]:
+        return fold_all_batchnorms(model, example)
+
+    def block_prefix(self, model: nn.Module) -> str | None:
+        return None
+
+    def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        return [(f"{s}.{i}", b) for s in ("layer1", "layer2", "layer3") for i, b in enumerate(getattr(model, s))]
+
+    def units(self, model: nn.Module) -> list[UnitSpec]:
+        units = [UnitSpec("stem", ["conv1", "bn1", "relu"])]
+        units += [UnitSpec(n, [n], follows=True) for n, _ in self.blocks(model)]
+        return units + [UnitSpec("head", ["pool", "linear"], follows=True)]
+
+    def sites(self, model: nn.Module) -> list[SiteSpec]:
+        names = ["relu"] + [f"{n}.{r}" for n, _ in self.blocks(model) for r in ("relu1", "relu2")]
+        return [SiteSpec(n, output=True) for n in names]
+
+    def quantizes_input(self, name: str) -> bool:
+        return name in ("conv1", "linear")  # every other conv reads a ReLU site's output
+
+    def skip_reason(self, model, name, module):
+        return super().skip_reason(model, name, module)

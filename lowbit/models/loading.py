@@ -70,3 +70,70 @@ def load_pretrained(name: str) -> tuple[nn.Module, object | None]:
         tokenizer = None
     model.lowbit_source = path
     return model, tokenizer
+
+
+VISION_ALIASES = {
+    "resnet20": ("resnet_cifar", "resnet20-12fca82f.th"),
+    "resnet32": ("resnet_cifar", "resnet32-d509ac18.th"),
+    "vit_cifar": ("vit_cifar", "vit_cifar10.pth"),
+}
+
+
+def load_model(name: str) -> tuple[nn.Module, object | None]:
+    """``(model, tokenizer or None)`` for any model lowbit knows: a CIFAR ResNet checkpoint, the
+    CIFAR ViT, an alias (``resnet20``, ``resnet32``, ``vit_cifar``, ``minilm``, ``stories260K``) or
+    a Hugging Face directory or hub id."""
+    from lowbit.models.resnet_cifar import is_resnet_cifar_checkpoint, load_resnet_cifar
+    from lowbit.models.vit_cifar import is_vit_cifar_checkpoint, load_vit_cifar
+
+    if name.lower() in VISION_ALIASES:
+        folder, file = VISION_ALIASES[name.lower()]
+        path = asset(folder, file)
+        if not path.exists():
+            raise FileNotFoundError(f"{name} is read from {path}, which is absent; set LOWBIT_ASSETS")
+        name = str(path)
+    if is_resnet_cifar_checkpoint(name):
+        return load_resnet_cifar(name), None
+    if is_vit_cifar_checkpoint(name):
+        model = load_vit_cifar(name)
+        model.lowbit_source = name
+        return model, None
+    return load_pretrained(name)
+
+
+def skeleton_config(model: nn.Module) -> dict | None:
+    """What rebuilds ``model``'s architecture when it is not a transformers model, or ``None``."""
+    kind = type(model).__name__
+    if kind == "ResNetCifar":
+        return {"architecture": "resnet_cifar", "depth": model.depth, "num_classes": model.num_classes}
+    if kind == "ViTCifar":
+        return {"architecture": "vit_cifar", "vit": dict(model.config)}
+    return None
+
+
+def build_skeleton(config: dict) -> nn.Module | None:
+    """The unquantized architecture a ``skeleton_config`` describes (random weights), or ``None``."""
+    arch = config.get("architecture")
+    if arch == "resnet_cifar":
+        from lowbit.models.resnet_cifar import ResNetCifar
+
+        return ResNetCifar(int(config["depth"]), int(config.get("num_classes", 10)))
+    if arch == "vit_cifar":
+        from lowbit.models.vit_cifar import ViTCifar
+
+        return ViTCifar(**config["vit"])
+    return None
+
+
+def normalization(model: nn.Module):
+    """The input normalisation ``(mean, std)`` a CIFAR-10 vision model was trained with, or ``None``."""
+    kind = type(model).__name__
+    if kind == "ResNetCifar":
+        from lowbit.models.resnet_cifar import NORMALIZE
+
+        return NORMALIZE
+    if kind == "ViTCifar":
+        from lowbit.models.vit_cifar import NORMALIZE
+
+        return NORMALIZE
+    return None

@@ -2,16 +2,17 @@
 kernels (x86/FBGEMM on CPUs with VNNI, QNNPACK otherwise: see ``pick_engine``): uint8
 activations, 8-bit per-channel weights, int32 accumulation.
 
-The fake-quantized model is the specification; this runs it with integers. Each conv
-takes lowbit's codes as they are (``codes - 128`` as int8 with per-channel zero points
-``zero - 128``), each activation lowbit's static scale and zero point. PyTorch's
-quantized conv requantizes its output to 8 bits, so a conv followed by a ReLU site
-writes straight into that site's grid (zero point 0: the clamp at 0 is the ReLU), the
-residual add uses ``add_relu`` into the block-output site's grid, and the second conv
-of each block, whose output the float model adds to the shortcut unquantized, gets
-one more 8-bit point calibrated here: the only place the integer model differs from
-the simulated one. The classifier head (average pool and the 64x10 linear) stays in
-the simulation.
+The frozen model that ``lowbit.quantize(resnet, "rtn", bits=8, act_bits=8, calib=...)``
+returns is the specification; this runs it with integers. Each ``QConv`` gives its
+stored codes as they are (``codes - 128`` as int8 with per-channel zero points
+``zero - 128``, and the stored fp16 scales, which a double holds exactly), each static
+``ActQuantizer`` its scale and zero point. PyTorch's quantized conv requantizes its
+output to 8 bits, so a conv followed by a ReLU site writes straight into that site's
+grid (zero point 0: the clamp at 0 is the ReLU), the residual add uses ``add_relu``
+into the block-output site's grid, and the second conv of each block, whose output
+the float model adds to the shortcut unquantized, gets one more 8-bit point
+calibrated here: the only place the integer model differs from the simulated one.
+The classifier head (average pool and the ``W8A8Linear``) runs as frozen.
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowbit.nn.fakequant import ActQuantizer, ActSite, QuantLayer
+from lowbit.formats.activation import ActFormat
+from lowbit.nn.qconv import QConv
+from lowbit.nn.qmodule import QModule, QSite
+from lowbit.nn.quantizers import ActQuantizer
+
+# the extra point after each block's second conv: 8-bit, one static range, signed values
+BLOCK_OUTPUT_FORMAT = ActFormat(8, "tensor", dynamic=False, symmetric=False)
 
 
 def has_vnni() -> bool:
@@ -50,45 +57,81 @@ def pick_engine() -> str:
     raise NotImplementedError(f"no exact quantized engine here (PyTorch offers {engines})")
 
 
-def _qparams(q: ActQuantizer) -> tuple[float, int]:
-    return float(q.scale), int(q.zero)
+def uint8_params(q: ActQuantizer) -> tuple[float, int]:
+    """``(scale, zero point)`` of ``q``'s grid as PyTorch's ``quint8`` holds it.
+
+    An asymmetric grid is already ``[0, 255]``; a symmetric one ``[-128, 127]`` with zero 0
+    is the same grid shifted by 128 codes."""
+    zero = int(q.zero.reshape(()))
+    return float(q.scale.reshape(())), zero + (128 if q.fmt.symmetric else 0)
 
 
-def _observe(obs: ActQuantizer, value: torch.Tensor) -> None:
-    obs(value)
+def check_act(name: str, q: ActQuantizer) -> None:
+    """Refuse an activation point that PyTorch's per-tensor uint8 kernels cannot reproduce."""
+    f = q.fmt
+    if f is None or f.bits != 8 or f.dynamic or f.granularity != "tensor" or q.scale is None:
+        how = "float" if f is None else f.describe()
+        raise ValueError(f"{name}: activations must be 8-bit, static, per-tensor and calibrated, not {how}")
+    if any(getattr(q, t) is not None for t in ("input_shift", "input_scale", "perm")) or q.outlier_threshold:
+        raise ValueError(f"{name}: an activation transform or outlier split has no int8 conv equivalent")
 
 
-class _QConv(nn.Module):
-    """One QuantLayer conv as a quantized conv writing into ``(scale, zero)``."""
+def relu_grid(name: str, site: nn.Module) -> tuple[float, int]:
+    """The grid a conv writes into when a ReLU site follows it: zero point 0, so the clamp is the ReLU."""
+    if not isinstance(site, QSite) or site.output_q is None:
+        raise ValueError(f"{name}: expected a ReLU site quantizing its output (quantize with act_bits=8)")
+    check_act(name, site.output_q)
+    scale, zero = uint8_params(site.output_q)
+    if zero != 0:
+        raise ValueError(f"{name}: a ReLU site with a non-zero zero point ({zero}); the clamp would not be a ReLU")
+    return scale, zero
 
-    def __init__(self, layer: QuantLayer, out_scale: float, out_zero: int):
+
+def int8_weight(name: str, conv: QConv) -> torch.Tensor:
+    """The conv's stored codes as PyTorch's per-channel ``qint8`` weight (same values exactly)."""
+    f = conv.fmt
+    if f.kind != "int" or f.bits != 8 or f.group_size != -1:
+        raise ValueError(f"{name}: {f.describe()} weights; int8 execution needs W8A8 (bits=8, per channel)")
+    if conv.dims != 2 or isinstance(conv.padding, str):
+        raise ValueError(f"{name}: int8 execution runs 2-D convs with numeric padding")
+    qw = conv.quantized_weight
+    codes = qw.codes().reshape(qw.shape).to(torch.int16) - 128
+    zeros = qw.zero_or_default().reshape(-1).to(torch.int64) - 128
+    return torch._make_per_channel_quantized_tensor(codes.to(torch.int8), qw.scale.reshape(-1).double(), zeros, 0)
+
+
+class Int8Conv(nn.Module):
+    """One frozen ``QConv`` as a quantized conv writing into ``(out_scale, out_zero)``."""
+
+    def __init__(self, name: str, conv: QConv, out_scale: float, out_zero: int):
         super().__init__()
-        if layer.conv is None or layer.bits != 8:
-            raise ValueError("int8 execution needs 8-bit conv weights")
-        codes = layer.codes().to(torch.int16) - 128
-        zeros = layer.zero.reshape(-1).to(torch.int64) - 128
-        weight = torch._make_per_channel_quantized_tensor(
-            codes.to(torch.int8), layer.scale.reshape(-1).double(), zeros, 0
-        )
-        self.conv = torch.ao.nn.quantized.Conv2d(
-            weight.shape[1] * layer.conv["groups"], weight.shape[0], tuple(weight.shape[2:]), **layer.conv
-        )
-        self.conv.set_weight_bias(weight, layer.bias.detach().float())
+        weight = int8_weight(name, conv)
+        self.conv = torch.ao.nn.quantized.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size,
+                                                 stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                                                 groups=conv.groups)  # fmt: skip
+        bias = conv.bias.detach().float() if conv.bias is not None else torch.zeros(conv.out_channels)
+        self.conv.set_weight_bias(weight, bias)
         self.conv.scale, self.conv.zero_point = out_scale, out_zero
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
 
 
+def _qconv(name: str, module: nn.Module) -> QConv:
+    if not isinstance(module, QConv):
+        raise ValueError(f"{name}: expected a frozen QConv, found {type(module).__name__}")
+    return module
+
+
 class Int8Block(nn.Module):
-    def __init__(self, block, out2: ActQuantizer):
+    def __init__(self, name: str, block: nn.Module, out2: ActQuantizer):
         super().__init__()
-        relu1, relu2 = block.relu1.quant, block.relu2.quant
-        self.conv1 = _QConv(block.conv1, *_qparams(relu1))
-        self.conv2 = _QConv(block.conv2, *_qparams(out2))
+        relu1 = relu_grid(f"{name}.relu1", block.relu1)
+        self.conv1 = Int8Conv(f"{name}.conv1", _qconv(f"{name}.conv1", block.conv1), *relu1)
+        self.conv2 = Int8Conv(f"{name}.conv2", _qconv(f"{name}.conv2", block.conv2), *uint8_params(out2))
         self.out2 = out2  # the extra 8-bit point, kept so the simulation can be given it too
         self.shortcut = block.shortcut
-        self.out_scale, self.out_zero = _qparams(relu2)
+        self.out_scale, self.out_zero = relu_grid(f"{name}.relu2", block.relu2)
 
     def forward(self, x):
         y = self.conv2(self.conv1(x))
@@ -99,36 +142,44 @@ class Int8Block(nn.Module):
         return torch.ops.quantized.add_relu(y, s, self.out_scale, self.out_zero)
 
 
+def block_names(q: nn.Module) -> list[str]:
+    return [f"{s}.{i}" for s in ("layer1", "layer2", "layer3") for i in range(len(getattr(q, s)))]
+
+
+def check_frozen(q: nn.Module) -> None:
+    """Refuse a model still in simulate mode, or without quantized activations at its input."""
+    if any(isinstance(m, QModule) for m in q.modules()):
+        raise ValueError("the model is still in simulate mode; pass what lowbit.quantize returned (frozen)")
+    stem = q.conv1
+    if not (isinstance(stem, QSite) and isinstance(stem.module, QConv) and len(stem.input_q) == 1):
+        raise ValueError("conv1 does not quantize its input: int8 execution needs act_bits=8")
+    check_act("conv1 input", stem.input_q[0])
+
+
 class Int8ResNet(nn.Module):
-    """The integer form of a ResNetCifar that ``quantize_cnn(..., bits=8, act_bits=8)`` returned."""
+    """The integer form of a ResNetCifar that ``lowbit.quantize(..., bits=8, act_bits=8)`` returned."""
 
     def __init__(self, q: nn.Module, images: torch.Tensor):
         super().__init__()
+        check_frozen(q)
         self.engine = pick_engine()
         torch.backends.quantized.engine = self.engine
-        for name, m in q.named_modules():
-            if isinstance(m, QuantLayer) and m.kind == "Conv2d" and m.bits != 8:
-                raise ValueError(f"{name}: int{m.bits} weights; int8 execution needs W8A8 (bits=8)")
-            if isinstance(m, ActQuantizer) and (m.bits != 8 or not m.enabled):
-                raise ValueError(f"{name}: activations must be 8-bit and calibrated")
-            if isinstance(m, ActSite) and float(m.quant.zero) != 0:
-                raise ValueError(f"{name}: a ReLU site with a non-zero zero point")
-        self.in_scale, self.in_zero = _qparams(q.conv1.input_quant)
-        self.stem = _QConv(q.conv1, *_qparams(q.relu.quant))
+        self.in_scale, self.in_zero = uint8_params(q.conv1.input_q[0])
+        self.stem = Int8Conv("conv1", q.conv1.module, *relu_grid("relu", q.relu))
         outs = self._calibrate_block_convs(q, images)
-        self.blocks = nn.Sequential(*[Int8Block(b, outs[id(b)]) for s in (q.layer1, q.layer2, q.layer3) for b in s])
+        self.blocks = nn.Sequential(*[Int8Block(n, q.get_submodule(n), outs[n]) for n in block_names(q)])
         self.pool, self.linear = q.pool, q.linear
 
     @staticmethod
-    def _calibrate_block_convs(q: nn.Module, images: torch.Tensor) -> dict[int, ActQuantizer]:
+    def _calibrate_block_convs(q: nn.Module, images: torch.Tensor) -> dict[str, ActQuantizer]:
         """An 8-bit range for each block's second conv output (min-max observer), on ``images``."""
         observers, hooks = {}, []
-        for stage in (q.layer1, q.layer2, q.layer3):
-            for block in stage:
-                obs = ActQuantizer(8, "minmax")
-                obs.observe()
-                observers[id(block)] = obs
-                hooks.append(block.conv2.register_forward_hook(lambda m, a, o, obs=obs: _observe(obs, o)))
+        for name in block_names(q):
+            obs = ActQuantizer(BLOCK_OUTPUT_FORMAT, "minmax", channel_dim=1)
+            obs.begin_observing()
+            observers[name] = obs
+            conv2 = q.get_submodule(f"{name}.conv2")
+            hooks.append(conv2.register_forward_hook(lambda m, a, o, obs=obs: obs.accumulate(o)))
         try:
             with torch.no_grad():
                 for i in range(0, images.shape[0], 256):
@@ -138,6 +189,7 @@ class Int8ResNet(nn.Module):
                 h.remove()
         for obs in observers.values():
             obs.finish_observing()
+            obs.eval()
         return observers
 
     @torch.no_grad()

@@ -1,0 +1,178 @@
+"""The one engine loop, for every model family.
+
+``run`` wraps the model's weighted layers in ``QModule``s (and its activation
+sites in ``QSite``s), then walks the adapter's units in execution order: each
+unit receives the inputs the model as quantized so far gives it (and the float
+model's, for methods that ask), the recipe's transforms rewrite it exactly, the
+quantizer decides its codes (and activation ranges, and learns what it learns),
+and its outputs become the next unit's inputs. At the end every ``QModule`` is
+frozen into its packed runtime module and every parameter of two or more
+dimensions is in the coverage report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.coverage import Coverage, LayerRecord
+from lowbit.engine.capture import Inputs, capture_inputs
+from lowbit.engine.unit import Unit
+from lowbit.models.adapters import Adapter, SiteSpec, Target, set_module
+from lowbit.nn.qmodule import QModule, QSite, frozen_act, set_quantization
+from lowbit.nn.quantizers import ActQuantizer
+
+
+def run(model: nn.Module, adapter: Adapter, methods: list, targets: list[Target], batches: list | None,
+        device: torch.device, first_last_bits: int | None, progress: bool, kernel: str = "auto") -> Coverage:  # fmt: skip
+    """Quantize ``model`` in place with the recipe ``methods`` (transforms, then the quantizer)."""
+    quantizer = methods[-1]
+    todo = [t for t in targets if t.skip is None]
+    for m in methods:
+        m.prepare(model, adapter, batches)
+    wrap(model, adapter, quantizer, todo, first_last_bits)
+    specs = adapter.units(model)
+    needs_float = any(m.needs_float_inputs for m in methods)
+    prev_q = prev_fp = None
+    bar = tqdm(specs, desc=f"lowbit {'+'.join(m.name for m in methods)}", unit="unit", disable=not progress)
+    for i, spec in enumerate(bar):
+        upcoming = i + 1 < len(specs) and specs[i + 1].follows
+        has_work = any(isinstance(m, (QModule, QSite)) for n in spec.modules for m in model.get_submodule(n).modules())
+        if not has_work and not upcoming:
+            prev_q = prev_fp = None
+            continue
+        home = _device_of(model, spec)
+        for n in spec.modules:
+            model.get_submodule(n).to(device)
+        inputs = float_inputs = None
+        if batches is not None:
+            inputs = prev_q if spec.follows and prev_q is not None else _capture(model, spec, batches, device)
+            if needs_float:
+                float_inputs = prev_fp if spec.follows and prev_fp is not None else _capture_float(model, spec,
+                                                                                              batches, device)
+        unit = Unit(model, spec, adapter, inputs, float_inputs)
+        if has_work:
+            for m in methods:
+                m.transform(unit, quantizer)
+            quantizer.quantize(unit)
+        if upcoming and inputs is not None:
+            prev_q = advance(unit.outputs(), inputs)
+            prev_fp = advance(unit.float_outputs(), float_inputs) if needs_float else None
+        else:
+            prev_q = prev_fp = None
+        for n in spec.modules:
+            model.get_submodule(n).to(home)
+        bar.set_postfix_str(spec.name)
+    for m in methods:
+        m.finetune(model, batches)
+    return freeze(model, targets, methods, kernel)
+
+
+def advance(outputs: list[torch.Tensor], inputs: Inputs) -> Inputs:
+    """The next unit's inputs: this unit's outputs, with the same further arguments (mask, positions)."""
+    return [((out, *args[1:]), kwargs) for out, (args, kwargs) in zip(outputs, inputs)]
+
+
+def _device_of(model: nn.Module, spec) -> torch.device:
+    for n in spec.modules:
+        for p in model.get_submodule(n).parameters():
+            return p.device
+    return torch.device("cpu")
+
+
+def _capture(model, spec, batches, device) -> Inputs:
+    return capture_inputs(model, model.get_submodule(spec.modules[0]), batches, device)
+
+
+def _capture_float(model, spec, batches, device) -> Inputs:
+    set_quantization(model, False)
+    try:
+        return _capture(model, spec, batches, device)
+    finally:
+        set_quantization(model, True)
+
+
+# --- wrapping -----------------------------------------------------------------------------------
+
+
+def wrap(model: nn.Module, adapter: Adapter, quantizer, todo: list[Target], first_last_bits: int | None) -> None:
+    """Replace each target with a ``QModule`` (simulate mode, nothing decided yet) and put
+    activation quantizers where the quantizer's activation format asks for them."""
+    ends = {todo[0].name, todo[-1].name} if first_last_bits and todo else set()
+    act = quantizer.act_format
+    for t in todo:
+        fmt = quantizer.weight_format
+        afmt = act
+        if t.name in ends:
+            fmt = replace(fmt, bits=first_last_bits)
+            afmt = replace(act, bits=first_last_bits) if act is not None else None
+        qm = QModule(t.module, fmt)
+        if afmt is not None and adapter.quantizes_input(t.name):
+            qm.input_q = _act_quantizer(quantizer, afmt, qm.channel_dim)
+        set_module(model, t.name, qm)
+    if act is None:
+        return
+    for site in adapter.sites(model):
+        set_module(model, site.name, _site(model.get_submodule(site.name), site, quantizer, act))
+
+
+def _act_quantizer(quantizer, fmt, channel_dim: int) -> ActQuantizer:
+    q = ActQuantizer(fmt, quantizer.observer, quantizer.act_percentile, channel_dim)
+    q.outlier_threshold = getattr(quantizer, "threshold", None)
+    return q
+
+
+def _site(module: nn.Module, spec: SiteSpec, quantizer, fmt) -> QSite:
+    ins = [_act_quantizer(quantizer, fmt, -1) for _ in range(spec.inputs)]
+    out = _act_quantizer(quantizer, fmt, -1) if spec.output else None
+    return QSite(module, ins, out)
+
+
+# --- freezing and coverage -------------------------------------------------------------------
+
+
+def freeze(model: nn.Module, targets: list[Target], methods: list, kernel: str = "auto") -> Coverage:
+    """Swap every ``QModule`` for its packed runtime module, fix every site's quantizers, and
+    report every weight-bearing parameter."""
+    records: dict[str, LayerRecord] = {}
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QModule):
+            frozen = m.freeze(kernel)
+            qw = (frozen.module if isinstance(frozen, QSite) else frozen).quantized_weight
+            set_module(model, name, frozen)
+            act = m.input_q.describe()
+            if getattr(m.input_q, "note", ""):
+                act += f" ({m.input_q.note})"
+            records[name] = LayerRecord(name, m.source, "quantized", "", False, m.describe(), qw.bits_per_weight,
+                                        qw.numel, m.weight_q.method, act)  # fmt: skip
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QSite):
+            for i, q in enumerate(m.input_q):
+                if q.quantizes:
+                    m.input_q[i] = frozen_act(q)
+            if m.output_q is not None:
+                m.output_q = frozen_act(m.output_q)
+    coverage = Coverage()
+    for t in targets:
+        rec = records.get(t.name)
+        if rec is not None:
+            rec.in_block = t.in_block
+            coverage.add(rec)
+        else:
+            numel = _numel(t)
+            coverage.add(LayerRecord(t.name, type(t.module).__name__, "skipped", t.skip or "not quantized",
+                                     t.in_block, numel=numel))  # fmt: skip
+    return coverage
+
+
+def _numel(t: Target) -> int:
+    param = t.name.rpartition(".")[2]
+    p = getattr(t.module, param, None) if t.name.endswith(param) and isinstance(getattr(t.module, param, None),
+                                                                                 nn.Parameter) else None  # fmt: skip
+    if p is not None and p.dim() >= 2:
+        return p.numel()
+    return sum(p.numel() for p in t.module.parameters(recurse=False) if p.dim() >= 2)
+
