@@ -102,6 +102,7 @@ def quantize(
     import lowbit
     from lowbit.io.native import check_output_dir
     from lowbit.methods import check_recipe, load_recipe, parse_recipe
+    from lowbit.models.adapters import adapter_for
 
     try:
         check_output_dir(out)
@@ -115,20 +116,22 @@ def quantize(
         recipe = load_recipe(recipe_file, **config) if recipe_file else parse_recipe(method, **config)
         check_recipe(recipe)
         method = "+".join(m.name for m in recipe)
-        needs_data = any(m.needs_calibration for m in recipe) or recipe[-1].static_activations
-        if needs_data and calib is None:
-            raise ValueError(f"{method} needs calibration data; pass --calib (a text file or images)")
         if calib is not None and not calib.exists():
             raise FileNotFoundError(f"calibration data {calib} does not exist")
         _quiet_transformers()
         net, tokenizer = _load_model(model)
+        family = adapter_for(net).family
+        recipe = [m.for_family(family) for m in recipe]  # e.g. static activations for vision models
+        needs_data = any(m.needs_calibration for m in recipe) or recipe[-1].static_activations
+        if needs_data and calib is None:
+            raise ValueError(f"{method} needs calibration data; pass --calib (a text file or images)")
         data = _calibration(net, tokenizer, calib, nsamples, seqlen, seed) if calib is not None else None
         if data is not None and not needs_data:
             _log(f"note: {method} does not use calibration data; --calib was checked and not used")
         # by name, so that the model family fills what the flags leave unset (as the Python API does)
         target, overrides = (recipe, {}) if recipe_file else (method, {k: v for k, v in config.items() if v is not None})
         flb = "auto" if first_last_bits is None else (first_last_bits or None)
-        lowbit.quantize(net, target, calib=data if needs_data else None, skip=skip, include_lm_head=include_lm_head,
+        lowbit.quantize(net, target, calib=data, skip=skip, include_lm_head=include_lm_head,
                         first_last_bits=flb, progress=not as_json, **overrides)  # fmt: skip
         lowbit.save(net, out, tokenizer=tokenizer)
     except USER_ERRORS as e:

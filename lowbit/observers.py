@@ -95,15 +95,19 @@ def _quantile(x: torch.Tensor, q: float) -> float:
 
 def mse_range(values: torch.Tensor, lo: float, hi: float, fmt: ActFormat, grid: int = 100,
               min_ratio: float = 0.1) -> tuple[float, float]:  # fmt: skip
-    """Shrink ``[lo, hi]`` by ``p`` in ``(min_ratio, 1]`` to minimise the mean squared error on ``values``."""
+    """Shrink ``[lo, hi]`` by ``p`` in ``(min_ratio, 1]`` to minimise the mean squared error on ``values``.
 
-    def error(lo_p, hi_p):
-        scale, zero = A.params_from_range(lo_p.float(), hi_p.float(), fmt)
-        return (A.codes(values, scale, zero, fmt) * scale - values).pow(2).mean()
-
-    best_lo, best_hi = shrink_search(torch.tensor(float(lo)), torch.tensor(float(hi)), error,
-                                     shrink_factors(grid, (1 - min_ratio) / grid))  # fmt: skip
-    return float(best_lo), float(best_hi)
+    Every candidate is scored in one batched pass (``[candidates, values]``, in chunks), the
+    same loop as ``formats.search.shrink_search`` without a kernel launch per candidate."""
+    factors = shrink_factors(grid, (1 - min_ratio) / grid).float()
+    lo_p, hi_p = factors * float(lo), factors * float(hi)
+    scale, zero = A.params_from_range(lo_p, hi_p, fmt)  # [G]
+    errs = []
+    for i in range(0, factors.numel(), 25):  # 25 candidates at a time bound the memory
+        s, z = scale[i : i + 25, None], zero[i : i + 25, None]
+        errs.append((A.codes(values[None, :], s, z, fmt) * s - values[None, :]).pow(2).mean(1))
+    best = int(torch.argmin(torch.cat(errs)))  # the first of equal errors: the widest range
+    return float(lo_p[best]), float(hi_p[best])
 
 
 def kl_threshold(mags: torch.Tensor, bits: int = 8, bins: int = 2048) -> float:

@@ -55,7 +55,10 @@ def test_skip_patterns_and_config_objects():
 
 
 def test_unknown_method_lists_the_available_ones():
-    with pytest.raises(ValueError, match="available: awq, gptq, llmint8, osplus, peg, rptq, rtn, smoothquant, zeroquant"):
+    available = (
+        "adaround, awq, bias_correction, brecq, gptq, llmint8, osplus, peg, qdrop, rptq, rtn, smoothquant, zeroquant"
+    )
+    with pytest.raises(ValueError, match=f"available: {available}$"):
         lowbit.quantize(nn.Linear(4, 4), "gptx", progress=False)
 
 

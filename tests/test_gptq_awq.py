@@ -219,6 +219,46 @@ def test_gptq_on_a_bare_sequential_uses_the_whole_model_as_one_block():
     assert {r.method for r in gptq.lowbit_coverage.quantized} == {"gptq"}
 
 
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used, self.unused = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        return torch.relu(self.used(x))
+
+
+class _WithDeadLayers(torch.nn.Module):
+    """A stem, two blocks each holding a linear the forward never calls, a head, and a linear
+    outside the blocks that nothing calls either."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Linear(8, 16)
+        self.blocks = torch.nn.ModuleList([_Block(), _Block()])
+        self.head = torch.nn.Linear(16, 4)
+        self.aux = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("recipe", ["gptq", "awq+gptq"])
+def test_layers_calibration_never_reaches_fall_back_to_rtn_and_say_so(recipe):
+    model = _WithDeadLayers()
+    lowbit.quantize(model, recipe, calib=[torch.randn(64, 8)], bits=4, group_size=-1, progress=False)
+    cov = model.lowbit_coverage
+    dead = {"blocks.0.unused", "blocks.1.unused", "aux"}
+    assert {r.name for r in cov.quantized} == dead | {"stem", "blocks.0.used", "blocks.1.used", "head"}
+    for r in cov.quantized:
+        expected = "rtn (fallback: gptq saw no calibration input for this layer)" if r.name in dead else "gptq"
+        assert r.method == expected, r.name
+    assert isinstance(model.aux, lowbit.QLinear) and torch.isfinite(model.aux.weight).all()
+
+
 def test_calibrated_methods_need_data():
     with pytest.raises(ValueError, match="calibration data"):
         lowbit.quantize(torch.nn.Sequential(torch.nn.Linear(8, 8)), "gptq", progress=False)

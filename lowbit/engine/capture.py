@@ -44,8 +44,9 @@ def _accepts_use_cache(model: nn.Module) -> bool:
 Inputs = list[tuple[tuple, dict]]  # per calibration batch: positional and keyword args
 
 
-def capture_inputs(model: nn.Module, module: nn.Module, batches: list, device) -> Inputs:
-    """Run ``model`` on each batch until ``module`` and keep what it receives."""
+def capture_inputs(model: nn.Module, module: nn.Module, batches: list, device, require_all: bool = True) -> Inputs:
+    """Run ``model`` on each batch until ``module`` and keep what it receives (``require_all=False``:
+    whatever batches reach it, possibly none: a layer the model never calls on this data)."""
     captured: Inputs = []
 
     def hook(_module, args, kwargs):
@@ -62,7 +63,7 @@ def capture_inputs(model: nn.Module, module: nn.Module, batches: list, device) -
                 pass
     finally:
         handle.remove()
-    if len(captured) != len(batches):
+    if require_all and len(captured) != len(batches):
         raise RuntimeError(f"{type(module).__name__} was not reached by {len(batches) - len(captured)} calibration batches")
     return captured
 

@@ -228,6 +228,11 @@ class Target:
     module: nn.Module
     in_block: bool
     skip: str | None  # reason, or None to quantize
+    numel: int = 0  # weights it accounts for (parameters of two or more dimensions)
+
+
+def _numel(module: nn.Module, param: str | None = None) -> int:
+    return sum(p.numel() for n, p in module.named_parameters(recurse=False) if p.dim() >= 2 and param in (None, n))
 
 
 def plan(
@@ -247,7 +252,7 @@ def plan(
     for name, module in model.named_modules():
         in_block = prefix is not None and name.startswith(prefix + ".")
         if isinstance(module, (QLinear, QConv)):
-            targets.append(Target(name, module, in_block, "already quantized"))
+            targets.append(Target(name, module, in_block, "already quantized", module.quantized_weight.numel))
             continue
         if isinstance(module, (QModule, QSite)) or not is_weighted(module):
             continue
@@ -255,17 +260,17 @@ def plan(
             params = [n for n, p in module.named_parameters(recurse=False) if p.dim() >= 2]
             reason = adapter.skip_reason(model, name, module)
             if params == ["weight"]:
-                targets.append(Target(name, module, in_block, reason))
+                targets.append(Target(name, module, in_block, reason, _numel(module)))
             else:
                 for p in params:
                     full = f"{name}.{p}" if name else p
-                    targets.append(Target(full, module, in_block, f"{type(module).__name__}.{p}: not a layer "
-                                                                 "weight; kept in full precision"))  # fmt: skip
+                    why = f"{type(module).__name__}.{p}: not a layer weight; kept in full precision"
+                    targets.append(Target(full, module, in_block, why, _numel(module, p)))
             continue
         reason = adapter.skip_reason(model, name, module)
         if include_lm_head and reason and reason.startswith("output projection"):
             reason = None
         if reason is None and any(fnmatch.fnmatch(name, pat) for pat in skip):
             reason = "matched a --skip pattern"
-        targets.append(Target(name, module, in_block, reason))
+        targets.append(Target(name, module, in_block, reason, _numel(module)))
     return targets
