@@ -139,10 +139,13 @@ def quantize(
     cov = net.lowbit_coverage
     done, total = cov.block_counts()
     quantizer = net.lowbit_recipe[-1]
+    decided = lowbit.make_method(quantizer["method"], **{k: v for k, v in quantizer.items() if k != "method"})
     result = {
         "out": str(out),
         "method": method,
         "family": net.lowbit_family,
+        "format": decided.weight_format.describe(),
+        "activations": decided.act_format.describe() if decided.act_format else None,
         "bits": quantizer.get("bits"),
         "group_size": quantizer.get("group_size"),
         "act_bits": quantizer.get("act_bits"),

@@ -189,7 +189,7 @@ class Unit:
         stats: dict[str, InputStats] = {}
         pending = set(names)
         seen: set[str] = set()
-        observers: list[ActQuantizer] = []
+        observers: list[tuple[str, ActQuantizer]] = []
         hooks = []
 
         def done(name):
@@ -204,7 +204,7 @@ class Unit:
                 q = m.input_q
                 if acts and q.static and q.enabled:
                     q.begin_observing()
-                    observers.append(q)
+                    observers.append((name, q))
 
                 def pre(mod, args, name=name, q=q, observe=acts and q.static and q.enabled):
                     v = q.transform(args[0])
@@ -234,8 +234,11 @@ class Unit:
         finally:
             for h in hooks:
                 h.remove()
-        for q in observers:
-            q.finish_observing()
+        for name, q in observers:
+            try:
+                q.finish_observing()
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
         return stats
 
     def _site_hooks(self, name, site: QSite, observers, done, acts: bool):
@@ -244,7 +247,7 @@ class Unit:
             site.output_q.enabled else None  # fmt: skip
         for q in ins + ([out] if out is not None else []):
             q.begin_observing()
-            observers.append(q)
+            observers.append((name, q))
 
         def pre(mod, args):
             for q, a in zip(site.input_q, args):
