@@ -30,7 +30,7 @@ import torch
 
 from lowbit.formats import activation as A
 from lowbit.formats.activation import ActFormat
-from lowbit.formats.search import shrink_factors, shrink_search
+from lowbit.formats.search import shrink_factors
 
 OBSERVERS = ("minmax", "ema", "percentile", "mse", "kl")
 EMA_CONSTANT = 0.1

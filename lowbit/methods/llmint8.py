@@ -33,7 +33,8 @@ class LLMInt8(MethodConfig):
 
     def refuses(self, family: str) -> str | None:
         if family == "cnn":
-            return "its mixed-precision decomposition keeps outlier feature columns of a linear's input in float; convs have no such column path"
+            return ("its mixed-precision decomposition keeps outlier feature columns of a linear's input in float; convs "
+                    "have no such column path")
         return None
 
     def __post_init__(self):

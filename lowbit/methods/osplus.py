@@ -73,7 +73,8 @@ class OSPlus(MethodConfig):
 
     def refuses(self, family: str) -> str | None:
         if family == "cnn":
-            return "its channel shift and scale are folded between a LayerNorm or linear and the linears reading it; a CNN has no such pairs"
+            return ("its channel shift and scale are folded between a LayerNorm or linear and the linears reading it; a "
+                    "CNN has no such pairs")
         return None
 
     def transform(self, unit, quantizer) -> None:

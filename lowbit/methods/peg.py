@@ -50,7 +50,8 @@ class PEG(MethodConfig):
 
     def refuses(self, family: str) -> str | None:
         if family == "cnn":
-            return "its per-embedding-group scales are for transformer embedding dimensions; the integer conv kernels take per-tensor activation scales"
+            return ("its per-embedding-group scales are for transformer embedding dimensions; the integer conv kernels "
+                    "take per-tensor activation scales")
         return None
 
     def __post_init__(self):

@@ -79,7 +79,8 @@ class RPTQ(MethodConfig):
 
     def refuses(self, family: str) -> str | None:
         if family == "cnn":
-            return "it reorders the feature channels of linear inputs into clusters; the integer conv kernels take per-tensor activation scales"
+            return ("it reorders the feature channels of linear inputs into clusters; the integer conv kernels take "
+                    "per-tensor activation scales")
         return None
 
     def transform(self, unit, quantizer) -> None:

@@ -47,7 +47,8 @@ class SmoothQuant(MethodConfig):
 
     def refuses(self, family: str) -> str | None:
         if family == "cnn":
-            return "its per-channel migration is between a linear's input features and weight columns; a CNN's convs read spatial patches (no linear pairs to fold into)"
+            return ("its per-channel migration is between a linear's input features and weight columns; a CNN's convs "
+                    "read spatial patches (no linear pairs to fold into)")
         return None
 
     def __post_init__(self):

@@ -18,9 +18,8 @@ Adding an architecture is adding an adapter here, not editing methods.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from lowbit.nn.qmodule import QModule, QSite, is_hf_conv1d, op_kind
