@@ -14,6 +14,8 @@ from typing import Optional
 
 import typer
 
+from lowbit.catalog import method_help
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Quantize trained neural networks.")
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, TypeError, ImportError)
@@ -48,11 +50,7 @@ def quantize(
     model: str = typer.Argument(..., help="model directory, hub id, checkpoint, or alias (minilm, stories260K, "
                                           "resnet20, resnet32, vit_cifar)"),
     out: Path = typer.Option(..., "--out", help="directory to write; must not exist or be empty"),
-    method: str = typer.Option(
-        "rtn",
-        help="method or +-joined recipe: rtn, gptq, awq, awq+gptq, adaround, brecq, qdrop, bias_correction, "
-        "llmint8, zeroquant, smoothquant+rtn, osplus+rtn, rptq+rtn, peg+rtn",
-    ),
+    method: str = typer.Option("rtn", help=method_help()),
     recipe_file: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe (overrides --method)"),
     bits: Optional[int] = typer.Option(None, help="weight bits, 2-8 (default 4; 8 for llmint8)"),
     group_size: Optional[int] = typer.Option(
@@ -86,7 +84,9 @@ def quantize(
         help="calibration data: a text file (language models, encoders) or CIFAR-10 images, a .tar.gz or a "
              "folder of class folders (vision models)",
     ),
-    iters: Optional[int] = typer.Option(None, "--iters", help="reconstruction steps per unit (adaround, brecq, qdrop)"),
+    iters: Optional[int] = typer.Option(
+        None, "--iters", help="reconstruction steps per unit (adaround, brecq, qdrop; default 1000)"
+    ),
     first_last_bits: Optional[int] = typer.Option(
         None, "--first-last-bits", help="bits of the first and last quantized layers (default 8 for vision models; "
                                         "0: as the rest)",

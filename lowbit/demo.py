@@ -4,6 +4,7 @@ quality against the original, size, and speed as ratios measured in the same run
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 
 import torch
@@ -60,7 +61,22 @@ def _model_bytes(model: nn.Module) -> int:
     return total
 
 
+def busy_warning() -> str | None:
+    """A warning when the machine is too busy to time (load average above its core count)."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not on every platform
+        return None
+    cores = os.cpu_count() or 1
+    if load > cores:
+        return (f"this machine is busy (load average {load:.1f} on {cores} cores): the latencies below are "
+                "not reliable; rerun on an idle machine")  # fmt: skip
+    return None
+
+
 def _speed(ref: nn.Module, quant: nn.Module, inputs: dict, repeats: int = 15) -> dict:
+    """Median latencies of the two models, called in turn round by round (interleaved), and the
+    ratio quantized / fp32 time (below 1: the quantized model is faster)."""
     with torch.no_grad():
         times = interleaved_times(
             {"fp32": lambda: ref(**inputs), "quantized": lambda: quant(**inputs)}, repeats=repeats, warmup=1
@@ -68,7 +84,9 @@ def _speed(ref: nn.Module, quant: nn.Module, inputs: dict, repeats: int = 15) ->
     return {
         "fp32_ms": times["fp32"] * 1e3,
         "quantized_ms": times["quantized"] * 1e3,
+        "time_ratio": times["quantized"] / times["fp32"],
         "speedup": times["fp32"] / times["quantized"],
+        "repeats": repeats,
     }
 
 
@@ -85,33 +103,43 @@ def _size(ref: nn.Module, quant: nn.Module) -> dict:
 
 
 def demo_minilm(bits: int, group_size: int, log: Callable[[str], None]) -> dict:
+    log("MiniLM [1/5] loading all-MiniLM-L6-v2")
     model, tokenizer = load_pretrained("minilm")
+    log(f"MiniLM [2/5] quantizing (rtn w{bits})")
     quant = lowbit.quantize(copy.deepcopy(model), "rtn", bits=bits, group_size=group_size, progress=False)
     wiki = asset("text", "wikitext2_test_raw.txt")
     texts = sentences(read_text(wiki), limit=256) if wiki.exists() else FALLBACK_SENTENCES
-    log(f"MiniLM: embedding cosine on {len(texts)} {'WikiText-2' if wiki.exists() else 'built-in'} sentences")
+    log(f"MiniLM [3/5] embedding cosine on {len(texts)} {'WikiText-2' if wiki.exists() else 'built-in'} sentences")
     fid = embedding_fidelity(model, quant, tokenizer, texts)
     one = dict(tokenizer(texts[:1], return_tensors="pt"))
     batch = dict(tokenizer(texts[:32], padding=True, return_tensors="pt"))
+    log("MiniLM [4/5] timing 1 sentence, fp32 and quantized interleaved, 15 rounds")
+    speed_one = _speed(model, quant, one)
+    log("MiniLM [5/5] timing 32 sentences, 5 rounds")
+    speed_batch = _speed(model, quant, batch, repeats=5)
     return {
         "model": "all-MiniLM-L6-v2",
         "coverage": quant.lowbit_coverage.to_dict()["block_linears_quantized"],
         "embedding_cosine": fid["cosine"],
         "sentences": fid["sentences"],
         **_size(model, quant),
-        "speed_1_sentence": _speed(model, quant, one),
-        "speed_32_sentences": _speed(model, quant, batch, repeats=5),
+        "speed_1_sentence": speed_one,
+        "speed_32_sentences": speed_batch,
     }
 
 
 def demo_stories(bits: int, group_size: int, log: Callable[[str], None]) -> dict:
+    log("stories260K [1/4] loading")
     model, tokenizer = load_pretrained(str(asset("stories260K")))
+    log(f"stories260K [2/4] quantizing (rtn w{bits})")
     quant = lowbit.quantize(copy.deepcopy(model), "rtn", bits=bits, group_size=group_size, progress=False)
     _, test = split_halves(read_text(asset("text", "tinystories_dev.txt")))
-    log("stories260K: perplexity on the second half of tinystories_dev.txt")
+    log("stories260K [3/4] perplexity on the second half of tinystories_dev.txt, fp32 and quantized")
     ppl_ref = perplexity(model, tokenizer, test, seqlen=512, progress=False)
     ppl_q = perplexity(quant, tokenizer, test, seqlen=512, progress=False)
     ids = tokenizer(test[:2000], return_tensors="pt").input_ids[:, :128]
+    log("stories260K [4/4] timing 128 tokens, interleaved, 15 rounds")
+    speed = _speed(model, quant, {"input_ids": ids})
     return {
         "model": "stories260K",
         "coverage": quant.lowbit_coverage.to_dict()["block_linears_quantized"],
@@ -119,7 +147,7 @@ def demo_stories(bits: int, group_size: int, log: Callable[[str], None]) -> dict
         "ppl_quantized": ppl_q["ppl"],
         "tokens": ppl_ref["tokens"],
         **_size(model, quant),
-        "speed_128_tokens": _speed(model, quant, {"input_ids": ids}),
+        "speed_128_tokens": speed,
     }
 
 
@@ -143,8 +171,9 @@ def _table(results: list[dict], label: str) -> str:
                 what = key.removeprefix("speed_").replace("_", " ")
                 rows.append(
                     f"{'':<18}{'latency ms, ' + what:<34}{value['fp32_ms']:>12.2f}"
-                    f"{value['quantized_ms']:>14.2f}  ({value['speedup']:.2f}x)"
+                    f"{value['quantized_ms']:>14.2f}  (quantized / fp32 time {value['time_ratio']:.2f})"
                 )
+    rows.append("quantized / fp32 time below 1: the quantized model is faster; medians of interleaved rounds")
     return "\n".join(rows)
 
 
@@ -153,6 +182,9 @@ def run_demo(which: str = "default", bits: int = 4, group_size: int = 128, log: 
     if which not in ("default", "minilm", "stories260k"):
         raise ValueError(f"unknown demo model {which!r}; choose minilm, stories260K or default")
     results = []
+    warning = busy_warning()
+    if warning:
+        log(f"warning: {warning}")
     if which in ("default", "minilm"):
         results.append(demo_minilm(bits, group_size, log))
     if which == "stories260k" or (which == "default" and asset("stories260K").is_dir()):
@@ -160,10 +192,15 @@ def run_demo(which: str = "default", bits: int = 4, group_size: int = 128, log: 
             raise FileNotFoundError(f"stories260K is not at {asset('stories260K')}; set LOWBIT_ASSETS")
         results.append(demo_stories(bits, group_size, log))
     label = f"rtn w{bits} " + ("per-ch" if group_size == -1 else f"g{group_size}")
+    warning = warning or busy_warning()
+    table = _table(results, label)
+    if warning:
+        table += f"\nwarning: {warning}"
     return {
+        "warning": warning,
         "method": "rtn",
         "bits": bits,
         "group_size": group_size,
         "results": results,
-        "table": _table(results, label),
+        "table": table,
     }

@@ -11,7 +11,7 @@ ROOT = pathlib.Path(lowbit.__file__).parent
 
 # rank of each top-level part of the package; equal ranks may import each other
 LAYERS = {
-    "assets": 0, "coverage": 0, "timing": 0, "formats": 0, "observers": 0, "data": 0,
+    "assets": 0, "catalog": 0, "files": 0, "coverage": 0, "timing": 0, "formats": 0, "observers": 0, "data": 0,
     "quantized_weight": 1,
     "kernels": 2,
     "nn": 3,

@@ -39,6 +39,7 @@ def run(model: nn.Module, adapter: Adapter, methods: list, targets: list[Target]
     prev_q = prev_fp = None
     bar = tqdm(specs, desc=f"lowbit {'+'.join(m.name for m in methods)}", unit="unit", disable=not progress)
     for i, spec in enumerate(bar):
+        bar.set_postfix_str(spec.name)  # the unit being worked on
         upcoming = i + 1 < len(specs) and specs[i + 1].follows
         has_work = any(isinstance(m, (QModule, QSite)) for n in spec.modules for m in model.get_submodule(n).modules())
         if not has_work and not upcoming:
@@ -65,10 +66,9 @@ def run(model: nn.Module, adapter: Adapter, methods: list, targets: list[Target]
             prev_q = prev_fp = None
         for n in spec.modules:
             model.get_submodule(n).to(home)
-        bar.set_postfix_str(spec.name)
     for m in methods:
         m.finetune(model, batches)
-    return freeze(model, targets, methods, kernel)
+    return freeze(model, targets, methods, kernel, adapter.input_sites(model))
 
 
 def advance(outputs: list[torch.Tensor], inputs: Inputs) -> Inputs:
@@ -135,18 +135,27 @@ def _site(module: nn.Module, spec: SiteSpec, quantizer, fmt) -> QSite:
 # --- freezing and coverage -------------------------------------------------------------------
 
 
-def freeze(model: nn.Module, targets: list[Target], methods: list, kernel: str = "auto") -> Coverage:
+def freeze(model: nn.Module, targets: list[Target], methods: list, kernel: str = "auto",
+           input_sites: dict[str, str] | None = None) -> Coverage:  # fmt: skip
     """Swap every ``QModule`` for its packed runtime module, fix every site's quantizers, and
-    report every weight-bearing parameter."""
+    report every weight-bearing parameter. ``input_sites``: layer -> the site whose output is its
+    whole input (a conv there runs on integers, on that site's grid)."""
     records: dict[str, LayerRecord] = {}
     for name, m in list(model.named_modules()):
         if isinstance(m, QModule):
-            frozen = m.freeze(kernel)
+            site = (input_sites or {}).get(name)
+            grid = model.get_submodule(site).output_q if site and isinstance(model.get_submodule(site), QSite) \
+                else None  # fmt: skip
+            frozen = m.freeze(kernel, grid)
             qw = (frozen.module if isinstance(frozen, QSite) else frozen).quantized_weight
+            if hasattr(frozen, "conv_quantized_weight"):
+                qw = frozen.conv_quantized_weight
             set_module(model, name, frozen)
             act = m.input_q.describe()
             if getattr(m.input_q, "note", ""):
                 act += f" ({m.input_q.note})"
+            if m.input_q.fmt is None and grid is not None and getattr(frozen, "act", None) is not None:
+                act = f"{grid.describe()} (its input lies on {site}'s grid: integer kernels)"
             records[name] = LayerRecord(name, m.source, "quantized", "", False, m.describe(), qw.bits_per_weight,
                                         qw.numel, m.weight_q.method, act)  # fmt: skip
     for name, m in list(model.named_modules()):

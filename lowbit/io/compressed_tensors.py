@@ -51,7 +51,9 @@ from lowbit.formats.activation import ActFormat
 from lowbit.formats.spec import WeightFormat
 from lowbit.io.native import WEIGHTS, atomic_directory, copy_tokenizer, hf_config, plain_state, qlinear_state_keys
 from lowbit.models.adapters import is_linear, set_module
+from lowbit.nn.qconv import QConv
 from lowbit.nn.qlinear import QLinear
+from lowbit.nn.w8a8conv import W8A8Conv
 from lowbit.nn.w8a8 import W8A8Linear
 from lowbit.quantized_weight import QuantizedWeight
 
@@ -114,6 +116,10 @@ def _act_problem(name: str, m: W8A8Linear) -> str | None:
 
 
 def check_exportable(model: nn.Module) -> list[tuple[str, QLinear]]:
+    convs = [n for n, m in model.named_modules() if isinstance(m, (QConv, W8A8Conv))]
+    if convs:
+        raise ValueError(f"compressed-tensors holds linear layers only; these are quantized convs: {', '.join(convs[:5])}"
+                         "; save the model in lowbit's native format (lowbit.save)")  # fmt: skip
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QLinear)]
     if not layers:
         raise ValueError("the model has no quantized layers; quantize it before exporting")
@@ -129,7 +135,11 @@ def check_exportable(model: nn.Module) -> list[tuple[str, QLinear]]:
         if fmt.kind != "int":
             problems.append(f"{name}: {fmt.describe()} (only integer weights are written to this layout)")
         elif integer.num_groups(k, fmt.group_size) > 1 and k % fmt.group_size:
-            problems.append(f"{name}: a ragged last group ({k} inputs, group {fmt.group_size}); the layout has none")
+            sizes = [d for d in range(8, k) if k % d == 0][-3:]
+            fits = f"a group size that divides {k} ({', '.join(map(str, sizes))}), " if sizes else ""
+            problems.append(f"{name}: a ragged last group ({k} inputs, group {fmt.group_size}); the layout has none "
+                            f"(quantize with {fits}per-channel --group-size -1, or keep it unquantized with "
+                            f"--skip '{name}')")  # fmt: skip
         scale = m.scales.float()
         if not bool(torch.isfinite(scale).all()) or bool((scale == 0).any()):
             problems.append(f"{name}: NaN, Inf or zero scales")

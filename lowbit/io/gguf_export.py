@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lowbit.files import make_ordinary
 from lowbit.nn.qlinear import QLinear
 from lowbit.quantized_weight import QuantizedWeight
 
@@ -99,12 +100,12 @@ def _encode(name: str, module: nn.Module, qtype: str, heads: int | None, report:
     if qtype == "f32":
         return w.numpy().astype(np.float32), None
     if w.shape[1] % BLOCK:
-        report["fallback_f32"].append(f"{name}: rows of {w.shape[1]} are not a multiple of {BLOCK}")
+        report["fallback_f32"].append(f"{name}: left in F32 (rows of {w.shape[1]} are not a multiple of {BLOCK})")
         return w.numpy().astype(np.float32), None
     why = f"{module.fmt.describe()} is not {qtype}'s scheme" if isinstance(module, QLinear) else "unquantized"
     if permuted:
         why = f"act-order (permuted input) {module.fmt.describe()}: its groups are not contiguous blocks of {BLOCK}"
-    report["requantized"].append(f"{name}: {why}")
+    report["requantized"].append(f"{name}: requantized to {qtype} from its dequantized weights ({why})")
     return gguf.quants.quantize(w.numpy().astype(np.float32), types[qtype]), types[qtype]
 
 
@@ -168,6 +169,7 @@ def export_gguf(model: nn.Module, out: str | os.PathLike, tokenizer_dir: str | o
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        make_ordinary(tmp)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)

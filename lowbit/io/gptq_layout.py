@@ -38,7 +38,9 @@ from lowbit.formats import integer
 from lowbit.formats.spec import WeightFormat
 from lowbit.io.native import WEIGHTS, atomic_directory, copy_tokenizer, hf_config, plain_state, qlinear_state_keys
 from lowbit.models.adapters import set_module
+from lowbit.nn.qconv import QConv
 from lowbit.nn.qlinear import QLinear
+from lowbit.nn.w8a8conv import W8A8Conv
 from lowbit.quantized_weight import QuantizedWeight
 
 PACKABLE_BITS = (2, 4, 8)
@@ -65,6 +67,10 @@ def unpack_int32(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 
 def check_exportable(model: nn.Module) -> tuple[list[tuple[str, QLinear]], WeightFormat]:
     """The quantized layers and their one shared format, or an error listing what cannot be written."""
+    convs = [n for n, m in model.named_modules() if isinstance(m, (QConv, W8A8Conv))]
+    if convs:
+        raise ValueError(f"the GPTQ layout holds linear layers only; these are quantized convs: {', '.join(convs[:5])}"
+                         "; save the model in lowbit's native format (lowbit.save)")  # fmt: skip
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QLinear)]
     if not layers:
         raise ValueError("the model has no quantized layers; quantize it before exporting to the GPTQ layout")

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowbit.coverage import Coverage
+from lowbit.files import make_ordinary
 from lowbit.formats.activation import ActFormat
 from lowbit.formats.spec import WeightFormat
 from lowbit.models.adapters import set_module
@@ -28,6 +29,7 @@ from lowbit.nn.qlinear import QLinear
 from lowbit.nn.qmodule import QSite
 from lowbit.nn.quantizers import ActQuantizer
 from lowbit.nn.w8a8 import W8A8Linear
+from lowbit.nn.w8a8conv import W8A8Conv
 from lowbit.quantized_weight import QuantizedWeight
 
 QUANT_METHOD = "lowbit"
@@ -95,6 +97,8 @@ def _collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict, dict[str,
                 for extra in W8A8_BUFFERS:
                     if getattr(mod, extra) is not None:
                         tensors[f"{name}.{extra}"] = getattr(mod, extra).detach().cpu().reshape(-1).contiguous()
+            if isinstance(mod, W8A8Conv):
+                layers[name].update(shape=list(mod.weight_shape), conv=mod.conv_config())
         elif isinstance(mod, QConv):
             qw = mod.quantized_weight
             tensors.update({k: v.contiguous() for k, v in qw.to_tensors(name).items()})
@@ -109,12 +113,13 @@ def _structure(model: nn.Module) -> dict:
     """How the quantized model's structure differs from its architecture's: activation sites, and
     what preparation replaced (folded BatchNorms, explicit attention)."""
     from lowbit.models.attention import ExplicitEncoderLayer, ExplicitMultiheadAttention
+    from lowbit.models.hf_vit import ExplicitHFAttention, ExplicitHFLayer
 
+    explicit = (ExplicitEncoderLayer, ExplicitMultiheadAttention, ExplicitHFAttention, ExplicitHFLayer)
     return {
         "sites": {n: m.to_config() for n, m in model.named_modules() if isinstance(m, QSite)},
         "identity": [n for n, m in model.named_modules() if isinstance(m, nn.Identity) and n],
-        "explicit_attention": any(isinstance(m, (ExplicitEncoderLayer, ExplicitMultiheadAttention))
-                                  for m in model.modules()),  # fmt: skip
+        "explicit_attention": any(isinstance(m, explicit) for m in model.modules()),
     }
 
 
@@ -127,6 +132,7 @@ def atomic_directory(out_dir: str | os.PathLike):
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield tmp
+        make_ordinary(tmp)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -188,7 +194,13 @@ def _skeleton(path: Path) -> nn.Module:
 
     from lowbit.models.loading import is_causal_lm
 
+    import transformers
+
     config = AutoConfig.from_pretrained(str(path))
+    # the class that wrote the checkpoint (a classification head included), else the auto class
+    named = [getattr(transformers, a, None) for a in (getattr(config, "architectures", None) or [])[:1]]
+    if named and named[0] is not None and hasattr(named[0], "_from_config"):
+        return named[0]._from_config(config, dtype=torch.float32)
     cls = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
     return cls.from_config(config, dtype=torch.float32)
 
@@ -251,8 +263,12 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, kernel: str = 
         bias = tensors.get(f"{name}.bias") if info.get("bias") else None
         act = info.get("act")
         if info.get("conv"):
-            c = info["conv"]
-            module = QConv(qw, bias, **{k: tuple(v) if isinstance(v, list) else v for k, v in c.items()})
+            c = {k: tuple(v) if isinstance(v, list) else v for k, v in info["conv"].items()}
+            if act:
+                module = W8A8Conv(qw, bias, ActFormat.from_dict(act), act_scale=tensors.get(f"{name}.act_scale"),
+                                  act_zero=tensors.get(f"{name}.act_zero"), **c)  # fmt: skip
+            else:
+                module = QConv(qw, bias, **c)
         elif act:
             if "dynamic" not in act:  # written before static activations had their own flag
                 act = {**act, "dynamic": act.get("granularity") == "token"}

@@ -133,6 +133,11 @@ class Adapter:
         """Whether the weighted layer ``name`` quantizes its own input when activations are quantized."""
         return True
 
+    def input_sites(self, model: nn.Module) -> dict[str, str]:
+        """Layer -> the activation site whose output is that layer's whole input (so the layer's
+        input is already on the site's grid), where the adapter knows the graph."""
+        return {}
+
     def skip_reason(self, model: nn.Module, name: str, module: nn.Module) -> str | None:
         """Why ``module`` is left in full precision by default, or ``None`` to quantize it."""
         if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
@@ -214,11 +219,22 @@ ADAPTERS = [
 FAMILY_ADAPTERS = {"ResNetCifar": _resnet_adapter, "ViTCifar": _vit_adapter}
 
 
+def _hf_vit_adapter():
+    from lowbit.models.hf_vit import HFViTAdapter
+
+    return HFViTAdapter()
+
+
+# adapters defined in their own modules, by ``config.model_type``, built when a model asks
+MODEL_TYPE_ADAPTERS = {"vit": _hf_vit_adapter, "deit": _hf_vit_adapter}
+
+
 def adapter_for(model: nn.Module) -> Adapter:
     make = FAMILY_ADAPTERS.get(type(model).__name__)
     if make is not None:
         return make()
-    return next((a for a in ADAPTERS if a.matches(model)), GenericAdapter())
+    lazy = MODEL_TYPE_ADAPTERS.get(getattr(getattr(model, "config", None), "model_type", None))
+    return next((a for a in [*([lazy()] if lazy else []), *ADAPTERS] if a.matches(model)), GenericAdapter())
 
 
 @dataclass

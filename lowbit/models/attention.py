@@ -313,7 +313,8 @@ class ExplicitEncoderLayer(nn.Module):
 
 def make_explicit(model: nn.Module) -> int:
     """Swap, in place, every ``nn.TransformerEncoderLayer`` and then every remaining ``nn.MultiheadAttention``
-    for its explicit form; returns how many modules were swapped.
+    for its explicit form, and every Hugging Face ViT/DeiT layer and attention (``lowbit.models.hf_vit``);
+    returns how many modules were swapped.
 
     Only the exact PyTorch classes are swapped: a subclass may override
     ``forward`` in a way the explicit form would silently drop (its inner
@@ -327,7 +328,9 @@ def make_explicit(model: nn.Module) -> int:
         for m in model.modules():
             if isinstance(m, nn.TransformerEncoder):
                 m.use_nested_tensor = False
-    return swapped
+    from lowbit.models.hf_vit import make_hf_vit_explicit  # it imports swap from here
+
+    return swapped + make_hf_vit_explicit(model)
 
 
 def swap(model: nn.Module, kind: type[nn.Module], convert) -> int:

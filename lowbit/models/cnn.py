@@ -104,5 +104,14 @@ class ResNetCifarAdapter(Adapter):
     def quantizes_input(self, name: str) -> bool:
         return name in ("conv1", "linear")  # every other conv reads a ReLU site's output
 
+    def input_sites(self, model: nn.Module) -> dict[str, str]:
+        """Each block's first conv reads the previous block's output ReLU (the stem's for the
+        first), its second conv the block's inner ReLU."""
+        out, prev = {}, "relu"
+        for name, _ in self.blocks(model):
+            out[f"{name}.conv1"], out[f"{name}.conv2"] = prev, f"{name}.relu1"
+            prev = f"{name}.relu2"
+        return out
+
     def skip_reason(self, model, name, module):
         return super().skip_reason(model, name, module)

@@ -26,6 +26,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lowbit.files import make_ordinary
+
 # The checkpoints were trained on inputs normalised with ImageNet statistics.
 NORMALIZE: tuple[tuple[float, float, float], tuple[float, float, float]] = (
     (0.485, 0.456, 0.406),
@@ -167,6 +169,7 @@ def save_atomic(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, 
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
+        make_ordinary(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -136,6 +136,10 @@ class QLinear(nn.Module):
                 self._cache[key] = None
         return self._cache[key]
 
+    def __getstate__(self):
+        # caches hold kernel-specific packings (some not even copyable): rebuilt on first use
+        return {**self.__dict__, "_cache": {}}
+
     def _apply(self, fn, recurse=True):
         self._cache = {}
         return super()._apply(fn, recurse)

@@ -141,11 +141,17 @@ class QModule(nn.Module):
 
     # --- freezing ---------------------------------------------------------------------
 
-    def freeze(self, kernel: str = "auto") -> nn.Module:
-        """The packed runtime module computing what this one simulates."""
+    def freeze(self, kernel: str = "auto", input_grid: ActQuantizer | None = None) -> nn.Module:
+        """The packed runtime module computing what this one simulates.
+
+        ``input_grid``: the static grid this layer's input already lies on (the output quantizer
+        of the site that feeds it, and nothing else), for a conv that does not quantize its own
+        input: re-quantizing a value on its grid returns it, so the conv can take its input as
+        integers and run on the integer kernels."""
         from lowbit.nn.qconv import QConv
         from lowbit.nn.qlinear import QLinear
         from lowbit.nn.w8a8 import W8A8Linear
+        from lowbit.nn.w8a8conv import W8A8Conv, fits
 
         qw = self.weight_q.freeze(self.stored_weight().detach())
         aq = self.input_q
@@ -158,7 +164,13 @@ class QModule(nn.Module):
             return W8A8Linear(qw, bias, aq.fmt, act_scale=aq.scale, act_zero=aq.zero, act_bounds=aq.bounds,
                               perm=aq.perm, input_shift=aq.input_shift, input_scale=aq.input_scale,
                               outlier_threshold=aq.outlier_threshold)  # fmt: skip
-        conv = QConv(qw, bias, dims=1 if self.kind == "conv1d" else 2, **self.conv)
+        dims = 1 if self.kind == "conv1d" else 2
+        grid = aq if aq.fmt is not None else input_grid
+        plain = grid is not None and grid.perm is None and grid.input_shift is None and grid.input_scale is None
+        if plain and not grid.outlier_threshold and fits(qw, grid.fmt, self.conv["groups"]) is None:
+            g = frozen_act(grid)
+            return W8A8Conv(qw, bias, g.fmt, act_scale=g.scale, act_zero=g.zero, dims=dims, **self.conv)
+        conv = QConv(qw, bias, dims=dims, **self.conv)
         if aq.fmt is None:
             return conv
         return QSite(conv, [frozen_act(aq)], None)

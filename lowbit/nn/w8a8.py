@@ -135,11 +135,12 @@ class W8A8Linear(QLinear):
         return "int_mm" if self._int_mm_fits() and device.type == "cuda" else "reference"
 
     def _int_mm_fits(self) -> bool:
+        """8-bit activations, symmetric (per token or tensor) or static per tensor (either kind: an
+        asymmetric code is shifted into int8 and the shift added back exactly), per-channel 4- or
+        8-bit weights, no groups of activations or permutation."""
         a = self.act
-        return (
-            a.bits == 8 and a.symmetric and a.granularity != "group" and self.perm is None
-            and self.scales.shape[1] == 1 and self.fmt.bits in (4, 8)
-        )  # fmt: skip
+        grid = a.symmetric and a.granularity != "group" or (not a.dynamic and a.granularity == "tensor")
+        return a.bits == 8 and grid and self.perm is None and self.scales.shape[1] == 1 and self.fmt.bits in (4, 8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).float()
@@ -179,7 +180,8 @@ class W8A8Linear(QLinear):
                 offset = None
                 if qw.zero is not None and bool((qw.zero != mid).any()):
                     offset = (qw.zero.reshape(-1).to(torch.int32) - mid).to(device)
-                self._cache[key] = (w.t().contiguous(), qw.scale.float().reshape(-1).to(device), offset)
+                w_sum = w.sum(1, dtype=torch.int32).to(device)  # per output: what a constant input shift adds
+                self._cache[key] = (w.t().contiguous(), qw.scale.float().reshape(-1).to(device), offset, w_sum)
             else:
                 self._cache[key] = qw.dequantize(torch.float64).to(device)
         return self._cache[key]
@@ -191,16 +193,27 @@ class W8A8Linear(QLinear):
         )
 
     def _run_int_mm(self, flat, shift, premul) -> torch.Tensor:
-        w_t, w_scale, offset = self._prepare("int_mm", flat.device)
+        w_t, w_scale, offset, w_sum = self._prepare("int_mm", flat.device)
         v = self._transform(flat, shift, premul)
         if self.act.dynamic:
             s, _ = A.dynamic_params(v, self.act)
         else:
             s = self.act_scale.to(v.device).reshape(1, 1)
-        xq = A.codes(v, s, torch.zeros_like(s), self.act).to(torch.int8)
+        # the integer input is q - z; as int8 it is q' = q - 128 (asymmetric) or q (symmetric), so
+        # (q - z) = q' + c with c = 128 - z or 0, and sum (q' + c)(w - o) = q'w - o sum q' + c sum(w - o)
+        c = 0
+        if not self.act.symmetric:
+            z = self.act_zero.to(v.device).reshape(1, 1)
+            q = (torch.round(v / s) + z).clamp(*self.act.code_range)
+            xq = (q - 128).to(torch.int8)
+            c = 128 - int(self.act_zero.reshape(-1)[0])
+        else:
+            xq = A.codes(v, s, torch.zeros_like(s), self.act).to(torch.int8)
         acc = int8_matmul(xq, w_t)
         if offset is not None:
             acc = acc - xq.sum(-1, keepdim=True, dtype=torch.int32) * offset
+        if c:
+            acc = acc + c * (w_sum - (w_t.shape[0] * offset if offset is not None else 0))
         y = acc.float() * s * w_scale
         return y + self.bias.float() if self.bias is not None else y
 

@@ -1,0 +1,74 @@
+"""The CIFAR ViT at low weight/activation widths: round-to-nearest with min-max ranges, RTN on
+the MSE-searched grids (weights and activation ranges), and QDrop (block reconstruction with
+activations quantized and randomly dropped), with the same calibration images and seed. Every
+site is quantized: every linear's and the patch embedding's input, the softmax output, the
+MLP activation output, both operands of ``q @ k^T`` and both residual sums; the patch
+embedding and the head at 8 bits.
+
+    python benchmarks/vit_ptq.py [--configs W4A4 W3A3] [--iters 100] [--images 1000] [--json out.json]
+
+Top-1 on a class-balanced, seeded subset of the CIFAR-10 test JPEGs (``--images``), fp32 on the
+same images first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lowbit  # noqa: E402
+from lowbit.assets import asset  # noqa: E402
+from lowbit.data.cifar10 import load_cifar10  # noqa: E402
+from lowbit.eval.classification import top1  # noqa: E402
+from lowbit.models.loading import load_model, normalization  # noqa: E402
+
+CONFIGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4), "W3A3": (3, 3)}
+RUNS = {
+    "rtn min-max": ("rtn", {"mse": False, "act_observer": "minmax"}),
+    "rtn mse": ("rtn", {"mse": True}),
+    "qdrop": ("qdrop", {}),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", nargs="+", default=["W4A4", "W3A3"], choices=list(CONFIGS))
+    ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    ap.add_argument("--iters", type=int, default=100, help="QDrop steps per unit")
+    ap.add_argument("--images", type=int, default=1000)
+    ap.add_argument("--calib-images", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+
+    model, _ = load_model("vit_cifar")
+    norm = normalization(model)
+    root = asset("cifar10")
+    calib, _ = load_cifar10(root / "cifar10_train_jpeg.tar.gz", "train", args.calib_images, args.seed, norm)
+    x, y = load_cifar10(root / "cifar10_test_jpeg.tar.gz", "test", args.images, args.seed, norm)
+    rows = [{"config": "fp32", "run": "fp32", "top1": top1(model, x, y, progress=False), "seconds": 0.0}]
+    print(f"fp32 top1 {rows[0]['top1']:.2f} on {len(y)} test images", flush=True)
+    for config in args.configs:
+        bits, act_bits = CONFIGS[config]
+        for run in args.runs:
+            method, extra = RUNS[run]
+            kw = {"iters": args.iters, "seed": args.seed} if method == "qdrop" else {}
+            t0 = time.perf_counter()
+            q = lowbit.quantize(copy.deepcopy(model), method, bits=bits, act_bits=act_bits, calib=calib,
+                                progress=False, **extra, **kw)  # fmt: skip
+            seconds = time.perf_counter() - t0
+            acc = top1(q, x, y, progress=False)
+            rows.append({"config": config, "run": run, "top1": acc, "seconds": round(seconds, 1)})
+            print(f"{config} {run:12s} top1 {acc:6.2f}  ({seconds:.0f} s)", flush=True)
+            if args.json:
+                args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

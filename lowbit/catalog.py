@@ -1,0 +1,26 @@
+"""The registered methods by name, with one line each: what the command line's ``--help``
+lists without importing torch. ``tests/test_cli.py`` checks it against the registry."""
+
+METHODS = {
+    "rtn": "round to nearest (min-max or --mse clipped grid)",
+    "gptq": "GPTQ (Frantar et al. 2022): Hessian-guided error feedback",
+    "awq": "AWQ (Lin et al. 2023): activation-aware scales and clipping",
+    "adaround": "AdaRound (Nagel et al. 2020): learned rounding, layer by layer",
+    "brecq": "BRECQ (Li et al. 2021): block reconstruction, Fisher-weighted",
+    "qdrop": "QDrop (Wei et al. 2022): block reconstruction with activation dropping",
+    "bias_correction": "bias correction (Nagel et al. 2019) on the MSE grid",
+    "llmint8": "LLM.int8() (Dettmers et al. 2022): int8 with fp outlier columns",
+    "zeroquant": "ZeroQuant (Yao et al. 2022): group weights, per-token activations",
+    "smoothquant": "SmoothQuant (Xiao et al. 2023): activation-to-weight scale migration (+rtn)",
+    "osplus": "Outlier Suppression+ (Wei et al. 2023): shift and scale migration (+rtn)",
+    "rptq": "RPTQ (Yuan et al. 2023): reordered channel clusters for activations (+rtn)",
+    "peg": "PEG (Bondarenko et al. 2021): per-embedding-group activations (+rtn)",
+}
+
+# methods that transform the model for a quantizer after them (a recipe ``name+rtn``)
+TRANSFORMS = ("smoothquant", "osplus", "rptq", "peg")
+
+
+def method_help() -> str:
+    names = [f"{n}+rtn" if n in TRANSFORMS else n for n in METHODS]
+    return "method or +-joined recipe (e.g. awq+gptq): " + ", ".join(names)
