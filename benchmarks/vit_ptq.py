@@ -1,5 +1,6 @@
-"""The CIFAR ViT at low weight/activation widths: round-to-nearest with min-max ranges, RTN on
-the MSE-searched grids (weights and activation ranges), and QDrop (block reconstruction with
+"""The CIFAR ViT at low weight/activation widths: round-to-nearest with min-max ranges, RTN with
+lowbit's defaults (min-max weights, MSE activation ranges), RTN on the MSE-searched grids
+(weights and activation ranges), and QDrop (block reconstruction with
 activations quantized and randomly dropped), with the same calibration images and seed. Every
 site is quantized: every linear's and the patch embedding's input, the softmax output, the
 MLP activation output, both operands of ``q @ k^T`` and both residual sums; the patch
@@ -31,6 +32,7 @@ from lowbit.models.loading import load_model, normalization  # noqa: E402
 CONFIGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4), "W3A3": (3, 3)}
 RUNS = {
     "rtn min-max": ("rtn", {"mse": False, "act_observer": "minmax"}),
+    "rtn default": ("rtn", {}),  # lowbit's defaults for a ViT: min-max weights, MSE activation ranges
     "rtn mse": ("rtn", {"mse": True}),
     "qdrop": ("qdrop", {}),
 }

@@ -69,7 +69,7 @@ def busy_warning() -> str | None:
         return None
     cores = os.cpu_count() or 1
     if load > cores:
-        return (f"this machine is busy (load average {load:.1f} on {cores} cores): the latencies below are "
+        return (f"this machine is busy (load average {load:.1f} on {cores} cores): the latencies are "
                 "not reliable; rerun on an idle machine")  # fmt: skip
     return None
 
