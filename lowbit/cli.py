@@ -61,10 +61,10 @@ def quantize(
     ),
     fmt: str = typer.Option("int", "--format", help="int, nf4, fp4, fp8_e4m3 or fp8_e5m2"),
     mse: Optional[bool] = typer.Option(
-        None, "--mse/--no-mse", help="clip-search each group's range (default: the method's own default)"
+        None, "--mse/--no-mse", help="clip-search each group's range (default: off for rtn, on for gptq)"
     ),
     act_bits: Optional[int] = typer.Option(
-        None, "--act-bits", help="integer activations (2-8; 8 for W8A8) and an integer matmul"
+        None, "--act-bits", help="integer activations (2-8; 8 for W8A8) and an integer matmul (default: none, weights only)"
     ),
     act_granularity: Optional[str] = typer.Option(
         None, "--act-granularity",
@@ -74,7 +74,7 @@ def quantize(
         None, "--act-dynamic/--act-static",
         help="scales at run time or from calibration (default: token dynamic, tensor static, which needs --calib)",
     ),
-    act_sym: Optional[bool] = typer.Option(None, "--act-sym/--act-asym", help="symmetric or zero-point activations"),
+    act_sym: Optional[bool] = typer.Option(None, "--act-sym/--act-asym", help="symmetric or zero-point activations (default: symmetric for language models, zero-point for vision)"),
     act_observer: Optional[str] = typer.Option(
         None, "--act-observer", help="static scales: minmax (default for language models), ema, percentile, "
                                      "mse (default for vision models) or kl",
@@ -89,13 +89,13 @@ def quantize(
     ),
     first_last_bits: Optional[int] = typer.Option(
         None, "--first-last-bits", help="bits of the first and last quantized layers (default 8 for vision models; "
-                                        "0: as the rest)",
+                                        "0: as the rest; language models: as the rest)",
     ),
     nsamples: Optional[int] = typer.Option(None, help="calibration windows (default 128), or images (default 1024)"),
     seqlen: int = typer.Option(512, help="tokens per calibration window"),
     seed: int = typer.Option(0, help="calibration sampling seed"),
-    skip: list[str] = typer.Option([], "--skip", help="glob of module names to keep in full precision"),
-    include_lm_head: bool = typer.Option(False, "--include-lm-head", help="quantize the output projection too"),
+    skip: list[str] = typer.Option([], "--skip", help="glob of module names to keep in full precision (repeatable; default: none)"),
+    include_lm_head: bool = typer.Option(False, "--include-lm-head", help="quantize the output projection too (default: kept in full precision)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
 ):
     """Quantize MODEL (any family) and write a lowbit checkpoint to --out."""
