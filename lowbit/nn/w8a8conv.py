@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from lowbit.formats.activation import ActFormat
 from lowbit.kernels import int8 as int8_kernel
-from lowbit.nn.qconv import _padding, _tuple
+from lowbit.nn.qconv import QConv, _padding, _tuple
 from lowbit.nn.w8a8 import W8A8Linear, int8_matmul
 from lowbit.quantized_weight import QuantizedWeight
 
@@ -110,10 +110,7 @@ class W8A8Conv(W8A8Linear):
         qw = self.quantized_weight
         return QuantizedWeight(packed=qw.packed, scale=qw.scale, zero=qw.zero, fmt=qw.fmt, shape=self.weight_shape)
 
-    def conv_config(self) -> dict:
-        padding = self.padding if isinstance(self.padding, str) else list(self.padding)
-        return {"stride": list(self.stride), "padding": padding, "dilation": list(self.dilation),
-                "groups": self.groups, "dims": self.dims}  # fmt: skip
+    conv_config = QConv.conv_config  # the same geometry attributes, recorded the same way
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` zero-padded as the conv pads it (``'same'`` may pad one more on the far side)."""
