@@ -184,16 +184,25 @@ class InputStats:
     batch_hi: list = field(default_factory=list)
     rows: list = field(default_factory=list)
     unsupported: str = ""  # why a layer's inputs could not be observed, if they could not
+    groups: int = 1  # a grouped conv's patches: ``groups`` blocks of columns, ``H`` one per block
 
     SAMPLE_VALUES_PER_BATCH: ClassVar[int] = 65536  # rows sampled per batch: this many values' worth
 
     @classmethod
-    def empty(cls, width: int, device=None, hessian: bool = False) -> InputStats:
+    def empty(cls, width: int, device=None, hessian: bool = False, groups: int = 1) -> InputStats:
+        """Nothing seen yet. ``groups > 1``: the columns are that many blocks of ``width // groups``
+        (a grouped conv's patches, block ``j`` read only by the output channels of group ``j``),
+        and ``H`` is kept per block, ``[groups, K, K]``: the rest of the full ``X^T X`` is never
+        used and would cost ``groups`` times more."""
+        if groups < 1 or width % groups:
+            raise ValueError(f"{width} columns do not split into {groups} groups")
         zeros = torch.zeros(width, device=device)
-        H = torch.zeros(width, width, device=device) if hessian else None
+        k = width // groups
+        H = (torch.zeros(width, width, device=device) if groups == 1 else torch.zeros(groups, k, k, device=device)) \
+            if hessian else None  # fmt: skip
         return cls(H, zeros, zeros.clone(), 0,
                    torch.full((width,), float("inf"), device=device),
-                   torch.full((width,), float("-inf"), device=device))  # fmt: skip
+                   torch.full((width,), float("-inf"), device=device), groups=groups)  # fmt: skip
 
     def add(self, x: torch.Tensor) -> None:
         """Accumulate rows ``x: [..., K]``."""
@@ -202,8 +211,11 @@ class InputStats:
         if n == 0:
             return
         total = self.tokens + n
-        if self.H is not None:
+        if self.H is not None and self.groups == 1:
             self.H.mul_(self.tokens / total).addmm_(x.t(), x, alpha=2 / total)
+        elif self.H is not None:
+            xg = x.reshape(n, self.groups, -1).transpose(0, 1)  # [groups, n, K]
+            self.H.mul_(self.tokens / total).baddbmm_(xg.transpose(1, 2), xg, alpha=2 / total)
         self.abs_mean.mul_(self.tokens / total).add_(x.abs().sum(0) / total)
         torch.maximum(self.abs_max, x.abs().amax(0), out=self.abs_max)
         blo, bhi = x.amin(0), x.amax(0)
@@ -223,6 +235,14 @@ class InputStats:
             raise ValueError("this layer saw no calibration data; static activation scales need some")
         return ChannelStats(self.lo.cpu(), self.hi.cpu(), torch.stack(self.batch_lo), torch.stack(self.batch_hi),
                             torch.cat(self.rows))  # fmt: skip
+
+    def group(self, j: int) -> InputStats:
+        """The statistics of block ``j`` of a grouped conv's columns (what group ``j`` reads)."""
+        k = self.abs_mean.numel() // self.groups
+        c = slice(j * k, (j + 1) * k)
+        return InputStats(None if self.H is None else self.H[j], self.abs_mean[c], self.abs_max[c], self.tokens,
+                          self.lo[c], self.hi[c], [b[c] for b in self.batch_lo], [b[c] for b in self.batch_hi],
+                          [r[:, c] for r in self.rows], self.unsupported)  # fmt: skip
 
     def permuted(self, perm: torch.Tensor) -> InputStats:
         """The statistics of ``x[:, perm]``."""

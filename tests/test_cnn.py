@@ -361,6 +361,41 @@ def test_gptq_runs_on_resnet_convs_through_their_unfolded_patches():
     assert isinstance(q.layer1[0].conv1, QConv) and q.layer1[0].conv1.fmt.bits == 4
 
 
+def test_gptq_runs_on_grouped_and_depthwise_convs_one_hessian_per_group():
+    from lowbit.methods.gptq import GPTQ
+    from lowbit.observers import InputStats
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding="same", groups=4),
+                          nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(),
+                          nn.Conv2d(16, 8, 1)).eval()  # fmt: skip
+    x = images(64)
+    ref = model(x).detach()
+    kw = dict(bits=3, group_size=-1, first_last_bits=None, calib=x, progress=False)
+    gptq = lowbit.quantize(copy.deepcopy(model), "gptq", **kw)
+    rtn = lowbit.quantize(copy.deepcopy(model), "rtn", **kw)
+    assert {r.name: r.method for r in gptq.lowbit_coverage.quantized} == {n: "gptq" for n in ("0", "2", "4", "6")}
+    assert output_error(gptq, ref, x) < 0.8 * output_error(rtn, ref, x)
+    awq = lowbit.quantize(copy.deepcopy(model), "awq", **kw)  # its clipping search, group by group too
+    assert {r.method for r in awq.lowbit_coverage.quantized} == {"awq"}
+    assert output_error(awq, ref, x) < output_error(rtn, ref, x)
+
+    # the per-group Hessians are the diagonal blocks of the full one over all the patches
+    conv = QModule(model[2], WeightFormat("int", 3, -1))
+    rows = conv.weight_rows(x.new_empty(0).resize_(8, 16, 6, 6).normal_())
+    grouped, full = InputStats.empty(rows.shape[1], hessian=True, groups=4), InputStats.empty(rows.shape[1], hessian=True)
+    grouped.add(rows)
+    full.add(rows)
+    k = rows.shape[1] // 4
+    for j in range(4):
+        assert torch.allclose(grouped.H[j], full.H[j * k:(j + 1) * k, j * k:(j + 1) * k], atol=1e-5)
+    # and a grouped conv's codes are each group's own GPTQ on its own block
+    w = conv.weight.reshape(16, -1)
+    qw = GPTQ(bits=3, group_size=-1).quantize_groups(w, grouped)
+    one = GPTQ(bits=3, group_size=-1).quantize_linear(w[4:8], grouped.group(1))
+    assert torch.equal(qw.codes()[4:8], one.codes()) and torch.equal(qw.scale[4:8], one.scale)
+
+
 def test_bad_input_fails_clearly():
     model = small_resnet()
     with pytest.raises(ValueError, match="unknown method"):
@@ -427,9 +462,15 @@ def test_integer_conv_matches_the_float_conv_on_its_grids():
     from lowbit.quantized_weight import QuantizedWeight
 
     torch.manual_seed(0)
-    for symmetric, padding, stride, dims in [(False, 1, 2, 2), (True, "same", 1, 2), (False, 0, 1, 1)]:
-        w = torch.randn(6, 4, *([3] * dims))
-        qw = QuantizedWeight.quantize(w, WeightFormat("int", 8, -1, symmetric=False))
+    cases = [  # act symmetric, padding, stride, dims, dilation, kernel size, weight bits
+        (False, 1, 2, 2, 1, 3, 8), (True, "same", 1, 2, 1, 3, 8), (False, 0, 1, 1, 1, 3, 8),
+        (False, 2, 1, 2, 2, 3, 8),  # dilated: the box sum of the weight's offset as a conv
+        (False, "same", 1, 2, 1, 4, 8),  # an even kernel pads unevenly: padded before the kernel
+        (False, 1, 1, 2, 1, 3, 4),  # 4-bit codes fit int8 around their zero point: no offset left
+    ]
+    for symmetric, padding, stride, dims, dilation, k, bits in cases:
+        w = torch.randn(6, 4, *([k] * dims))
+        qw = QuantizedWeight.quantize(w, WeightFormat("int", bits, -1, symmetric=False))
         x = torch.randn(2, 4, *([7] * dims))
         x = x if symmetric else x.relu()
         fmt = ActFormat(8, "tensor", dynamic=False, symmetric=symmetric)
@@ -438,17 +479,17 @@ def test_integer_conv_matches_the_float_conv_on_its_grids():
             scale, zero = x.abs().amax().reshape(1, 1) / 127, torch.zeros(1, 1)
         fn = F.conv2d if dims == 2 else F.conv1d
         xq = A.fake_quantize(x, fmt, scale.reshape(1), zero.reshape(1))
-        want = fn(xq.double(), qw.dequantize(torch.float64), None, stride=stride, padding=padding)
+        want = fn(xq.double(), qw.dequantize(torch.float64), None, stride=stride, padding=padding, dilation=dilation)
         for kernel in ("reference", "int_mm", "int8_avx2", "onednn", "auto"):
             try:
                 m = W8A8Conv(qw, None, fmt, act_scale=scale, act_zero=zero, stride=stride, padding=padding,
-                             dims=dims, kernel=kernel)  # fmt: skip
+                             dilation=dilation, dims=dims, kernel=kernel)  # fmt: skip
             except ValueError as e:  # a kernel this machine lacks
                 assert "not available" in str(e) or "int_mm" in str(e)
                 continue
             got = m(x).double()
             assert got.shape == want.shape
-            assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (kernel, symmetric, padding, dims)
+            assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (kernel, symmetric, padding, dims, dilation, k)
     with pytest.raises(ValueError, match="groups=2"):
         W8A8Conv(QuantizedWeight.quantize(torch.randn(4, 2, 3, 3), WeightFormat("int", 8, -1)), None,
                  ActFormat(8, "tensor", dynamic=False), act_scale=torch.ones(1), groups=2, dims=2)  # fmt: skip

@@ -220,7 +220,7 @@ class Unit:
                         rows = None
                     if rows is not None:
                         if name not in stats:
-                            stats[name] = InputStats.empty(rows.shape[1], rows.device, hessian)
+                            stats[name] = InputStats.empty(rows.shape[1], rows.device, hessian, mod.weight_groups)
                         stats[name].add(rows)
                     done(name)
 

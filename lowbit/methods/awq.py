@@ -119,7 +119,7 @@ class AWQ(MethodConfig):
         stats = unit.stats([c[0] for _, c in pairs], hessian=True, acts=False)
         for producer, consumers in pairs:
             st = stats.get(consumers[0])
-            if st is None or not st.tokens:
+            if st is None or not st.tokens or st.groups > 1:  # a grouped conv's channels are not one matrix's
                 continue
             mods = [unit.get(c) for c in consumers]
             s, _, _ = search_scales([m.weight.float() for m in mods], st.abs_mean, st.H, fmt, self.grid)

@@ -150,9 +150,19 @@ class MethodConfig:
             why = getattr(stats, "unsupported", "") or "saw no calibration input for this layer"
             qw = QuantizedWeight.quantize(w.reshape(w.shape[0], -1).float(), qm.weight_q.fmt)
             label = f"rtn (fallback: {self.name} {why})"
+        elif stats is not None and stats.groups > 1:
+            qw = method.quantize_groups(w.reshape(w.shape[0], -1).float(), stats)
         else:
             qw = method.quantize_linear(w.reshape(w.shape[0], -1).float(), stats)
         qm.weight_q.set_fixed(replace(qw, shape=tuple(w.shape)), label)
+
+    def quantize_groups(self, w: torch.Tensor, stats) -> QuantizedWeight:
+        """A grouped conv: its groups are independent layers (group ``j``'s output channels read
+        only block ``j`` of the patches), each quantized on its own block's statistics."""
+        parts = [self.quantize_linear(wj, stats.group(j)) for j, wj in enumerate(w.chunk(stats.groups))]
+        zero = None if parts[0].zero is None else torch.cat([q.zero for q in parts])
+        return QuantizedWeight.from_codes(torch.cat([q.codes() for q in parts]), torch.cat([q.scale for q in parts]),
+                                          zero, parts[0].fmt)  # fmt: skip
 
     def with_format(self, fmt: WeightFormat) -> MethodConfig:
         """This config targeting ``fmt`` (the first and last layers may keep more bits)."""

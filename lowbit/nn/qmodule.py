@@ -115,17 +115,24 @@ class QModule(nn.Module):
         if self.kind == "linear":
             return v.reshape(-1, v.shape[-1])
         c = self.conv
-        if c["groups"] != 1:
-            raise NotImplementedError("patch statistics of grouped convs are per group; not supported yet")
+        k, s, d = tuple(self.weight.shape[2:]), tuple(c["stride"]), tuple(c["dilation"])
+        p = c["padding"]
+        if isinstance(p, str):  # 'valid': none; 'same': what the conv pads (one more on the far side if odd)
+            pads = []
+            for i in reversed(range(len(k))):
+                total = 0 if p == "valid" else d[i] * (k[i] - 1)
+                pads += [total // 2, total - total // 2]
+            v, p = F.pad(v, pads), (0,) * len(k)
         if self.kind == "conv1d":
             v = v.unsqueeze(-1)
-            k, s, p, d = (self.weight.shape[2], 1), (c["stride"][0], 1), (c["padding"][0], 0), (c["dilation"][0], 1)
-        else:
-            k, s, p, d = self.weight.shape[2:], c["stride"], c["padding"], c["dilation"]
-        if isinstance(p, str):
-            raise NotImplementedError(f"padding={p!r} convs: patch statistics need numeric padding")
-        cols = F.unfold(v, k, dilation=d, padding=p, stride=s)  # [N, C*kh*kw, L]
+            k, s, p, d = (k[0], 1), (s[0], 1), (p[0], 0), (d[0], 1)
+        cols = F.unfold(v, k, dilation=d, padding=p, stride=s)  # [N, C*kh*kw, L], channel-major: groups contiguous
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+    @property
+    def weight_groups(self) -> int:
+        """How many independent blocks of columns ``weight_rows`` has (a grouped conv's groups)."""
+        return self.conv["groups"] if self.conv else 1
 
     # --- forward ----------------------------------------------------------------------
 

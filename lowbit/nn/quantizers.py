@@ -359,7 +359,7 @@ class ActQuantizer(nn.Module):
             v = x / s
             v = v + (torch.round(v) - v).detach()
             return ((v + zero).clamp(lo, hi) - zero) * s
-        return A.codes(x.float(), scale.float(), zero.float(), self.fmt).mul(scale.float()).to(x.dtype)
+        return A.codes(x.float(), scale.float(), zero.float(), self.fmt).mul_(scale.float()).to(x.dtype)
 
     def _unrows(self, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         if self.channel_dim in (-1, like.dim() - 1):

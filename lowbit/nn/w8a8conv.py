@@ -125,6 +125,16 @@ class W8A8Conv(W8A8Linear):
                 pads += [self.padding[i], self.padding[i]]
         return F.pad(x, pads) if any(pads) else x
 
+    def _symmetric_padding(self) -> list[int] | None:
+        """The conv's padding as one ``[pad_h, pad_w]`` a kernel can apply itself, or ``None`` when
+        it is uneven (``'same'`` with an even receptive field pads one more on the far side)."""
+        if self.padding == "valid":
+            return [0] * self.dims
+        if self.padding == "same":
+            totals = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
+            return [t // 2 for t in totals] if all(t % 2 == 0 for t in totals) else None
+        return list(self.padding)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [batch, in, *spatial] (or unbatched [in, *spatial]) -> [batch, out, *spatial']
         unbatched = x.dim() == self.dims + 1
@@ -132,23 +142,28 @@ class W8A8Conv(W8A8Linear):
             x = x.unsqueeze(0)
         if self.padding == "same" and any(s != 1 for s in self.stride):
             raise ValueError("padding='same' needs stride 1 (as nn.Conv2d requires)")
-        x = self._pad(x)
+        which = self._conv_kernel(x.device)
+        pads = self._symmetric_padding() if which == "onednn" else None
+        if pads is None:
+            x = self._pad(x)
+            pads = [0] * self.dims
         if self.dims == 1:  # a 1-D conv is a 2-D one over a height of 1
             x = x.unsqueeze(2)
             kernel, dilation, stride = (1, *self.kernel_size), (1, *self.dilation), (1, *self.stride)
+            pads = [0, *pads]
         else:
             kernel, dilation, stride = self.kernel_size, self.dilation, self.stride
         n = x.shape[0]
-        out_hw = [(x.shape[2 + i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2)]
-        which = self._conv_kernel(x.device)
         if which == "onednn":
-            y = self._onednn_conv(x, kernel, dilation, stride)
-        elif which == "int_mm":
-            y = self._int_mm_conv(x, kernel, dilation, stride)  # [N, H', W', out]
+            y = self._onednn_conv(x, kernel, dilation, stride, pads)  # [N, out, H', W'], channels-last
         else:
-            patches = F.unfold(x, kernel, dilation=dilation, stride=stride)  # [N, C * k..., L]
-            y = super().forward(patches.transpose(1, 2)).reshape(n, *out_hw, self.out_channels)
-        y = y.permute(0, 3, 1, 2)  # [N, out, H', W'] (channels-last in memory)
+            out_hw = [(x.shape[2 + i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2)]
+            if which == "int_mm":
+                y = self._int_mm_conv(x, kernel, dilation, stride)  # [N, H', W', out]
+            else:
+                patches = F.unfold(x, kernel, dilation=dilation, stride=stride)  # [N, C * k..., L]
+                y = super().forward(patches.transpose(1, 2)).reshape(n, *out_hw, self.out_channels)
+            y = y.permute(0, 3, 1, 2)  # [N, out, H', W'] (channels-last in memory)
         if self.dims == 1:
             y = y.squeeze(2)
         return y.squeeze(0) if unbatched else y
@@ -165,45 +180,59 @@ class W8A8Conv(W8A8Linear):
         return self._cache[key]
 
     def _onednn_weight(self):
+        """The weight for oneDNN: int8 codes ``code - mid`` (oneDNN takes symmetric weights only),
+        the per-channel scales, and the offset ``zero - mid`` left over, ``None`` when it is 0
+        everywhere. ``mid`` is each channel's zero point where its codes fit int8 around it (always
+        below 8 bits), otherwise the nearest value that fits."""
         key = ("onednn", "weight")
         if key not in self._cache:
             qw = self.quantized_weight
-            mid = 1 << (qw.fmt.bits - 1)
-            codes = (qw.codes().to(torch.int16) - mid).to(torch.int8).reshape(self._weight_2d())
-            offset = qw.zero_or_default().reshape(-1).to(torch.float64) - mid  # [out]
+            codes = qw.codes().to(torch.int16).reshape(self.out_channels, -1)
+            zero = qw.zero_or_default().reshape(-1).round().to(torch.int16)
+            hi, lo = codes.amax(1), codes.amin(1)
+            mid = torch.minimum(torch.maximum(zero, hi - 127), lo + 128)  # code - mid in [-128, 127]
+            w = (codes - mid[:, None]).to(torch.int8).reshape(self._weight_2d())
+            offset = (zero - mid).to(torch.float64)  # [out]
             w_scale = qw.scale.reshape(-1).double().contiguous()
-            self._cache[key] = (codes.contiguous(), w_scale, offset if bool((offset != 0).any()) else None)
+            self._cache[key] = (w.contiguous(), w_scale, offset if bool((offset != 0).any()) else None,
+                                torch.zeros(w_scale.numel(), dtype=torch.long))  # fmt: skip
         return self._cache[key]
 
     def _weight_2d(self) -> tuple[int, ...]:
         shape = self.weight_shape
         return shape if self.dims == 2 else (shape[0], shape[1], 1, shape[2])
 
-    def _onednn_conv(self, x: torch.Tensor, kernel, dilation, stride) -> torch.Tensor:
-        """``x`` (zero-padded already) quantized once to uint8, one oneDNN int8 conv, float output."""
-        codes, w_scale, offset = self._onednn_weight()
+    def _input_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+        """``x``'s uint8 codes (a symmetric grid is the uint8 one around 128), as float32 values."""
         s_a = float(self.act_scale.reshape(-1)[0])
-        shift = 128 if self.act.symmetric else 0  # a symmetric grid is the uint8 one around 128
+        shift = 128 if self.act.symmetric else 0
         z = int(self.act_zero.reshape(-1)[0]) + shift
         lo, hi = self.act.code_range
-        q = torch.div(x.float(), s_a).round_().add_(float(z - shift)).clamp_(lo, hi).add_(float(shift))
-        q = q.to(torch.uint8)
-        q = q.contiguous(memory_format=torch.channels_last)
-        key = ("onednn", tuple(stride), tuple(dilation), s_a, z)
+        q = torch.div(x.float(), s_a).round_().add_(float(z - shift)).clamp_(lo, hi)
+        if shift:
+            q = q.add_(float(shift))
+        return q, s_a, z
+
+    def _onednn_conv(self, x: torch.Tensor, kernel, dilation, stride, pads) -> torch.Tensor:
+        """``x`` quantized once to uint8, one oneDNN int8 conv (padding with the real 0, the zero
+        point), float output ``[N, out, H', W']`` in channels-last memory."""
+        w, w_scale, offset, w_zeros = self._onednn_weight()
+        codes, s_a, z = self._input_codes(x)  # float32, integer-valued
+        q = codes.to(torch.uint8, memory_format=torch.channels_last)
+        key = ("onednn", tuple(stride), tuple(dilation), tuple(pads), s_a, z)
         if key not in self._cache:
-            self._cache[key] = torch.ops.onednn.qconv_prepack(codes, w_scale, s_a, z, list(stride), [0, 0],
+            self._cache[key] = torch.ops.onednn.qconv_prepack(w, w_scale, s_a, z, list(stride), list(pads),
                                                               list(dilation), 1, None)  # fmt: skip
         bias = self.bias.float() if self.bias is not None else None
         y = torch.ops.onednn.qconv2d_pointwise(
-            q, s_a, z, self._cache[key], w_scale, torch.zeros(w_scale.numel(), dtype=torch.long), bias,
-            list(stride), [0, 0], list(dilation), 1, 1.0, 0, torch.float32, "none", [], "",
+            q, s_a, z, self._cache[key], w_scale, w_zeros, bias,
+            list(stride), list(pads), list(dilation), 1, 1.0, 0, torch.float32, "none", [], "",
         )  # fmt: skip
-        if offset is not None:  # the weight integer is code - mid - offset: take offset x sum of the inputs back
-            a = q.sum(1, keepdim=True, dtype=torch.int32).sub_(z * q.shape[1]).float()  # [N, 1, H, W], exact
-            ones = torch.ones(1, 1, *kernel, dtype=a.dtype, device=a.device)
-            box = F.conv2d(a, ones, stride=stride, dilation=dilation)  # sum over each patch
-            y = y.sub_(box * (offset * w_scale * s_a).float().reshape(1, -1, 1, 1))
-        return y.permute(0, 2, 3, 1).to(x.dtype)  # [N, H', W', out]
+        if offset is not None:  # the weight integer is (code - mid) - offset: take offset x sum of the inputs back
+            box = _box_sum(codes, z, kernel, dilation, stride, pads)  # [N, 1, H', W'], exact integers
+            coef = (offset * w_scale * s_a).float()  # [out]
+            y.permute(0, 2, 3, 1).addcmul_(box.permute(0, 2, 3, 1), coef, value=-1)  # in place, channels-last order
+        return y.to(x.dtype)
 
     def _int_mm_conv(self, x: torch.Tensor, kernel, dilation, stride) -> torch.Tensor:
         """Quantize ``x`` once, take int8 patches as strided views of the codes, one int8 GEMM.
@@ -241,3 +270,15 @@ class W8A8Conv(W8A8Linear):
             f"padding={self.padding}, dilation={self.dilation}, act={self.act.describe()}, "
             f"format={self.fmt.describe()}"
         )
+
+
+def _box_sum(codes: torch.Tensor, z: int, kernel, dilation, stride, pads) -> torch.Tensor:
+    """``sum (q - z)`` over every patch a conv reads (all channels, the kernel window, padding
+    counted as the real 0) from the float32 codes ``q``, as exact integers ``[N, 1, H', W']``
+    (float32 holds every integer below 2^24; wider sums are taken in float64)."""
+    wide = codes.shape[1] * 255 * kernel[0] * kernel[1] >= 1 << 24
+    a = (codes.double() if wide else codes).sum(1, keepdim=True).sub_(z * codes.shape[1]).contiguous()
+    if all(d == 1 for d in dilation) and all(2 * p <= k for p, k in zip(pads, kernel)):
+        return F.avg_pool2d(a, kernel, stride, pads, count_include_pad=True, divisor_override=1).float()
+    ones = torch.ones(1, 1, *kernel, dtype=a.dtype, device=a.device)
+    return F.conv2d(a, ones, stride=stride, padding=list(pads), dilation=dilation).float()
