@@ -383,7 +383,8 @@ def test_gptq_runs_on_grouped_and_depthwise_convs_one_hessian_per_group():
     # the per-group Hessians are the diagonal blocks of the full one over all the patches
     conv = QModule(model[2], WeightFormat("int", 3, -1))
     rows = conv.weight_rows(x.new_empty(0).resize_(8, 16, 6, 6).normal_())
-    grouped, full = InputStats.empty(rows.shape[1], hessian=True, groups=4), InputStats.empty(rows.shape[1], hessian=True)
+    grouped = InputStats.empty(rows.shape[1], hessian=True, groups=4)
+    full = InputStats.empty(rows.shape[1], hessian=True)
     grouped.add(rows)
     full.add(rows)
     k = rows.shape[1] // 4
