@@ -35,6 +35,7 @@ RUNS = {
     "rtn default": ("rtn", {}),  # lowbit's defaults for a ViT: min-max weights, MSE activation ranges
     "rtn mse": ("rtn", {"mse": True}),
     "qdrop": ("qdrop", {}),
+    "repq_vit": ("repq_vit", {}),  # per-channel post-LayerNorm grids reparameterized, log-sqrt2 softmax
 }
 
 

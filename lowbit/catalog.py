@@ -15,6 +15,7 @@ METHODS = {
     "osplus": "Outlier Suppression+ (Wei et al. 2023): shift and scale migration (+rtn)",
     "rptq": "RPTQ (Yuan et al. 2023): reordered channel clusters for activations (+rtn)",
     "peg": "PEG (Bondarenko et al. 2021): per-embedding-group activations (+rtn)",
+    "repq_vit": "RepQ-ViT (Li et al. 2023): post-LayerNorm per-channel grids reparameterized, log-sqrt2 softmax",
 }
 
 # methods that transform the model for a quantizer after them (a recipe ``name+rtn``)

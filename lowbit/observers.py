@@ -144,7 +144,10 @@ def kl_threshold(mags: torch.Tensor, bits: int = 8, bins: int = 2048) -> float:
 def static_params(stats: ChannelStats, fmt: ActFormat, observer: str, perm: torch.Tensor | None = None,
                   bounds: torch.Tensor | None = None, percentile: float = 99.99
                   ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Per-group scale and zero ``[G]`` (``G = 1`` per tensor) for the channels ``perm[bounds[g]:bounds[g+1]]``."""
+    """Per-group scale and zero ``[G]`` (``G = 1`` per tensor) for the channels ``perm[bounds[g]:bounds[g+1]]``
+    (a non-uniform kind: its parameters, see ``nonuniform_params``)."""
+    if not fmt.uniform:
+        return nonuniform_params(stats, fmt, observer, percentile), torch.zeros(1)
     k = stats.lo.numel()
     perm = torch.arange(k) if perm is None else perm
     bounds = torch.tensor([0, k]) if bounds is None else bounds
@@ -160,6 +163,46 @@ def static_params(stats: ChannelStats, fmt: ActFormat, observer: str, perm: torc
         scales.append(s)
         zeros.append(z)
     return torch.stack(scales).float(), torch.stack(zeros).float()
+
+
+LOG_QUANTILES = (0.999, 0.9999, 0.99999)  # RepQ-ViT's candidates for a log quantizer's top
+TWIN_SPLITS = 20  # d1 = d2 / 2^m for m = 0 .. 19 (PTQ4ViT's split points 2^-i)
+
+
+def nonuniform_params(stats: ChannelStats, fmt: ActFormat, observer: str = "mse",
+                      percentile: float = 99.99) -> torch.Tensor:  # fmt: skip
+    """A ``log2``/``logsqrt2``/``twin`` quantizer's ``scale`` from the observed values.
+
+    Log kinds: the top ``s`` is the maximum (``minmax``), the ``percentile`` (``percentile``),
+    or (any other observer) whichever of the maximum and RepQ-ViT's quantiles 0.999,
+    0.9999, 0.99999 gives the smallest squared error. Twin, unsigned: ``d2`` covers the
+    maximum with ``2^(b-1) - 1`` steps and ``d1 = d2 / 2^m``, ``m`` chosen by squared
+    error. Twin, signed: ``d1`` covers the minimum with ``2^(b-1)`` steps (GELU's
+    negative part), ``d2`` the maximum, shrunk by the MSE search unless ``minmax``."""
+    values = stats.rows.reshape(-1).float()
+    lo, hi = float(stats.lo.min()), float(stats.hi.max())
+    if values.numel() == 0 or hi <= 0:
+        return torch.tensor([1.0, 1.0] if fmt.kind == "twin" else [1.0])
+
+    def err(scale: torch.Tensor) -> float:
+        return float((A.nonuniform_fake_quantize(values, fmt, scale) - values).pow(2).mean())
+
+    if fmt.kind in ("log2", "logsqrt2"):
+        if observer == "minmax":
+            return torch.tensor([hi])
+        if observer == "percentile":
+            return torch.tensor([max(_quantile(values, percentile / 100), 1e-12)])
+        tops = [hi] + [_quantile(values, q) for q in LOG_QUANTILES]
+        cands = [torch.tensor([t]) for t in tops if t > 0]
+        return min(cands, key=err)
+    q = 1 << (fmt.bits - 1)
+    if not fmt.symmetric:
+        d2 = hi / (q - 1)
+        cands = [torch.tensor([d2 / 2**m, d2]) for m in range(TWIN_SPLITS)]
+        return min(cands, key=err)
+    d1 = max(-lo, 1e-8) / q
+    cands = [torch.tensor([d1, hi / (q - 1) * float(f)]) for f in shrink_factors(1 if observer == "minmax" else 80, 0.01)]
+    return min(cands, key=err)
 
 
 @dataclass

@@ -129,7 +129,7 @@ def _act_quantizer(quantizer, fmt, channel_dim: int) -> ActQuantizer:
 def _site(module: nn.Module, spec: SiteSpec, quantizer, fmt) -> QSite:
     ins = [_act_quantizer(quantizer, fmt, -1) for _ in range(spec.inputs)]
     out = _act_quantizer(quantizer, fmt, -1) if spec.output else None
-    return QSite(module, ins, out)
+    return QSite(module, ins, out, spec.role)
 
 
 # --- freezing and coverage -------------------------------------------------------------------
@@ -154,8 +154,9 @@ def freeze(model: nn.Module, targets: list[Target], methods: list, kernel: str =
             act = m.input_q.describe()
             if getattr(m.input_q, "note", ""):
                 act += f" ({m.input_q.note})"
-            if m.input_q.fmt is None and grid is not None and getattr(frozen, "act", None) is not None:
-                act = f"{grid.describe()} (its input lies on {site}'s grid: integer kernels)"
+            if m.input_q.fmt is None and grid is not None and grid.quantizes:
+                how = "integer kernels" if getattr(frozen, "act", None) is not None else "simulated"
+                act = f"{grid.describe()} (its input lies on {site}'s grid: {how})"
             records[name] = LayerRecord(name, m.source, "quantized", "", False, m.describe(), qw.bits_per_weight,
                                         qw.numel, m.weight_q.method, act)  # fmt: skip
     for name, m in list(model.named_modules()):

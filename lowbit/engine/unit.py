@@ -202,11 +202,11 @@ class Unit:
             m = self.get(name)
             if isinstance(m, QModule):
                 q = m.input_q
-                if acts and q.static and q.enabled:
+                if acts and q.observes:
                     q.begin_observing()
                     observers.append((name, q))
 
-                def pre(mod, args, name=name, q=q, observe=acts and q.static and q.enabled):
+                def pre(mod, args, name=name, q=q, observe=acts and q.observes):
                     v = q.transform(args[0])
                     if observe:
                         q.accumulate(v)
@@ -242,9 +242,8 @@ class Unit:
         return stats
 
     def _site_hooks(self, name, site: QSite, observers, done, acts: bool):
-        ins = [q for q in site.input_q if q.static and q.enabled] if acts else []
-        out = site.output_q if acts and site.output_q is not None and site.output_q.static and \
-            site.output_q.enabled else None  # fmt: skip
+        ins = [q for q in site.input_q if q.observes] if acts else []
+        out = site.output_q if acts and site.output_q is not None and site.output_q.observes else None
         for q in ins + ([out] if out is not None else []):
             q.begin_observing()
             observers.append((name, q))

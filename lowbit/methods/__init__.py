@@ -10,6 +10,7 @@ from lowbit.methods.llmint8 import LLMInt8
 from lowbit.methods.osplus import OSPlus
 from lowbit.methods.peg import PEG
 from lowbit.methods.qdrop import QDrop
+from lowbit.methods.repq_vit import RepQViT
 from lowbit.methods.rptq import RPTQ
 from lowbit.methods.rtn import RTN
 from lowbit.methods.smoothquant import SmoothQuant
@@ -26,6 +27,7 @@ __all__ = [
     "OSPlus",
     "PEG",
     "RPTQ",
+    "RepQViT",
     "REGISTRY",
     "RTN",
     "SmoothQuant",

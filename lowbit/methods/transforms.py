@@ -100,14 +100,17 @@ def foldable_pairs(unit) -> list[tuple[str, list[str]]]:
 
 
 def linear_groups(unit) -> list[list[str]]:
-    """The unit's groups of linear ``QModule``s that read the same input tensor."""
+    """The unit's groups of linear ``QModule``s that read the same input tensor and quantize it
+    themselves (where an input transform or per-group scales can live)."""
     return [g for g in unit.groups() if all(isinstance(unit.get(n), QModule) and unit.get(n).kind == "linear"
-                                             for n in g)]  # fmt: skip
+                                             and unit.get(n).input_q.quantizes for n in g)]  # fmt: skip
 
 
 def migration_sites(unit) -> list[tuple[str | None, list[str]]]:
     """Where a migration goes: each foldable pair (its producer absorbs it), then every other
-    group of linears reading one input (``None``: their input quantizer applies it)."""
+    group of linears reading one input (``None``: their input quantizer applies it) that
+    quantize that input themselves (a linear reading a site's output, like a ViT's second MLP
+    linear, has no quantizer of its own to carry the transform)."""
     pairs = foldable_pairs(unit)
     covered = {c for _, cs in pairs for c in cs}
     return pairs + [(None, g) for g in linear_groups(unit) if not covered.intersection(g)]

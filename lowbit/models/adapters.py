@@ -60,11 +60,14 @@ class UnitSpec:
 @dataclass
 class SiteSpec:
     """An activation quantization point on a module: its ``inputs`` (how many operands)
-    or its ``output``."""
+    or its ``output``. ``role`` says what the module computes, for methods that pick a
+    quantizer by it: ``softmax``, ``mlp_act`` (GELU), ``residual`` (a sum a LayerNorm
+    reads), ``qk`` (the ``q @ k^T`` operands), ``relu``."""
 
     name: str
     inputs: int = 0
     output: bool = False
+    role: str = ""
 
 
 @dataclass
@@ -127,6 +130,12 @@ class Adapter:
     def sites(self, model: nn.Module) -> list[SiteSpec]:
         """Activation points besides the weighted layers' inputs (none for language models: their
         integer activations are the linears' inputs)."""
+        return []
+
+    def norm_consumers(self, model: nn.Module) -> list[tuple[str, list[str]]]:
+        """(LayerNorm, the linears that read its output) by full name, where the adapter knows them:
+        what post-LayerNorm methods (RepQ-ViT) act on. A pre-norm block's pairs are also scale
+        pairs (the norm feeds nothing else); a post-norm block's norm also feeds the residual."""
         return []
 
     def quantizes_input(self, name: str) -> bool:

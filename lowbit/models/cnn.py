@@ -99,7 +99,7 @@ class ResNetCifarAdapter(Adapter):
 
     def sites(self, model: nn.Module) -> list[SiteSpec]:
         names = ["relu"] + [f"{n}.{r}" for n, _ in self.blocks(model) for r in ("relu1", "relu2")]
-        return [SiteSpec(n, output=True) for n in names]
+        return [SiteSpec(n, output=True, role="relu") for n in names]
 
     def quantizes_input(self, name: str) -> bool:
         return name in ("conv1", "linear")  # every other conv reads a ReLU site's output

@@ -210,12 +210,34 @@ class HFViTAdapter(Adapter):
         units = super().units(model)
         return [u for u in units if not any(o.name.startswith(u.name + ".") for o in units)]
 
+    def norm_consumers(self, model: nn.Module) -> list[tuple[str, list[str]]]:
+        out = []
+        for name, block in self.blocks(model):
+            names = {n for n, _ in block.named_modules()}
+            for norm, consumers in (HF_VIT_PAIRS[0], HF_VIT_PAIRS[2]):
+                if norm in names and all(c in names for c in consumers):
+                    out.append((f"{name}.{norm}", [f"{name}.{c}" for c in consumers]))
+        return out
+
+    def quantizes_input(self, name: str) -> bool:
+        return not name.endswith(".mlp.fc2")  # it reads the MLP activation's site
+
+    def input_sites(self, model: nn.Module) -> dict[str, str]:
+        """Each layer's ``mlp.fc2`` reads ``mlp.activation_fn``'s output (dropout is off at inference)."""
+        out = {}
+        for name, block in self.blocks(model):
+            names = {n for n, _ in block.named_modules()}
+            if {"mlp.fc2", "mlp.activation_fn"} <= names:
+                out[f"{name}.mlp.fc2"] = f"{name}.mlp.activation_fn"
+        return out
+
     def sites(self, model: nn.Module) -> list[SiteSpec]:
         out = []
         for name, block in self.blocks(model):
             names = {n for n, _ in block.named_modules()}
-            specs = [SiteSpec("attention.qk", inputs=2), SiteSpec("attention.softmax", output=True),
-                     SiteSpec("mlp.activation_fn", output=True), SiteSpec("add1", output=True),
-                     SiteSpec("add2", output=True)]  # fmt: skip
-            out += [SiteSpec(f"{name}.{s.name}", s.inputs, s.output) for s in specs if s.name in names]
+            specs = [SiteSpec("attention.qk", inputs=2, role="qk"),
+                     SiteSpec("attention.softmax", output=True, role="softmax"),
+                     SiteSpec("mlp.activation_fn", output=True, role="mlp_act"),
+                     SiteSpec("add1", output=True, role="residual"), SiteSpec("add2", output=True, role="residual")]  # fmt: skip
+            out += [SiteSpec(f"{name}.{s.name}", s.inputs, s.output, s.role) for s in specs if s.name in names]
         return out

@@ -35,10 +35,32 @@ class ViTCifarAdapter(Adapter):
         names = {n for n, _ in block.named_modules()}
         return [(p, c) for p, c in pairs if p in names and all(x in names for x in c)]
 
+    def norm_consumers(self, model: nn.Module) -> list[tuple[str, list[str]]]:
+        out, prev = [], None
+        for name, block in self.blocks(model):
+            qkv = [f"{name}.self_attn.{p}_proj" for p in "qkv"]
+            if getattr(block, "norm_first", False):
+                out += [(f"{name}.norm1", qkv), (f"{name}.norm2", [f"{name}.linear1"])]
+            else:  # post-norm: norm1 feeds linear1 (and the residual), norm2 the next layer's q/k/v
+                out.append((f"{name}.norm1", [f"{name}.linear1"]))
+                if prev is not None:
+                    out.append((f"{prev}.norm2", qkv))
+            prev = name
+        return out
+
+    def quantizes_input(self, name: str) -> bool:
+        return not name.endswith(".linear2")  # it reads the MLP activation's site
+
+    def input_sites(self, model: nn.Module) -> dict[str, str]:
+        """Each layer's ``linear2`` reads the MLP activation's output (dropout between is off at inference)."""
+        return {f"{name}.linear2": f"{name}.activation" for name, _ in self.blocks(model)}
+
     def sites(self, model: nn.Module) -> list[SiteSpec]:
         out = []
         for name, _ in self.blocks(model):
-            out += [SiteSpec(f"{name}.self_attn.qk", inputs=2), SiteSpec(f"{name}.self_attn.softmax", output=True),
-                    SiteSpec(f"{name}.activation", output=True), SiteSpec(f"{name}.add1", output=True),
-                    SiteSpec(f"{name}.add2", output=True)]  # fmt: skip
+            out += [SiteSpec(f"{name}.self_attn.qk", inputs=2, role="qk"),
+                    SiteSpec(f"{name}.self_attn.softmax", output=True, role="softmax"),
+                    SiteSpec(f"{name}.activation", output=True, role="mlp_act"),
+                    SiteSpec(f"{name}.add1", output=True, role="residual"),
+                    SiteSpec(f"{name}.add2", output=True, role="residual")]  # fmt: skip
         return out

@@ -167,7 +167,12 @@ class QModule(nn.Module):
             if aq.fmt is None:
                 if aq.input_shift is not None or aq.input_scale is not None:
                     raise ValueError("a weight-only linear cannot carry an input transform; quantize activations")
+                if _plain_uniform(input_grid):  # its input already lies on that grid: integer kernels
+                    g = frozen_act(input_grid)
+                    return W8A8Linear(qw, bias, g.fmt, act_scale=g.scale, act_zero=g.zero)
                 return QLinear(qw, bias, kernel)
+            if not aq.fmt.uniform:  # a log / twin grid: quantized in simulation, then the weight-only kernel
+                return QSite(QLinear(qw, bias, kernel), [frozen_act(aq)], None)
             return W8A8Linear(qw, bias, aq.fmt, act_scale=aq.scale, act_zero=aq.zero, act_bounds=aq.bounds,
                               perm=aq.perm, input_shift=aq.input_shift, input_scale=aq.input_scale,
                               outlier_threshold=aq.outlier_threshold)  # fmt: skip
@@ -189,6 +194,13 @@ class QModule(nn.Module):
         return f"{self.source} {tuple(self.weight.shape)}"
 
 
+def _plain_uniform(grid: ActQuantizer | None) -> bool:
+    """A static per-tensor uniform grid with nothing else attached (no transform, permutation or outliers)."""
+    return grid is not None and grid.static and grid.fmt.uniform and grid.fmt.granularity == "tensor" and \
+        grid.scale is not None and grid.perm is None and grid.input_shift is None and grid.input_scale is None and \
+        not grid.outlier_threshold  # fmt: skip
+
+
 def frozen_act(q: ActQuantizer) -> ActQuantizer:
     """A copy of ``q`` fixed for inference (no learning, no dropping)."""
     q.freeze_scale()
@@ -205,8 +217,9 @@ class QSite(nn.Module):
     without weights (or on a frozen runtime module's input)."""
 
     def __init__(self, module: nn.Module, input_q: list[ActQuantizer | None] | None = None,
-                 output_q: ActQuantizer | None = None):  # fmt: skip
+                 output_q: ActQuantizer | None = None, role: str = ""):  # fmt: skip
         super().__init__()
+        self.role = role  # what the module computes (the adapter's SiteSpec.role): softmax, mlp_act, ...
         self.module = module
         self.input_q = nn.ModuleList([q if q is not None else ActQuantizer(None) for q in input_q or []])
         self.output_q = output_q
@@ -226,13 +239,14 @@ class QSite(nn.Module):
         return {
             "inputs": [None if not q.quantizes else _act_config(q) for q in self.input_q],
             "output": None if self.output_q is None else _act_config(self.output_q),
+            "role": self.role,
         }
 
     @classmethod
     def from_config(cls, module: nn.Module, cfg: dict) -> QSite:
         ins = [None if c is None else _act_from_config(c) for c in cfg.get("inputs", [])]
         out = None if cfg.get("output") is None else _act_from_config(cfg["output"])
-        return cls(module, ins, out)
+        return cls(module, ins, out, cfg.get("role", ""))
 
 
 def _act_config(q: ActQuantizer) -> dict:

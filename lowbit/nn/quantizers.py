@@ -222,6 +222,7 @@ class ActQuantizer(nn.Module):
         self.outlier_threshold: float | None = None
         self.drop_prob = 0.0
         self.enabled = True
+        self.locked = False  # static parameters a method set (RepQ-ViT's reparameterized grid): calibration keeps them
         self.stats: InputStats | None = None  # what calibration accumulated, until finish_observing()
 
     # --- configuration (what transforms attach) ------------------------------------
@@ -233,6 +234,11 @@ class ActQuantizer(nn.Module):
     @property
     def static(self) -> bool:
         return self.fmt is not None and not self.fmt.dynamic
+
+    @property
+    def observes(self) -> bool:
+        """Whether calibration should observe this quantizer and set its static parameters."""
+        return self.static and self.enabled and not self.locked
 
     @property
     def ready(self) -> bool:
@@ -296,7 +302,7 @@ class ActQuantizer(nn.Module):
 
     def learn_scale(self) -> nn.Parameter | None:
         """The static per-tensor scale as a learnable parameter (LSQ), or ``None`` if there is none."""
-        if not self.static or self.scale is None or self.scale.numel() != 1:
+        if not self.static or self.scale is None or self.scale.numel() != 1 or not self.fmt.uniform:
             return None
         if not isinstance(self.scale, nn.Parameter):
             value = self.scale.detach().clone()
@@ -331,7 +337,9 @@ class ActQuantizer(nn.Module):
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         fmt = self.fmt
-        if fmt.granularity == "tensor" and not fmt.dynamic and self.perm is None:
+        if not fmt.uniform:  # log2 / logsqrt2 / twin: static per tensor
+            q = A.nonuniform_fake_quantize(x, fmt, self.scale)
+        elif fmt.granularity == "tensor" and not fmt.dynamic and self.perm is None:
             q = self._per_tensor(x)
         else:
             rows = self.rows(x)

@@ -48,6 +48,8 @@ def fits(qw: QuantizedWeight, act: ActFormat | None, groups: int) -> str | None:
     """Why a conv with these weights and activations cannot run on the integer kernels, or ``None``."""
     if act is None:
         return "activations are not quantized"
+    if not act.uniform:
+        return f"{act.describe()} activations are not one uniform integer grid"
     if qw.fmt.kind != "int" or qw.fmt.group_size is None:
         return f"{qw.fmt.describe()} weights are not an integer grid"
     if groups != 1:

@@ -1,0 +1,185 @@
+"""The vision-transformer post-training literature (issue 14): the activation quantizers for
+the distributions transformers produce (log2, log-sqrt2, twin uniform), checked against
+their formulas written out plainly, and RepQ-ViT's reparameterization, checked to give the
+same codes as the per-channel quantization it replaces."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lowbit
+from lowbit.formats import activation as A
+from lowbit.formats.activation import ActFormat
+from lowbit.methods.transforms import fold_scales, fold_shift, transform_input
+from lowbit.models.vit_cifar import ViTCifar
+from lowbit.nn.qmodule import QModule
+from lowbit.observers import ChannelStats, nonuniform_params, static_params
+
+from test_hf_vit import build, images
+from test_hf_vit import output as hf_output
+
+
+def output(out) -> torch.Tensor:
+    return out if torch.is_tensor(out) else hf_output(out)
+
+
+def log_fmt(kind: str, bits: int = 4) -> ActFormat:
+    return ActFormat(bits, "tensor", dynamic=False, symmetric=False, kind=kind)
+
+
+def stats_of(values: torch.Tensor) -> ChannelStats:
+    rows = values.reshape(-1, values.shape[-1])
+    return ChannelStats(rows.amin(0), rows.amax(0), rows.amin(0)[None], rows.amax(0)[None], rows)
+
+
+# ---- the quantizers against their formulas ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind,base", [("log2", 2.0), ("logsqrt2", math.sqrt(2))])
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_log_quantizers_are_the_papers_formulas(kind, base, bits):
+    torch.manual_seed(0)
+    x = torch.softmax(torch.randn(64, 50) * 4, -1)
+    x[0, :3] = torch.tensor([0.0, 2.0, 1e-30])  # an exact zero, one above the top, one below the last code
+    s = torch.tensor([0.9])
+    got = A.fake_quantize(x, log_fmt(kind, bits), s, torch.zeros(1))
+    top = 2**bits - 1
+    want = torch.empty_like(x)
+    for i, v in enumerate(x.reshape(-1).tolist()):
+        if v <= 0:
+            want.view(-1)[i] = 0.0
+            continue
+        q = round(-math.log(v / 0.9, base))
+        want.view(-1)[i] = 0.0 if q > top else 0.9 * base ** (-min(max(q, 0), top))
+    assert torch.allclose(got, want, rtol=1e-5, atol=0)
+    assert got[0, 0] == 0 and math.isclose(float(got[0, 1]), 0.9, rel_tol=1e-6)
+    assert (got[0, 2] == 0) == (bits <= 4)  # 2^-255 lies below float32: at 8 bits every positive value has a code
+    levels = torch.unique(got)
+    assert levels.numel() <= 2**bits + 1  # every code's value, and 0
+
+
+def test_log_sqrt2_is_shifts_and_one_sqrt2_factor_at_inference():
+    q = torch.arange(16.0)
+    shifted = torch.exp2(-torch.ceil(q / 2)) * torch.where(q % 2 == 1, torch.tensor(math.sqrt(2)), torch.tensor(1.0))
+    assert torch.allclose(shifted, torch.exp2(-q / 2), rtol=1e-6)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_twin_uniform_selects_one_of_two_grids(signed):
+    torch.manual_seed(0)
+    fmt = ActFormat(4, "tensor", dynamic=False, symmetric=signed, kind="twin")
+    x = F.gelu(torch.randn(4000) * 3) if signed else torch.softmax(torch.randn(40, 100) * 3, -1).reshape(-1)
+    d1, d2 = (0.17 / 8, 0.4) if signed else (1 / 7 / 16, 1 / 7)
+    got = A.fake_quantize(x[:, None], fmt, torch.tensor([d1, d2]), torch.zeros(1)).reshape(-1)
+    qn = 8  # 2^(bits-1) codes per grid
+    for v, g in zip(x.tolist(), got.tolist()):
+        if signed:
+            want = max(-qn, min(0, round(v / d1))) * d1 if v < 0 else min(qn - 1, round(v / d2)) * d2
+        else:
+            want = round(v / d1) * d1 if v < (qn - 0.5) * d1 else min(qn - 1, round(v / d2)) * d2
+        assert math.isclose(g, want, rel_tol=1e-5, abs_tol=1e-7)
+    assert torch.unique(got).numel() <= 16
+
+
+def test_nonuniform_observers_pick_the_least_squared_error_candidate():
+    torch.manual_seed(0)
+    x = torch.softmax(torch.randn(256, 64) * 3, -1)
+    fmt = log_fmt("logsqrt2")
+    st = stats_of(x.reshape(-1, 1))
+    picked = nonuniform_params(st, fmt, "mse")
+    vals = x.reshape(-1)
+    tops = [float(vals.max())] + [float(torch.quantile(vals, q)) for q in (0.999, 0.9999, 0.99999)]
+    errs = [float((A.fake_quantize(vals[:, None], fmt, torch.tensor([t]), None) - vals[:, None]).pow(2).mean())
+            for t in tops]  # fmt: skip
+    assert float((A.fake_quantize(vals[:, None], fmt, picked, None) - vals[:, None]).pow(2).mean()) <= min(errs) + 1e-12
+    assert math.isclose(float(nonuniform_params(st, fmt, "minmax")), float(vals.max()), rel_tol=1e-6)
+    twin = nonuniform_params(st, ActFormat(4, "tensor", dynamic=False, symmetric=False, kind="twin"), "mse")
+    ratio = float(twin[1] / twin[0])
+    assert math.isclose(math.log2(ratio), round(math.log2(ratio)), abs_tol=1e-4)  # d2 = 2^m d1
+
+
+def test_nonuniform_kinds_are_static_per_tensor_and_round_trip():
+    with pytest.raises(ValueError, match="static per tensor"):
+        ActFormat(4, "token", dynamic=True, kind="log2")
+    with pytest.raises(ValueError, match="unknown activation kind"):
+        ActFormat(4, "tensor", dynamic=False, kind="log10")
+    fmt = log_fmt("logsqrt2")
+    assert ActFormat.from_dict(fmt.to_dict()) == fmt and "logsqrt2" in fmt.describe()
+    assert ActFormat.from_dict({"bits": 8, "granularity": "tensor", "dynamic": False}).kind == "int"
+
+
+# ---- RepQ-ViT ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_repq_reparameterization_gives_the_per_channel_codes_exactly(fold):
+    """Per-channel asymmetric quantization of a LayerNorm's output equals per-tensor quantization on
+    (s~, round(mean z)) after the change of variables, folded into the norm or applied by the
+    consumer's quantizer."""
+    torch.manual_seed(0)
+    c = 24
+    ln = nn.LayerNorm(c)
+    with torch.no_grad():
+        ln.weight.copy_(torch.rand(c) * 4 + 0.1)
+        ln.bias.copy_(torch.randn(c) * 2)
+    lin = QModule(nn.Linear(c, 16), lowbit.WeightFormat("int", 8, -1))
+    x = torch.randn(512, c)
+    h = ln(x).detach()
+    fmt = ActFormat(4, "tensor", dynamic=False, symmetric=False)
+    s, z = static_params(stats_of(h), fmt, "minmax", None, torch.arange(c + 1))
+    per_channel = A.codes(h, s, z, fmt) * s  # [512, c]: each channel on its own grid
+    want = lin.op(per_channel, lin.weight).detach()
+
+    s_t, z_t = s.mean(), torch.round(z.mean())
+    shift, r = -s * (z - z_t), s / s_t
+    if fold:
+        fold_shift(ln, [lin], shift)
+        fold_scales(ln, [lin], r)
+        h2 = ln(x).detach()
+    else:
+        transform_input(lin, shift=shift, scale=r)
+        h2 = lin.input_q.transform(h)
+    codes_t = torch.round(h2 / s_t) + z_t
+    assert torch.equal(codes_t.clamp(0, 15), (torch.round(h / s) + z).clamp(0, 15))  # the same codes
+    got = lin.op(A.codes(h2, s_t, z_t, fmt) * s_t, lin.weight).detach()
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def tiny_vit():
+    torch.manual_seed(0)
+    return ViTCifar(dim=32, depth=2, heads=4, mlp_dim=48, patch=8).eval()
+
+
+def test_repq_vit_on_the_cifar_vit_and_a_transformers_vit_reparameterizes_and_reloads(tmp_path):
+    x = images(32)
+    for name, model in [("cifar", tiny_vit()), ("hf", build("vit"))]:
+        ref = output(model(x)).detach()
+        q = lowbit.quantize(copy.deepcopy(model), "repq_vit", bits=8, act_bits=8, calib=x, progress=False)
+        cov = q.lowbit_coverage
+        assert {r.method for r in cov.quantized} == {"repq_vit"}
+        notes = [r.act for r in cov.quantized if "RepQ-ViT" in r.act]
+        if name == "hf":  # pre-norm: every q/k/v and fc1 input folded into its LayerNorm (2 layers x 4)
+            assert len(notes) == 8 and all("folded into it" in n for n in notes)
+        else:  # post-norm: linear1 of each layer and the second layer's q/k/v, as channel transforms
+            assert len(notes) == 5 and all("channel transform" in n for n in notes)
+        softmaxes = [m for n, m in q.named_modules() if n.endswith("softmax") and hasattr(m, "output_q")]
+        assert softmaxes and all(m.output_q.fmt.kind == "logsqrt2" for m in softmaxes)
+        got = output(q(x)).detach()
+        assert F.cosine_similarity(got.flatten(), ref.flatten(), 0) > 0.98
+        lowbit.save(q, tmp_path / name)
+        again = lowbit.load(tmp_path / name)
+        assert torch.allclose(output(again(x)), got, atol=1e-5)
+
+
+def test_repq_vit_refuses_other_families_and_weight_only_runs():
+    from test_one_toolkit import tiny_llama
+
+    model, ids = tiny_llama()
+    with pytest.raises(ValueError, match="repq_vit cannot run on"):
+        lowbit.quantize(model, "repq_vit", act_bits=4, calib=ids, progress=False)
+    with pytest.raises(ValueError, match="act_bits"):
+        lowbit.quantize(tiny_vit(), "repq_vit", bits=4, calib=images(8), progress=False)
