@@ -1,7 +1,10 @@
 """The CIFAR ViT at low weight/activation widths: round-to-nearest with min-max ranges, RTN with
 lowbit's defaults (min-max weights, MSE activation ranges), RTN on the MSE-searched grids
-(weights and activation ranges), and QDrop (block reconstruction with
-activations quantized and randomly dropped), with the same calibration images and seed. Every
+(weights and activation ranges), QDrop (block reconstruction with activations quantized and
+randomly dropped), and the ViT methods: RepQ-ViT (per-channel post-LayerNorm grids
+reparameterized, log-sqrt2 softmax), FQ-ViT (power-of-two factors on the residual sums, a
+4-bit log2 attention map, min-max elsewhere) and PTQ4ViT (twin-uniform softmax and GELU,
+Hessian-guided scale search), with the same calibration images and seed. Every
 site is quantized: every linear's and the patch embedding's input, the softmax output, the
 MLP activation output, both operands of ``q @ k^T`` and both residual sums; the patch
 embedding and the head at 8 bits.
@@ -29,13 +32,15 @@ from lowbit.data.cifar10 import load_cifar10  # noqa: E402
 from lowbit.eval.classification import top1  # noqa: E402
 from lowbit.models.loading import load_model, normalization  # noqa: E402
 
-CONFIGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4), "W3A3": (3, 3)}
+CONFIGS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8), "W4A4": (4, 4), "W3A3": (3, 3)}
 RUNS = {
     "rtn min-max": ("rtn", {"mse": False, "act_observer": "minmax"}),
     "rtn default": ("rtn", {}),  # lowbit's defaults for a ViT: min-max weights, MSE activation ranges
     "rtn mse": ("rtn", {"mse": True}),
     "qdrop": ("qdrop", {}),
-    "repq_vit": ("repq_vit", {}),  # per-channel post-LayerNorm grids reparameterized, log-sqrt2 softmax
+    "repq_vit": ("repq_vit", {}),
+    "fq_vit": ("fq_vit", {}),
+    "ptq4vit": ("ptq4vit", {}),  # twin-uniform softmax / GELU, Hessian-guided weight and input scales  # power-of-two factors on the residual sums, 4-bit log2 attention, min-max  # per-channel post-LayerNorm grids reparameterized, log-sqrt2 softmax
 }
 
 

@@ -32,7 +32,8 @@ from lowbit.formats import activation as A
 from lowbit.formats.activation import ActFormat
 from lowbit.formats.search import shrink_factors
 
-OBSERVERS = ("minmax", "ema", "percentile", "mse", "kl")
+OBSERVERS = ("minmax", "ema", "percentile", "mse", "kl", "ptf")
+PTF_LEVELS = 3  # FQ-ViT's power-of-two factors: 2^0 .. 2^3 times the finest scale
 EMA_CONSTANT = 0.1
 
 
@@ -148,6 +149,8 @@ def static_params(stats: ChannelStats, fmt: ActFormat, observer: str, perm: torc
     (a non-uniform kind: its parameters, see ``nonuniform_params``)."""
     if not fmt.uniform:
         return nonuniform_params(stats, fmt, observer, percentile), torch.zeros(1)
+    if observer == "ptf":
+        return ptf_params(stats, fmt)
     k = stats.lo.numel()
     perm = torch.arange(k) if perm is None else perm
     bounds = torch.tensor([0, k]) if bounds is None else bounds
@@ -163,6 +166,27 @@ def static_params(stats: ChannelStats, fmt: ActFormat, observer: str, perm: torc
         scales.append(s)
         zeros.append(z)
     return torch.stack(scales).float(), torch.stack(zeros).float()
+
+
+def ptf_params(stats: ChannelStats, fmt: ActFormat, levels: int = PTF_LEVELS) -> tuple[torch.Tensor, torch.Tensor]:
+    """FQ-ViT's Power-of-Two Factor (Lin et al. 2022): per-channel scales ``s_1 2^alpha_c``, one zero point.
+
+    ``s_top = (max - min) / (2^b - 1)`` over all channels (asymmetric) and ``s_1 = s_top / 2^levels``;
+    the shared zero point is taken at the coarsest scale, ``z = clamp(-round(min / s_top), 0, 2^b - 1)``;
+    each channel's ``alpha_c`` in ``0 .. levels`` minimises that channel's squared error on the
+    sampled rows. An integer LayerNorm then reads ``(q - z) << alpha_c`` on one scale ``s_1``."""
+    if fmt.symmetric:
+        raise ValueError("power-of-two factors are for asymmetric (zero-point) activations")
+    top = float((1 << fmt.bits) - 1)
+    lo, hi = min(float(stats.lo.min()), 0.0), max(float(stats.hi.max()), 0.0)
+    s_top = max((hi - lo) / top, 1e-8)
+    zero = min(max(-round(lo / s_top), 0), int(top))
+    rows = stats.rows.float()  # [n, K]
+    cands = s_top / 2.0 ** torch.arange(levels, -1, -1, dtype=torch.float32)  # s_1 2^alpha, alpha = 0..levels
+    errs = torch.stack([((torch.round(rows / s) + zero).clamp(0, top) - zero).mul(s).sub(rows).pow(2).mean(0)
+                        for s in cands.tolist()])  # [levels + 1, K]  # fmt: skip
+    scale = cands[errs.argmin(0)]
+    return scale, torch.full_like(scale, float(zero))
 
 
 LOG_QUANTILES = (0.999, 0.9999, 0.99999)  # RepQ-ViT's candidates for a log quantizer's top
@@ -201,7 +225,8 @@ def nonuniform_params(stats: ChannelStats, fmt: ActFormat, observer: str = "mse"
         cands = [torch.tensor([d2 / 2**m, d2]) for m in range(TWIN_SPLITS)]
         return min(cands, key=err)
     d1 = max(-lo, 1e-8) / q
-    cands = [torch.tensor([d1, hi / (q - 1) * float(f)]) for f in shrink_factors(1 if observer == "minmax" else 80, 0.01)]
+    steps = 1 if observer == "minmax" else 80
+    cands = [torch.tensor([d1, hi / (q - 1) * float(f)]) for f in shrink_factors(steps, 0.01)]
     return min(cands, key=err)
 
 

@@ -15,7 +15,8 @@ from lowbit.models.vit_cifar import ViTCifar
 from lowbit.nn import QConv, QLinear, W8A8Linear
 from lowbit.nn.qmodule import QSite
 
-QUANTIZERS = ["rtn", "gptq", "awq", "adaround", "brecq", "qdrop", "bias_correction", "llmint8", "zeroquant", "repq_vit"]
+QUANTIZERS = ["rtn", "gptq", "awq", "adaround", "brecq", "qdrop", "bias_correction", "llmint8", "zeroquant",
+              "repq_vit", "fq_vit", "ptq4vit"]
 TRANSFORMS = ["smoothquant", "osplus", "rptq", "peg"]
 
 
@@ -66,7 +67,7 @@ def recipe_for(method: str) -> tuple[str, dict]:
                                  "act_dynamic": False}  # fmt: skip
     if method in ("llmint8", "zeroquant"):
         return method, {}
-    if method == "repq_vit":  # quantizes activations statically by definition
+    if method in ("repq_vit", "fq_vit", "ptq4vit"):  # they quantize activations statically by definition
         return method, {"bits": 4, "group_size": -1, "act_bits": 8}
     return method, kw
 

@@ -183,3 +183,58 @@ def test_repq_vit_refuses_other_families_and_weight_only_runs():
         lowbit.quantize(model, "repq_vit", act_bits=4, calib=ids, progress=False)
     with pytest.raises(ValueError, match="act_bits"):
         lowbit.quantize(tiny_vit(), "repq_vit", bits=4, calib=images(8), progress=False)
+
+
+# ---- FQ-ViT ----------------------------------------------------------------------------------------
+
+
+def test_power_of_two_factors_share_one_zero_and_pick_each_channels_best_factor():
+    from lowbit.observers import ptf_params
+
+    torch.manual_seed(0)
+    spread = torch.tensor([0.1, 0.5, 1.0, 8.0])  # channel ranges an order of magnitude apart
+    x = torch.randn(4096, 4) * spread + 0.3
+    fmt = ActFormat(8, "tensor", dynamic=False, symmetric=False)
+    scale, zero = ptf_params(stats_of(x), fmt)
+    assert torch.unique(zero).numel() == 1
+    s_top = (float(x.max()) - min(float(x.min()), 0)) / 255
+    ratios = torch.log2(scale / (s_top / 8))
+    assert torch.allclose(ratios, torch.round(ratios), atol=1e-5) and ratios.min() >= 0 and ratios.max() <= 3
+    for c in range(4):  # each channel's factor is the best of the four for that channel
+        errs = [float(((torch.round(x[:, c] / s) + zero[0]).clamp(0, 255) - zero[0]).mul(s).sub(x[:, c]).pow(2).mean())
+                for s in (s_top / 8 * 2.0**a for a in range(4))]  # fmt: skip
+        assert int(ratios[c]) == min(range(4), key=errs.__getitem__)
+    assert float(scale[0]) < float(scale[3])  # the narrow channel gets the finer grid
+
+
+def test_fq_vit_quantizes_layer_norm_inputs_per_channel_and_attention_on_log2():
+    x = images(32)
+    model = tiny_vit()
+    ref = model(x).detach()
+    q = lowbit.quantize(copy.deepcopy(model), "fq_vit", bits=8, act_bits=8, calib=x, progress=False)
+    layer = q.transformer.layers[0]
+    attn = layer.self_attn.softmax.output_q
+    assert attn.fmt.kind == "log2" and attn.fmt.bits == 4 and float(attn.scale) == 1.0
+    res = layer.add1.output_q
+    assert res.fmt.granularity == "group" and res.scale.numel() == 32 and torch.unique(res.zero).numel() == 1
+    assert F.cosine_similarity(q(x).flatten(), ref.flatten(), 0) > 0.98
+
+
+# ---- PTQ4ViT ---------------------------------------------------------------------------------------
+
+
+def test_ptq4vit_twin_grids_and_hessian_search_lower_the_weighted_error():
+    x = images(32)
+    model = tiny_vit()
+    ref = model(x).detach()
+    kw = dict(bits=4, group_size=-1, act_bits=6, calib=x, progress=False)
+    q = lowbit.quantize(copy.deepcopy(model), "ptq4vit", candidates=20, rounds=1, search_images=16, **kw)
+    layer = q.transformer.layers[0]
+    assert layer.self_attn.softmax.output_q.fmt.kind == "twin" and not layer.self_attn.softmax.output_q.fmt.symmetric
+    assert layer.activation.output_q.fmt.kind == "twin" and layer.activation.output_q.fmt.symmetric
+    twin = layer.self_attn.softmax.output_q.scale
+    assert math.isclose(math.log2(float(twin[1] / twin[0])), round(math.log2(float(twin[1] / twin[0]))), abs_tol=1e-4)
+    assert {r.method for r in q.lowbit_coverage.quantized} == {"ptq4vit"}
+    plain = lowbit.quantize(copy.deepcopy(model), "ptq4vit", search=False, **kw)
+    with torch.no_grad():
+        assert float((q(x) - ref).pow(2).mean()) < float((plain(x) - ref).pow(2).mean())  # the search improves on its round-to-nearest start

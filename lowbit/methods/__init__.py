@@ -5,10 +5,12 @@ from lowbit.methods.awq import AWQ
 from lowbit.methods.base import REGISTRY, MethodConfig, check_recipe, load_recipe, make_method, parse_recipe, register
 from lowbit.methods.bias_correction import BiasCorrection
 from lowbit.methods.brecq import BRECQ
+from lowbit.methods.fq_vit import FQViT
 from lowbit.methods.gptq import GPTQ
 from lowbit.methods.llmint8 import LLMInt8
 from lowbit.methods.osplus import OSPlus
 from lowbit.methods.peg import PEG
+from lowbit.methods.ptq4vit import PTQ4ViT
 from lowbit.methods.qdrop import QDrop
 from lowbit.methods.repq_vit import RepQViT
 from lowbit.methods.rptq import RPTQ
@@ -21,7 +23,9 @@ __all__ = [
     "AdaRound",
     "BRECQ",
     "BiasCorrection",
+    "PTQ4ViT",
     "QDrop",
+    "FQViT",
     "GPTQ",
     "LLMInt8",
     "OSPlus",

@@ -294,6 +294,9 @@ class ActQuantizer(nn.Module):
         stats, self.stats = self.stats, None
         if stats is None or not stats.tokens:
             raise ValueError("this activation saw no calibration data; static activation scales need some")
+        if self.observer == "ptf" and self.perm is None:  # one scale per channel (power-of-two factors)
+            k = stats.lo.numel()
+            self.set_groups(torch.arange(k), torch.arange(k + 1))
         scale, zero = static_params(stats.channel_stats(), self.fmt, self.observer, self.perm, self.bounds,
                                     self.percentile)  # fmt: skip
         self.set_static(scale, zero)
