@@ -204,37 +204,38 @@ class W8A8Conv(W8A8Linear):
         shape = self.weight_shape
         return shape if self.dims == 2 else (shape[0], shape[1], 1, shape[2])
 
-    def _input_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
-        """``x``'s uint8 codes (a symmetric grid is the uint8 one around 128), as float32 values."""
-        s_a = float(self.act_scale.reshape(-1)[0])
-        shift = 128 if self.act.symmetric else 0
-        z = int(self.act_zero.reshape(-1)[0]) + shift
-        lo, hi = self.act.code_range
-        q = torch.div(x.float(), s_a).round_().add_(float(z - shift)).clamp_(lo, hi)
-        if shift:
-            q = q.add_(float(shift))
-        return q, s_a, z
+    def _input_grid(self) -> tuple[float, int, int, int]:
+        """The input grid as uint8 codes (a symmetric grid is the uint8 one around 128): scale,
+        zero point, lowest and highest code, fixed once frozen (cached: no tensor reads per call)."""
+        key = ("onednn", "grid")
+        if key not in self._cache:
+            shift = 128 if self.act.symmetric else 0
+            lo, hi = self.act.code_range
+            z = int(self.act_zero.reshape(-1)[0]) + shift
+            self._cache[key] = (float(self.act_scale.reshape(-1)[0]), z, lo + shift, hi + shift)
+        return self._cache[key]
 
     def _onednn_conv(self, x: torch.Tensor, kernel, dilation, stride, pads) -> torch.Tensor:
         """``x`` quantized once to uint8, one oneDNN int8 conv (padding with the real 0, the zero
         point), float output ``[N, out, H', W']`` in channels-last memory."""
         w, w_scale, offset, w_zeros = self._onednn_weight()
-        codes, s_a, z = self._input_codes(x)  # float32, integer-valued
+        s_a, z, lo, hi = self._input_grid()
+        codes = torch.div(x.float(), s_a).round_().add_(float(z)).clamp_(lo, hi)  # float32, integer-valued
         q = codes.to(torch.uint8, memory_format=torch.channels_last)
-        key = ("onednn", tuple(stride), tuple(dilation), tuple(pads), s_a, z)
+        key = ("onednn", tuple(stride), tuple(dilation), tuple(pads))
         if key not in self._cache:
-            self._cache[key] = torch.ops.onednn.qconv_prepack(w, w_scale, s_a, z, list(stride), list(pads),
-                                                              list(dilation), 1, None)  # fmt: skip
-        bias = self.bias.float() if self.bias is not None else None
-        y = torch.ops.onednn.qconv2d_pointwise(
-            q, s_a, z, self._cache[key], w_scale, w_zeros, bias,
-            list(stride), list(pads), list(dilation), 1, 1.0, 0, torch.float32, "none", [], "",
-        )  # fmt: skip
-        if offset is not None:  # the weight integer is (code - mid) - offset: take offset x sum of the inputs back
+            packed = torch.ops.onednn.qconv_prepack(w, w_scale, s_a, z, list(stride), list(pads), list(dilation), 1,
+                                                    None)  # fmt: skip
+            bias = self.bias.float().contiguous() if self.bias is not None else None
+            coef = None if offset is None else (offset * w_scale * s_a).float()  # [out]
+            self._cache[key] = (packed, bias, coef, list(stride), list(pads), list(dilation))
+        packed, bias, coef, st, pd, dl = self._cache[key]
+        y = torch.ops.onednn.qconv2d_pointwise(q, s_a, z, packed, w_scale, w_zeros, bias, st, pd, dl, 1, 1.0, 0,
+                                               torch.float32, "none", [], "")  # fmt: skip
+        if coef is not None:  # the weight integer is (code - mid) - offset: take offset x sum of the inputs back
             box = _box_sum(codes, z, kernel, dilation, stride, pads)  # [N, 1, H', W'], exact integers
-            coef = (offset * w_scale * s_a).float()  # [out]
             y.permute(0, 2, 3, 1).addcmul_(box.permute(0, 2, 3, 1), coef, value=-1)  # in place, channels-last order
-        return y.to(x.dtype)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def _int_mm_conv(self, x: torch.Tensor, kernel, dilation, stride) -> torch.Tensor:
         """Quantize ``x`` once, take int8 patches as strided views of the codes, one int8 GEMM.
