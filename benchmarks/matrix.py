@@ -34,7 +34,8 @@ from lowbit.models import load_pretrained
 from lowbit.assets import asset
 
 WEIGHT_ONLY = ("rtn", "gptq", "awq", "adaround", "brecq", "qdrop", "bias_correction")
-ACTIVATION = ("smoothquant+rtn", "osplus+rtn", "rptq+rtn", "peg+rtn", "llmint8", "zeroquant")
+ACTIVATION = ("smoothquant+rtn", "osplus+rtn", "rptq+rtn", "peg+rtn", "llmint8", "zeroquant", "repq_vit", "fq_vit",
+              "ptq4vit")  # fmt: skip
 METHODS = WEIGHT_ONLY + ACTIVATION
 RECONSTRUCTION = ("adaround", "brecq", "qdrop")
 
@@ -46,8 +47,10 @@ def settings(method: str, family: str, iters: int) -> dict:
         kw = {}  # their own defaults: W8A8 per-token dynamic
     elif method in ACTIVATION:
         kw = {"bits": 8, "group_size": -1, "symmetric": True, "act_bits": 8, "act_granularity": "tensor"}
-        if method.startswith(("rptq", "peg")):
+        if method.startswith(("rptq", "peg", "repq_vit", "fq_vit", "ptq4vit")):
             kw["act_dynamic"] = False
+        if method in ("repq_vit", "fq_vit", "ptq4vit"):  # their papers' weights: per-channel asymmetric
+            kw["symmetric"] = False
     else:
         kw = {"bits": 4}
         if family in ("stories", "minilm", "sequential"):

@@ -238,3 +238,19 @@ def test_ptq4vit_twin_grids_and_hessian_search_lower_the_weighted_error():
     plain = lowbit.quantize(copy.deepcopy(model), "ptq4vit", search=False, **kw)
     with torch.no_grad():
         assert float((q(x) - ref).pow(2).mean()) < float((plain(x) - ref).pow(2).mean())  # the search improves on its round-to-nearest start
+
+
+@pytest.mark.parametrize("kind", ["vit", "deit"])
+@pytest.mark.parametrize("method", ["repq_vit", "fq_vit", "ptq4vit"])
+def test_the_vit_methods_run_on_transformers_vit_and_deit_through_the_same_adapter(method, kind):
+    x = images(16)
+    model = build(kind)
+    ref = output(model(x)).detach()
+    extra = {"candidates": 10, "rounds": 1, "search_images": 8} if method == "ptq4vit" else {}
+    q = lowbit.quantize(copy.deepcopy(model), method, bits=8, act_bits=8, calib=x, progress=False, **extra)
+    assert {r.method for r in q.lowbit_coverage.quantized} == {method}
+    kinds = {m.output_q.fmt.kind for n, m in q.named_modules() if n.endswith("attention.softmax")}
+    assert kinds == {"repq_vit": {"logsqrt2"}, "fq_vit": {"log2"}, "ptq4vit": {"twin"}}[method]
+    with torch.no_grad():
+        got = output(q(x))
+    assert F.cosine_similarity(got.flatten(), ref.flatten(), 0) > 0.95
