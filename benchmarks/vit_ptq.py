@@ -40,7 +40,8 @@ RUNS = {
     "qdrop": ("qdrop", {}),
     "repq_vit": ("repq_vit", {}),
     "fq_vit": ("fq_vit", {}),
-    "ptq4vit": ("ptq4vit", {}),  # twin-uniform softmax / GELU, Hessian-guided weight and input scales  # power-of-two factors on the residual sums, 4-bit log2 attention, min-max  # per-channel post-LayerNorm grids reparameterized, log-sqrt2 softmax
+    "ptq4vit": ("ptq4vit", {}),
+    "noisyquant": ("noisyquant", {}),  # a fixed per-channel noisy bias before each linear's grid  # twin-uniform softmax / GELU, Hessian-guided weight and input scales  # power-of-two factors on the residual sums, 4-bit log2 attention, min-max  # per-channel post-LayerNorm grids reparameterized, log-sqrt2 softmax
 }
 
 

@@ -16,6 +16,7 @@ METHODS = {
     "rptq": "RPTQ (Yuan et al. 2023): reordered channel clusters for activations (+rtn)",
     "peg": "PEG (Bondarenko et al. 2021): per-embedding-group activations (+rtn)",
     "fq_vit": "FQ-ViT (Lin et al. 2022): power-of-two factors on LayerNorm inputs, log2 attention maps",
+    "noisyquant": "NoisyQuant (Liu et al. 2023): a fixed noisy bias before static activation grids",
     "ptq4vit": "PTQ4ViT (Yuan et al. 2022): twin-uniform softmax/GELU, Hessian-guided scale search",
     "repq_vit": "RepQ-ViT (Li et al. 2023): post-LayerNorm per-channel grids reparameterized, log-sqrt2 softmax",
 }

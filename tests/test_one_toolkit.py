@@ -16,7 +16,7 @@ from lowbit.nn import QConv, QLinear, W8A8Linear
 from lowbit.nn.qmodule import QSite
 
 QUANTIZERS = ["rtn", "gptq", "awq", "adaround", "brecq", "qdrop", "bias_correction", "llmint8", "zeroquant",
-              "repq_vit", "fq_vit", "ptq4vit"]
+              "repq_vit", "fq_vit", "ptq4vit", "noisyquant"]
 TRANSFORMS = ["smoothquant", "osplus", "rptq", "peg"]
 
 
@@ -67,8 +67,8 @@ def recipe_for(method: str) -> tuple[str, dict]:
                                  "act_dynamic": False}  # fmt: skip
     if method in ("llmint8", "zeroquant"):
         return method, {}
-    if method in ("repq_vit", "fq_vit", "ptq4vit"):  # they quantize activations statically by definition
-        return method, {"bits": 4, "group_size": -1, "act_bits": 8}
+    if method in ("repq_vit", "fq_vit", "ptq4vit", "noisyquant"):  # static activations by definition
+        return method, {"bits": 4, "group_size": -1, "act_bits": 8, "act_granularity": "tensor", "act_dynamic": False}
     return method, kw
 
 

@@ -254,3 +254,30 @@ def test_the_vit_methods_run_on_transformers_vit_and_deit_through_the_same_adapt
     with torch.no_grad():
         got = output(q(x))
     assert F.cosine_similarity(got.flatten(), ref.flatten(), 0) > 0.95
+
+
+# ---- NoisyQuant ------------------------------------------------------------------------------------
+
+
+def test_noisyquant_noise_is_removed_exactly_through_the_bias_and_never_raises_the_error():
+    x = images(32)
+    model = tiny_vit()
+    kw = dict(bits=8, group_size=-1, act_bits=4, calib=x, progress=False)
+    noisy = lowbit.quantize(copy.deepcopy(model), "noisyquant", **kw)
+    layer = noisy.transformer.layers[1]
+    site = layer.activation.output_q
+    assert site.input_shift is not None  # the GELU output got its noisy bias
+    noise = -site.input_shift
+    step = float(site.scale)
+    assert float(noise.abs().max()) <= step / 2 + 1e-6  # within half a quantization step
+    # the bias took the noise back out with the quantized weights: b' = b - W_q N
+    lin, orig = layer.linear2, model.transformer.layers[1].linear2
+    with torch.no_grad():
+        assert torch.allclose(lin.bias, orig.bias - lin.weight.float() @ noise, atol=1e-5)
+        assert not torch.allclose(lin.bias, orig.bias, atol=1e-6)
+    assert {r.method for r in noisy.lowbit_coverage.quantized} == {"noisyquant"}
+    with pytest.raises(ValueError, match="static per-tensor"):
+        from test_one_toolkit import tiny_llama
+
+        m, ids = tiny_llama()
+        lowbit.quantize(m, "noisyquant", act_bits=8, calib=ids, progress=False)

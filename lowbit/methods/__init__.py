@@ -8,6 +8,7 @@ from lowbit.methods.brecq import BRECQ
 from lowbit.methods.fq_vit import FQViT
 from lowbit.methods.gptq import GPTQ
 from lowbit.methods.llmint8 import LLMInt8
+from lowbit.methods.noisyquant import NoisyQuant
 from lowbit.methods.osplus import OSPlus
 from lowbit.methods.peg import PEG
 from lowbit.methods.ptq4vit import PTQ4ViT
@@ -28,6 +29,7 @@ __all__ = [
     "FQViT",
     "GPTQ",
     "LLMInt8",
+    "NoisyQuant",
     "OSPlus",
     "PEG",
     "RPTQ",
