@@ -237,7 +237,8 @@ def test_ptq4vit_twin_grids_and_hessian_search_lower_the_weighted_error():
     assert {r.method for r in q.lowbit_coverage.quantized} == {"ptq4vit"}
     plain = lowbit.quantize(copy.deepcopy(model), "ptq4vit", search=False, **kw)
     with torch.no_grad():
-        assert float((q(x) - ref).pow(2).mean()) < float((plain(x) - ref).pow(2).mean())  # the search improves on its round-to-nearest start
+        # the search improves on its round-to-nearest start
+        assert float((q(x) - ref).pow(2).mean()) < float((plain(x) - ref).pow(2).mean())
 
 
 @pytest.mark.parametrize("kind", ["vit", "deit"])
