@@ -69,10 +69,17 @@ class NoisyQuant(RTN):
             if not own:
                 q.enabled = False  # the site's raw output: the search quantizes it itself
             try:
-                x = layer_inputs(unit, name)[: self.search_samples].float()
+                x = _inputs(unit, name)
             finally:
                 q.enabled = True
+            if x is None or name not in targets:
+                unit.log.append({"layer": name, "amplitude": 0.0, "why": "no calibration input reached it"})
+                continue
+            x = x[: self.search_samples].float()
             target = targets[name][1][: self.search_samples].float()
+            if target.shape[:-1] != x.shape[:-1]:
+                unit.log.append({"layer": name, "amplitude": 0.0, "why": "inputs and targets differ in shape"})
+                continue
             wq = qm.quantized_weight_value().detach().float()
             bias = torch.zeros(wq.shape[0]) if qm.bias is None else qm.bias.detach().float()
             u = torch.rand(x.shape[-1], generator=gen) - 0.5  # U(-1/2, 1/2), fixed once per layer
@@ -96,6 +103,14 @@ class NoisyQuant(RTN):
                         qm.bias += delta.to(qm.bias.dtype)
                 q.note = f"NoisyQuant: noisy bias of {best_k:.2f} step, removed through the bias"
             unit.changed([name])
+
+
+def _inputs(unit, name: str) -> torch.Tensor | None:
+    """What ``name`` receives from the quantized unit, or ``None`` if no calibration input reaches it."""
+    try:
+        return layer_inputs(unit, name)
+    except (ValueError, RuntimeError):  # nothing captured, or batches of different lengths
+        return None
 
 
 def _grid_of(unit, name: str, sites: dict[str, str]):

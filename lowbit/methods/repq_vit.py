@@ -59,7 +59,7 @@ class RepQViT(RTN):
 
     def refuses(self, family: str) -> str | None:
         if family != "vit":
-            return ("its reparameterization needs pre-norm LayerNorm -> linear pairs and attention softmax "
+            return ("its reparameterization needs the LayerNorm -> linear consumers and attention softmax "
                     "sites, which only the vision-transformer adapters name")  # fmt: skip
         return None
 
