@@ -35,7 +35,7 @@ from lowbit.assets import asset
 
 WEIGHT_ONLY = ("rtn", "gptq", "awq", "adaround", "brecq", "qdrop", "bias_correction")
 ACTIVATION = ("smoothquant+rtn", "osplus+rtn", "rptq+rtn", "peg+rtn", "llmint8", "zeroquant", "repq_vit", "fq_vit",
-              "ptq4vit")  # fmt: skip
+              "ptq4vit", "noisyquant")  # fmt: skip
 METHODS = WEIGHT_ONLY + ACTIVATION
 RECONSTRUCTION = ("adaround", "brecq", "qdrop")
 
@@ -47,9 +47,9 @@ def settings(method: str, family: str, iters: int) -> dict:
         kw = {}  # their own defaults: W8A8 per-token dynamic
     elif method in ACTIVATION:
         kw = {"bits": 8, "group_size": -1, "symmetric": True, "act_bits": 8, "act_granularity": "tensor"}
-        if method.startswith(("rptq", "peg", "repq_vit", "fq_vit", "ptq4vit")):
+        if method.startswith(("rptq", "peg", "repq_vit", "fq_vit", "ptq4vit", "noisyquant")):
             kw["act_dynamic"] = False
-        if method in ("repq_vit", "fq_vit", "ptq4vit"):  # their papers' weights: per-channel asymmetric
+        if method in ("repq_vit", "fq_vit", "ptq4vit", "noisyquant"):  # their papers' weights: per-channel asym
             kw["symmetric"] = False
     else:
         kw = {"bits": 4}
