@@ -174,6 +174,15 @@ class MethodConfig:
         """After every unit: whole-model training (QAT, distillation); most methods do nothing."""
 
 
+def static_act_format(quantizer: MethodConfig, method: str, why: str) -> ActFormat:
+    """The quantizer's activation format, which ``method`` needs static per tensor; else one clear error."""
+    fmt = quantizer.act_format
+    if fmt is None or fmt.dynamic or fmt.granularity != "tensor":
+        raise ValueError(f"{method} {why}: pass act_bits with static per-tensor activations (the vision "
+                         "families' default; act_granularity='tensor' elsewhere)")  # fmt: skip
+    return fmt
+
+
 def make_method(name: str, **config) -> MethodConfig:
     """Build the registered method ``name`` from the keys of ``config`` that it knows."""
     key = name.strip().lower()

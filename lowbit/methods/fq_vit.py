@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.formats.activation import ActFormat
-from lowbit.methods.base import register
+from lowbit.methods.base import register, static_act_format
 from lowbit.methods.rtn import RTN
 
 
@@ -47,9 +47,7 @@ class FQViT(RTN):
         return None
 
     def transform(self, unit, quantizer) -> None:
-        fmt = quantizer.act_format
-        if fmt is None or fmt.dynamic:
-            raise ValueError("fq_vit quantizes activations statically: pass act_bits (e.g. act_bits=8)")
+        static_act_format(quantizer, self.name, "quantizes LayerNorm inputs and attention maps statically")
         for site in unit.sites().values():
             q = site.output_q
             if q is None or q.fmt is None:

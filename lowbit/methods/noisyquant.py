@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.methods.adaround import layer_inputs, layer_targets
-from lowbit.methods.base import register
+from lowbit.methods.base import register, static_act_format
 from lowbit.methods.rtn import RTN
 
 
@@ -46,10 +46,7 @@ class NoisyQuant(RTN):
     seed: int = 0
 
     def transform(self, unit, quantizer) -> None:
-        fmt = quantizer.act_format
-        if fmt is None or fmt.dynamic or fmt.granularity != "tensor":
-            raise ValueError("noisyquant adds its noise before static per-tensor activation grids: pass act_bits "
-                             "with act_granularity='tensor' (the vision families' default)")  # fmt: skip
+        static_act_format(quantizer, self.name, "adds its noise before static activation grids")
 
     def quantize(self, unit) -> None:
         super().quantize(unit)
@@ -121,6 +118,4 @@ def _grid_of(unit, name: str, sites: dict[str, str]):
     if q is None and name in sites:
         site = unit.get(sites[name])
         q = getattr(site, "output_q", None)
-    if q is None or not q.static or not q.fmt.uniform or q.fmt.granularity != "tensor" or q.perm is not None:
-        return None
-    return q
+    return q if q is not None and q.per_tensor_grid else None

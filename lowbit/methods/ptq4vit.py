@@ -39,10 +39,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.formats import integer
-from lowbit.formats.activation import ActFormat
+from lowbit.formats.activation import ActFormat, nonuniform_fake_quantize, params_from_range
 from lowbit.formats.activation import codes as act_codes
 from lowbit.methods.adaround import layer_inputs, layer_targets
-from lowbit.methods.base import register
+from lowbit.methods.base import register, static_act_format
 from lowbit.methods.brecq import _forward, task_loss
 from lowbit.methods.rtn import RTN
 from lowbit.quantized_weight import QuantizedWeight
@@ -117,9 +117,7 @@ class PTQ4ViT(RTN):
     # --- the engine's hooks ----------------------------------------------------------------
 
     def transform(self, unit, quantizer) -> None:
-        fmt = quantizer.act_format
-        if fmt is None or fmt.dynamic:
-            raise ValueError("ptq4vit quantizes activations statically: pass act_bits (e.g. act_bits=6)")
+        static_act_format(quantizer, self.name, "searches static activation grids")
         if not self.twin:
             return
         for site in unit.sites().values():
@@ -226,8 +224,7 @@ class _ActSearch:
 
     @classmethod
     def of(cls, grid, site) -> _ActSearch:
-        if grid is not None and grid.static and grid.fmt.uniform and grid.fmt.granularity == "tensor" \
-                and grid.perm is None:  # fmt: skip
+        if grid is not None and grid.per_tensor_grid:
             return cls(grid, "uniform")
         if site is not None and site.fmt is not None and site.fmt.kind == "twin" and site.fmt.symmetric:
             return cls(site, "twin")
@@ -244,8 +241,6 @@ class _ActSearch:
         if self.kind == "twin":  # the positive (coarse) step; the negative one covers GELU's minimum
             return torch.stack([s[0], s[1] * f]), z
         lo, hi = self.q.fmt.code_range
-        from lowbit.formats.activation import params_from_range
-
         return tuple(t.reshape(-1) for t in params_from_range((lo - z) * s * f, (hi - z) * s * f, self.q.fmt))
 
     def apply(self, x: torch.Tensor, f: float | None) -> torch.Tensor:
@@ -253,8 +248,6 @@ class _ActSearch:
             return x if self.q is None else self.q(x)
         s, z = self._params(f)
         if self.kind == "twin":
-            from lowbit.formats.activation import nonuniform_fake_quantize
-
             return nonuniform_fake_quantize(x, self.q.fmt, s)
         return act_codes(x.float(), s.reshape(()), z.reshape(()), self.q.fmt) * s.reshape(())
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from lowbit.formats.activation import ActFormat
-from lowbit.methods.base import register
+from lowbit.methods.base import register, static_act_format
 from lowbit.methods.rtn import RTN
 from lowbit.methods.transforms import can_fold_shift, fold_scales, fold_shift, foldable_pairs, transform_input
 from lowbit.observers import static_params
@@ -64,9 +64,7 @@ class RepQViT(RTN):
         return None
 
     def transform(self, unit, quantizer) -> None:
-        fmt = quantizer.act_format
-        if fmt is None or fmt.dynamic:
-            raise ValueError("repq_vit quantizes activations statically: pass act_bits (e.g. act_bits=4)")
+        static_act_format(quantizer, self.name, "reparameterizes static activation grids")
         if self.log_softmax:
             for site in unit.sites().values():
                 if site.role == "softmax" and site.output_q is not None and site.output_q.fmt is not None:
@@ -114,8 +112,4 @@ class RepQViT(RTN):
 
 def _per_tensor(unit, consumers: list[str]) -> bool:
     """Whether each consumer quantizes its own input on one static uniform per-tensor grid."""
-    for c in consumers:
-        q = unit.get(c).input_q
-        if not (q.static and q.fmt.uniform and q.fmt.granularity == "tensor" and q.perm is None):
-            return False
-    return True
+    return all(unit.get(c).input_q.per_tensor_grid for c in consumers)

@@ -196,9 +196,8 @@ class QModule(nn.Module):
 
 def _plain_uniform(grid: ActQuantizer | None) -> bool:
     """A static per-tensor uniform grid with nothing else attached (no transform, permutation or outliers)."""
-    return grid is not None and grid.static and grid.fmt.uniform and grid.fmt.granularity == "tensor" and \
-        grid.scale is not None and grid.perm is None and grid.input_shift is None and grid.input_scale is None and \
-        not grid.outlier_threshold  # fmt: skip
+    return grid is not None and grid.per_tensor_grid and grid.scale is not None and grid.input_shift is None and \
+        grid.input_scale is None and not grid.outlier_threshold  # fmt: skip
 
 
 def frozen_act(q: ActQuantizer) -> ActQuantizer:

@@ -236,6 +236,12 @@ class ActQuantizer(nn.Module):
         return self.fmt is not None and not self.fmt.dynamic
 
     @property
+    def per_tensor_grid(self) -> bool:
+        """Static, one uniform grid for the whole tensor, no permutation (what a scale search or an
+        integer kernel can take as one scale and zero point)."""
+        return self.static and self.fmt.uniform and self.fmt.granularity == "tensor" and self.perm is None
+
+    @property
     def observes(self) -> bool:
         """Whether calibration should observe this quantizer and set its static parameters."""
         return self.static and self.enabled and not self.locked
