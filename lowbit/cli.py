@@ -77,7 +77,7 @@ def quantize(
     act_sym: Optional[bool] = typer.Option(None, "--act-sym/--act-asym", help="symmetric or zero-point activations (default: symmetric for language models, zero-point for vision)"),
     act_observer: Optional[str] = typer.Option(
         None, "--act-observer", help="static scales: minmax (default for language models), ema, percentile, "
-                                     "mse (default for vision models) or kl",
+                                     "mse (default for vision models), kl or ptf (per-channel power-of-two)",
     ),
     calib: Optional[Path] = typer.Option(
         None, "--calib", "--calib-images",
