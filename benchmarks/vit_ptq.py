@@ -40,8 +40,9 @@ RUNS = {
     "qdrop": ("qdrop", {}),
     "repq_vit": ("repq_vit", {}),
     "fq_vit": ("fq_vit", {}),
-    "ptq4vit": ("ptq4vit", {}),
-    "noisyquant": ("noisyquant", {}),  # a fixed per-channel noisy bias before each linear's grid  # twin-uniform softmax / GELU, Hessian-guided weight and input scales  # power-of-two factors on the residual sums, 4-bit log2 attention, min-max  # per-channel post-LayerNorm grids reparameterized, log-sqrt2 softmax
+    "ptq4vit": ("ptq4vit", {}),  # twin-uniform softmax / MLP activation, Hessian-guided weight and input scales
+    "apq_vit": ("apq_vit", {}),  # the same search scored at each block's output, a searched log2 softmax (MPQ)
+    "noisyquant": ("noisyquant", {}),  # a fixed per-channel noisy bias before each linear's grid
 }
 
 

@@ -17,6 +17,8 @@ METHODS = {
     "peg": "PEG (Bondarenko et al. 2021): per-embedding-group activations (+rtn)",
     "fq_vit": "FQ-ViT (Lin et al. 2022): power-of-two factors on LayerNorm inputs, log2 attention maps",
     "noisyquant": "NoisyQuant (Liu et al. 2023): a fixed noisy bias before static activation grids",
+    "apq_vit": "APQ-ViT (Ding et al. 2022): block-output Hessian-guided scale search, Matthew-effect log2 softmax",
+    "ptq_for_vit": "PTQ for ViT (Liu et al. 2021): cosine scale search with a ranking-aware attention loss, bias correction",
     "ptq4vit": "PTQ4ViT (Yuan et al. 2022): twin-uniform softmax/GELU, Hessian-guided scale search",
     "repq_vit": "RepQ-ViT (Li et al. 2023): post-LayerNorm per-channel grids reparameterized, log-sqrt2 softmax",
 }

@@ -241,17 +241,120 @@ def test_ptq4vit_twin_grids_and_hessian_search_lower_the_weighted_error():
         assert float((q(x) - ref).pow(2).mean()) < float((plain(x) - ref).pow(2).mean())
 
 
+# ---- APQ-ViT ---------------------------------------------------------------------------------------
+
+
+def test_apq_vit_mpq_top_level_minimises_the_probability_weighted_error():
+    x = images(32)
+    model = tiny_vit()
+    kw = dict(bits=4, group_size=-1, act_bits=4, calib=x, progress=False)
+    q = lowbit.quantize(copy.deepcopy(model), "apq_vit", search=False, **kw)
+    site = q.transformer.layers[0].self_attn.softmax.output_q
+    assert site.fmt.kind == "log2"
+    top = float(site.scale)
+    # the probabilities the site sees, and the error at its level against every other candidate level
+    seen = []
+    h = site.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach().reshape(-1)))
+    with torch.no_grad():
+        q(x)
+    h.remove()
+    p = torch.cat(seen)
+
+    def err(s):
+        return float((p * (p - A.fake_quantize(p[:, None], site.fmt, torch.tensor([s]), torch.zeros(1)).reshape(-1)).pow(2)).sum())
+
+    assert float(p.max()) / 2 - 1e-6 <= top <= 1.0
+    assert err(top) <= min(err(1.0), err(float(p.max())), err(float(p.max()) * 0.75)) * (1 + 1e-4)
+
+
+def test_apq_vit_block_search_lowers_the_block_output_error():
+    x = images(32)
+    model = tiny_vit()
+    ref = model(x).detach()
+    kw = dict(bits=4, group_size=-1, act_bits=4, calib=x, progress=False)
+    searched = lowbit.quantize(copy.deepcopy(model), "apq_vit", candidates=8, rounds=1, search_images=16, **kw)
+    plain = lowbit.quantize(copy.deepcopy(model), "apq_vit", search=False, **kw)
+    logged = [e for e in searched.lowbit_log if "last_block_metric" in e]
+    assert {f"transformer.layers.{i}" for i in range(2)} <= {e["unit"] for e in logged}  # every encoder layer searched
+    for e in logged:
+        assert e["last_block_metric"] <= e["first_block_metric"] + 1e-9
+    assert {r.method for r in searched.lowbit_coverage.quantized} == {"apq_vit"}
+    with torch.no_grad():
+        assert float((searched(x) - ref).pow(2).mean()) < float((plain(x) - ref).pow(2).mean())
+    from test_one_toolkit import tiny_llama
+
+    m, ids = tiny_llama()
+    with pytest.raises(ValueError, match="apq_vit cannot run on"):
+        lowbit.quantize(m, "apq_vit", act_bits=8, calib=ids, progress=False)
+
+
+# ---- PTQ for ViT -----------------------------------------------------------------------------------
+
+
+def test_ptq_for_vit_ranking_loss_counts_inverted_pairs_and_bias_correction_centres_the_error():
+    from lowbit.methods.ptq_for_vit import PTQForViT, _scores
+
+    torch.manual_seed(0)
+    method = PTQForViT(bits=4, gamma=1.0, rank_pairs=4096)
+    q_f, k_f = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+
+    class FakeUnit:
+        def get(self, name):
+            return nn.MultiheadAttention(8, 2)
+
+    metric = method.metric_for(FakeUnit(), "attn.q_proj", {"attn.k_proj": (None, k_f)}, 2)
+    assert metric(q_f, q_f, None) == pytest.approx(0.0, abs=1e-6)  # identical: cosine 1, no pair inverted
+    reversed_ = metric(-q_f, q_f, None)  # every score's sign flipped: every ordered pair inverted
+    s = _scores(q_f, k_f, 2)
+    pairs = s[..., :, None] - s[..., None, :]
+    hinge = pairs.abs().mean()  # relu(-dq sign(df)) = |df| with dq = -df, over all pairs (i == j adds 0)
+    assert reversed_ == pytest.approx(2.0 + float(hinge), rel=0.1)  # cosine -1 gives 2; sampled pairs ~ all
+
+    x = images(32)
+    model = tiny_vit()
+    kw = dict(bits=4, group_size=-1, act_bits=6, calib=x, progress=False)
+    q = lowbit.quantize(copy.deepcopy(model), "ptq_for_vit", candidates=10, rounds=1, search_images=16, **kw)
+    assert {r.method for r in q.lowbit_coverage.quantized} == {"ptq_for_vit"}
+    searched = [e for e in q.lowbit_log if "weight_factor" in e]
+    assert searched and all(e["last_metric"] <= e["first_metric"] + 1e-9 for e in searched)
+    ref = model(x).detach()
+    plain = lowbit.quantize(copy.deepcopy(model), "ptq_for_vit", search=False, **kw)
+    with torch.no_grad():
+        assert F.cosine_similarity(q(x).flatten(), ref.flatten(), 0) >= F.cosine_similarity(plain(x).flatten(), ref.flatten(), 0) - 1e-3
+
+
+def test_ptq_for_vit_mixed_precision_keeps_the_average_and_favours_large_nuclear_norms():
+    from lowbit.methods.ptq_for_vit import PTQForViT, nuclear_norms
+
+    x = images(16)
+    model = tiny_vit()
+    norms = nuclear_norms(model, [x], 16)
+    assert norms and all(v > 0 for v in norms.values())
+    bits = PTQForViT(bits=4, mixed_precision=True).assign_bits(norms, model)
+    sizes = {n: model.get_submodule(n).weight.numel() for n in bits}
+    average = sum(bits[n] * sizes[n] for n in bits) / sum(sizes.values())
+    assert average <= 4 + 1e-9 and set(bits.values()) <= {3, 4, 5} and 5 in bits.values()
+    top, bottom = max(norms, key=norms.get), min(norms, key=norms.get)
+    assert bits[top] == 5 and bits[bottom] == 3
+    q = lowbit.quantize(copy.deepcopy(model), "ptq_for_vit", bits=4, group_size=-1, act_bits=8, calib=x, progress=False,
+                        mixed_precision=True, candidates=4, rounds=1, search_images=8)  # fmt: skip
+    # the head stays at the first/last layers' 8 bits, whatever its share
+    widths = {r.name: int(r.format.split()[0][3:]) for r in q.lowbit_coverage.quantized if r.name in bits}
+    assert widths.pop("mlp_head.1") == 8
+    assert widths and all(widths[n] == bits[n] for n in widths)
+
+
 @pytest.mark.parametrize("kind", ["vit", "deit"])
-@pytest.mark.parametrize("method", ["repq_vit", "fq_vit", "ptq4vit"])
+@pytest.mark.parametrize("method", ["repq_vit", "fq_vit", "ptq4vit", "apq_vit", "ptq_for_vit"])
 def test_the_vit_methods_run_on_transformers_vit_and_deit_through_the_same_adapter(method, kind):
     x = images(16)
     model = build(kind)
     ref = output(model(x)).detach()
-    extra = {"candidates": 10, "rounds": 1, "search_images": 8} if method == "ptq4vit" else {}
+    extra = {"candidates": 10, "rounds": 1, "search_images": 8} if method in ("ptq4vit", "apq_vit", "ptq_for_vit") else {}
     q = lowbit.quantize(copy.deepcopy(model), method, bits=8, act_bits=8, calib=x, progress=False, **extra)
     assert {r.method for r in q.lowbit_coverage.quantized} == {method}
     kinds = {m.output_q.fmt.kind for n, m in q.named_modules() if n.endswith("attention.softmax")}
-    assert kinds == {"repq_vit": {"logsqrt2"}, "fq_vit": {"log2"}, "ptq4vit": {"twin"}}[method]
+    assert kinds == {"repq_vit": {"logsqrt2"}, "fq_vit": {"log2"}, "ptq4vit": {"twin"}, "apq_vit": {"log2"}, "ptq_for_vit": {"int"}}[method]
     with torch.no_grad():
         got = output(q(x))
     assert F.cosine_similarity(got.flatten(), ref.flatten(), 0) > 0.95

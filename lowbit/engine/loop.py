@@ -37,6 +37,7 @@ def run(model: nn.Module, adapter: Adapter, methods: list, targets: list[Target]
     specs = adapter.units(model)
     needs_float = any(m.needs_float_inputs for m in methods)
     prev_q = prev_fp = None
+    model.lowbit_log = []  # what each method recorded per unit (searched factors, metrics, skipped layers)
     bar = tqdm(specs, desc=f"lowbit {'+'.join(m.name for m in methods)}", unit="unit", disable=not progress)
     for i, spec in enumerate(bar):
         bar.set_postfix_str(spec.name)  # the unit being worked on
@@ -59,6 +60,7 @@ def run(model: nn.Module, adapter: Adapter, methods: list, targets: list[Target]
             for m in methods:
                 m.transform(unit, quantizer)
             quantizer.quantize(unit)
+            model.lowbit_log.extend({"unit": spec.name, **entry} for entry in unit.log)
         if upcoming and inputs is not None:
             prev_q = advance(unit.outputs(), inputs)
             prev_fp = advance(unit.float_outputs(), float_inputs) if needs_float else None

@@ -1,6 +1,7 @@
 """Quantization methods, one file per algorithm, registered by name."""
 
 from lowbit.methods.adaround import AdaRound
+from lowbit.methods.apq_vit import APQViT
 from lowbit.methods.awq import AWQ
 from lowbit.methods.base import REGISTRY, MethodConfig, check_recipe, load_recipe, make_method, parse_recipe, register
 from lowbit.methods.bias_correction import BiasCorrection
@@ -12,6 +13,7 @@ from lowbit.methods.noisyquant import NoisyQuant
 from lowbit.methods.osplus import OSPlus
 from lowbit.methods.peg import PEG
 from lowbit.methods.ptq4vit import PTQ4ViT
+from lowbit.methods.ptq_for_vit import PTQForViT
 from lowbit.methods.qdrop import QDrop
 from lowbit.methods.repq_vit import RepQViT
 from lowbit.methods.rptq import RPTQ
@@ -20,11 +22,13 @@ from lowbit.methods.smoothquant import SmoothQuant
 from lowbit.methods.zeroquant import ZeroQuant
 
 __all__ = [
+    "APQViT",
     "AWQ",
     "AdaRound",
     "BRECQ",
     "BiasCorrection",
     "PTQ4ViT",
+    "PTQForViT",
     "QDrop",
     "FQViT",
     "GPTQ",

@@ -46,43 +46,7 @@ class BRECQ(AdaRound):
 
     def prepare(self, model, adapter, batches) -> None:
         """Each unit's Fisher weights from one forward and backward pass of the float model."""
-        self._fisher = {}
-        if not self.fisher or not batches:
-            return
-        specs = adapter.units(model)
-        held: dict[str, torch.Tensor] = {}
-        grads = {s.name: [] for s in specs}
-        hooks = []
-        for spec in specs:
-            last = model.get_submodule(spec.modules[-1])
-
-            def keep(_m, _a, out, name=spec.name):
-                o = out[0] if isinstance(out, (tuple, list)) else out
-                if torch.is_tensor(o) and o.requires_grad:
-                    o.retain_grad()
-                    held[name] = o
-
-            hooks.append(last.register_forward_hook(keep))
-        try:
-            for batch in batches:
-                with torch.enable_grad():
-                    out = _forward(model, batch)
-                    loss = task_loss(out)
-                    if loss is None:
-                        self._fisher = {}
-                        return
-                    loss.backward()
-                for name, o in held.items():
-                    grads[name].append(o.grad.detach().pow(2) if o.grad is not None else torch.zeros_like(o))
-                held.clear()
-        finally:
-            for h in hooks:
-                h.remove()
-            model.zero_grad(set_to_none=True)
-        for name, gs in grads.items():
-            if gs:
-                w = torch.cat(gs)
-                self._fisher[name] = w / w.mean().clamp(min=1e-30)
+        self._fisher = unit_output_fisher(model, adapter, batches) if self.fisher else {}
 
     def quantize(self, unit) -> None:
         modules = init_grids(unit, self.name)
@@ -106,6 +70,52 @@ class BRECQ(AdaRound):
             stats = self.reconstruct(run, layers, acts, inputs, target, learn_rounding=False, weight=weight)
             unit.log.append({"unit": unit.name, "phase": "step sizes", **stats})
             unit.changed()
+
+
+def unit_output_fisher(model, adapter, batches, limit: int | None = None) -> dict[str, torch.Tensor]:
+    """Each unit's squared gradient of ``task_loss`` at its output, normalised to mean 1 (``{}`` for a model
+    without logits); over the first ``limit`` calibration examples, or all."""
+    if not batches:
+        return {}
+    specs = adapter.units(model)
+    held: dict[str, torch.Tensor] = {}
+    grads = {s.name: [] for s in specs}
+    hooks = []
+    for spec in specs:
+        last = model.get_submodule(spec.modules[-1])
+
+        def keep(_m, _a, out, name=spec.name):
+            o = out[0] if isinstance(out, (tuple, list)) else out
+            if torch.is_tensor(o) and o.requires_grad:
+                o.retain_grad()
+                held[name] = o
+
+        hooks.append(last.register_forward_hook(keep))
+    seen = 0
+    try:
+        for batch in batches:
+            if limit is not None and seen >= limit:
+                break
+            with torch.enable_grad():
+                out = _forward(model, batch)
+                loss = task_loss(out)
+                if loss is None:
+                    return {}
+                loss.backward()
+            for name, o in held.items():
+                grads[name].append(o.grad.detach().pow(2) if o.grad is not None else torch.zeros_like(o))
+            held.clear()
+            seen += batch.shape[0] if torch.is_tensor(batch) else 1
+    finally:
+        for h in hooks:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+    fisher = {}
+    for name, gs in grads.items():
+        if gs:
+            w = torch.cat(gs) if limit is None else torch.cat(gs)[:limit]
+            fisher[name] = w / w.mean().clamp(min=1e-30)
+    return fisher
 
 
 def _forward(model, batch):

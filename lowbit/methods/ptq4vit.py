@@ -65,6 +65,8 @@ class PTQ4ViT(RTN):
     rounds: int = 3
     search_images: int = 64  # calibration examples the metric sums over (their gradients are kept)
 
+    uses_gradients = True  # the metric weighs by squared output gradients (``prepare`` collects them)
+
     def refuses(self, family: str) -> str | None:
         if family != "vit":
             return "its twin-uniform quantizers sit at the softmax and GELU sites only the vision-transformer " \
@@ -76,7 +78,7 @@ class PTQ4ViT(RTN):
     def prepare(self, model, adapter, batches) -> None:
         """Each linear's squared output gradient on the first ``search_images`` calibration examples."""
         self._grads: dict[str, torch.Tensor] = {}
-        if not self.search or not batches:
+        if not self.search or not batches or not self.uses_gradients:
             return
         held: dict[str, torch.Tensor] = {}
         grads: dict[str, list[torch.Tensor]] = {}
@@ -133,15 +135,16 @@ class PTQ4ViT(RTN):
     def quantize(self, unit) -> None:
         super().quantize(unit)  # round-to-nearest weights and observed ranges: the search's start
         grads = getattr(self, "_grads", {})
-        names = [n for n, m in unit.qmodules().items() if m.kind == "linear" and n in grads]
+        names = [n for n, m in unit.qmodules().items()
+                 if m.kind == "linear" and (n in grads or not self.uses_gradients)]  # fmt: skip
         if not self.search or not names or not unit.inputs or not unit.float_inputs:
             return
         targets = layer_targets(unit, names)
         sites = unit.adapter.input_sites(unit.model)
         for name in names:
             qm = unit.get(name)
-            g2 = grads[name]
-            k = g2.shape[0]
+            g2 = grads.get(name)
+            k = g2.shape[0] if g2 is not None else self.search_images
             grid = qm.input_q if qm.input_q.quantizes else None
             site = unit.get(sites[name]).output_q if grid is None and name in sites else None
             if site is not None:  # the search quantizes the site's raw output itself
@@ -152,9 +155,9 @@ class PTQ4ViT(RTN):
                 if site is not None:
                     site.enabled = True
             target = targets[name][1][:k]
-            if x.shape[:-1] != g2.shape[:-1] or target.shape != g2.shape:
+            if g2 is not None and (x.shape[:-1] != g2.shape[:-1] or target.shape != g2.shape):
                 continue
-            stats = self._search(qm, x, target, g2, grid, site)
+            stats = self._search(qm, x, target, g2, grid, site, self.metric_for(unit, name, targets, k))
             unit.log.append({"layer": name, **stats})
             unit.changed([name])
 
@@ -163,7 +166,11 @@ class PTQ4ViT(RTN):
     def factors(self) -> list[float]:
         return [self.alpha + i * (self.beta - self.alpha) / self.candidates for i in range(self.candidates)]
 
-    def _search(self, qm, x, target, g2, grid, site) -> dict:
+    def metric_for(self, unit, name: str, targets: dict, k: int):
+        """``metric(out, target, g2)``: the error a candidate is scored by (lower is better)."""
+        return lambda out, target, g2: float((g2 * (out - target).pow(2)).mean())
+
+    def _search(self, qm, x, target, g2, grid, site, metric) -> dict:
         """Alternate the weight's and the input's scaling factor, ``rounds`` times."""
         w = qm.stored_weight().detach().float()
         fmt = qm.weight_q.fmt
@@ -180,8 +187,7 @@ class PTQ4ViT(RTN):
         wq = weight_at(w_f)[2]
 
         def score(wq_, xq_) -> float:
-            out = F.linear(xq_, wq_, bias)
-            return float((g2 * (out - target).pow(2)).mean())
+            return metric(F.linear(xq_, wq_, bias), target, g2)
 
         first = best = score(wq, xq)
         for _ in range(self.rounds):
@@ -201,7 +207,12 @@ class PTQ4ViT(RTN):
         qm.weight_q.set_fixed(replace(qw, shape=tuple(qm.weight.shape)), self.name)
         if a_f is not None:
             act.commit(a_f)
+        self.after_search(qm, act.apply(x, a_f), target)
         return {"first_metric": first, "last_metric": best, "weight_factor": w_f, "input_factor": a_f or 1.0}
+
+
+    def after_search(self, qm, xq: torch.Tensor, target: torch.Tensor) -> None:
+        """What a method does once a layer's factors are chosen (``xq``: its quantized input)."""
 
 
 def _ranges(w: torch.Tensor, fmt) -> tuple[torch.Tensor, torch.Tensor]:
