@@ -41,7 +41,8 @@ RUNS = {
     "repq_vit": ("repq_vit", {}),
     "fq_vit": ("fq_vit", {}),
     "ptq4vit": ("ptq4vit", {}),  # twin-uniform softmax / MLP activation, Hessian-guided weight and input scales
-    "apq_vit": ("apq_vit", {}),  # the same search scored at each block's output, a searched log2 softmax (MPQ)
+    "apq_vit": ("apq_vit", {}),
+    "ptq_for_vit": ("ptq_for_vit", {}),  # cosine search + ranking-aware attention loss, bias correction  # the same search scored at each block's output, a searched log2 softmax (MPQ)
     "noisyquant": ("noisyquant", {}),  # a fixed per-channel noisy bias before each linear's grid
 }
 
