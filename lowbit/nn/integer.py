@@ -38,9 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from lowbit.models.attention import linear_from
 from lowbit.kernels.integer import (
     RESIDUAL_BITS,
     SOFTMAX_BITS,
@@ -311,19 +311,38 @@ def _onnx_model(o: OnnxBackend, inputs, outputs, name: str, opset: int = 18):
 # --- ViT ------------------------------------------------------------------------------------------------------------
 
 
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    lin.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    return lin
+
+
+def _projections(a: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
+    """q, k, v, out of an attention: explicit projections (``q_proj`` ...) or ``nn.MultiheadAttention``'s packed one."""
+    if hasattr(a, "q_proj"):
+        return a.q_proj, a.k_proj, a.v_proj, a.out_proj
+    if getattr(a, "in_proj_weight", None) is None or a.bias_k is not None or a.add_zero_attn:
+        raise ValueError("integer_vit needs plain q/k/v projections (no separate kdim/vdim, bias_kv or zero_attn)")
+    bias = a.in_proj_bias.chunk(3) if a.in_proj_bias is not None else (None, None, None)
+    q, k, v = (_linear(w, b) for w, b in zip(a.in_proj_weight.chunk(3), bias))
+    return q, k, v, a.out_proj
+
+
 def vit_parts(model: nn.Module) -> list[EncoderLayerParts]:
     """The encoder layers of a ``ViTCifar`` (PyTorch ``nn.TransformerEncoderLayer``s, explicit or not)."""
-    from lowbit.models.attention import ExplicitEncoderLayer
-
     parts = []
     for layer in model.transformer.layers:
-        if isinstance(layer, nn.TransformerEncoderLayer):
-            layer = ExplicitEncoderLayer.from_layer(layer)
-        if not isinstance(layer, ExplicitEncoderLayer):
+        if not all(hasattr(layer, n) for n in ("self_attn", "linear1", "linear2", "norm1", "norm2", "activation")):
             raise TypeError(
                 f"integer_vit takes nn.TransformerEncoderLayer encoder layers; found {type(layer).__name__}"
             )
         act = layer.activation
+        if act is F.relu or act is torch.relu:
+            act = nn.ReLU()
+        elif act is F.gelu:
+            act = nn.GELU()
         kind = (
             "relu"
             if isinstance(act, nn.ReLU)
@@ -336,10 +355,7 @@ def vit_parts(model: nn.Module) -> list[EncoderLayerParts]:
         a = layer.self_attn
         parts.append(
             EncoderLayerParts(
-                a.q_proj,
-                a.k_proj,
-                a.v_proj,
-                a.out_proj,
+                *_projections(a),
                 layer.linear1,
                 layer.linear2,
                 layer.norm1,
@@ -380,7 +396,7 @@ class IntegerViT(IntegerEncoder):
         s_e = r.scale("embed", RES_MAX)
         w = conv.weight.detach().reshape(conv.out_channels, -1)  # [E, C*p*p], (c, i, j) order
         self.side = model.image_size // self.patch
-        self.embed = IntLinear(linear_from(w, conv.bias), self.image_scale)
+        self.embed = IntLinear(_linear(w, conv.bias), self.image_scale)
         self.embed_res = self.embed.requant(s_e, RESIDUAL_BITS)
         pos = model.pos_embed.detach()[0].double()  # [T, E]
         self.register_buffer("pos", torch.round(pos[1:] / s_e).to(torch.int64))
