@@ -42,7 +42,11 @@ RUNS = {
     "fq_vit": ("fq_vit", {}),
     "ptq4vit": ("ptq4vit", {}),  # twin-uniform softmax / MLP activation, Hessian-guided weight and input scales
     "apq_vit": ("apq_vit", {}),
-    "ptq_for_vit": ("ptq_for_vit", {}),  # cosine search + ranking-aware attention loss, bias correction  # the same search scored at each block's output, a searched log2 softmax (MPQ)
+    "ptq_for_vit": ("ptq_for_vit", {}),  # cosine search + ranking-aware attention loss, bias correction
+    "ptq_for_vit no rank": ("ptq_for_vit", {"gamma": 0.0}),  # ablations of the two additions
+    "ptq_for_vit no bias corr.": ("ptq_for_vit", {"bias_correction": False}),
+    "p2_vit": ("p2_vit", {}),  # power-of-two weight and activation scales, adaptively rounded
+    "cpt_v": ("cpt_v", {}),  # evolutionary scale search against a block-output contrastive loss  # the same search scored at each block's output, a searched log2 softmax (MPQ)
     "noisyquant": ("noisyquant", {}),  # a fixed per-channel noisy bias before each linear's grid
 }
 

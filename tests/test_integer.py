@@ -138,10 +138,11 @@ def test_integer_vit_has_no_float_op_and_equals_its_simulation(tiny_vit, recipe)
     model, images = tiny_vit
     im = integer_vit(model, [images[:16]], recipe)
     codes = im.quantize_input(images[16:])
-    with torch.no_grad(), FloatOps() as rec:
-        out = im.integer_forward(codes)
+    with torch.no_grad(), FloatOps() as rec:  # the composite ops: every op of the graph is dispatched
+        out = im.integer_forward(codes, fused=False)
     assert rec.found == [], f"float ops inside the integer ViT: {sorted(set(rec.found))[:8]}"
     assert out.dtype == torch.int32
+    assert torch.equal(im.integer_forward(codes), out)  # the fused C++ kernels compute the same integers
     assert torch.equal(im(images[16:]), im.simulate(images[16:]))
     with torch.no_grad():
         ref = model(images[16:])
@@ -155,9 +156,10 @@ def test_integer_bert_has_no_float_op_and_equals_its_simulation(tiny_bert, recip
     model, batch = tiny_bert
     ib = integer_bert(model, [batch], recipe)
     with torch.no_grad(), FloatOps() as rec:
-        out = ib.integer_forward(batch["input_ids"], batch["attention_mask"])
+        out = ib.integer_forward(batch["input_ids"], batch["attention_mask"], fused=False)
     assert rec.found == [], f"float ops inside the integer BERT: {sorted(set(rec.found))[:8]}"
     assert not out.is_floating_point()
+    assert torch.equal(ib.integer_forward(batch["input_ids"], batch["attention_mask"]).long(), out.long())
     got = ib(**batch).last_hidden_state
     assert torch.equal(got, ib.simulate(**batch).last_hidden_state)
     with torch.no_grad():

@@ -16,7 +16,7 @@ from lowbit.nn import QConv, QLinear, W8A8Linear
 from lowbit.nn.qmodule import QSite
 
 QUANTIZERS = ["rtn", "gptq", "awq", "adaround", "brecq", "qdrop", "bias_correction", "llmint8", "zeroquant",
-              "repq_vit", "fq_vit", "ptq4vit", "apq_vit", "ptq_for_vit", "noisyquant"]
+              "repq_vit", "fq_vit", "ptq4vit", "apq_vit", "ptq_for_vit", "p2_vit", "cpt_v", "noisyquant"]
 TRANSFORMS = ["smoothquant", "osplus", "rptq", "peg"]
 
 
@@ -67,7 +67,7 @@ def recipe_for(method: str) -> tuple[str, dict]:
                                  "act_dynamic": False}  # fmt: skip
     if method in ("llmint8", "zeroquant"):
         return method, {}
-    if method in ("repq_vit", "fq_vit", "ptq4vit", "apq_vit", "ptq_for_vit", "noisyquant"):  # static activations by definition
+    if method in ("repq_vit", "fq_vit", "ptq4vit", "apq_vit", "ptq_for_vit", "p2_vit", "cpt_v", "noisyquant"):  # static activations by definition
         return method, {"bits": 4, "group_size": -1, "act_bits": 8, "act_granularity": "tensor", "act_dynamic": False}
     return method, kw
 

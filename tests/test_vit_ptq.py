@@ -344,17 +344,68 @@ def test_ptq_for_vit_mixed_precision_keeps_the_average_and_favours_large_nuclear
     assert widths and all(widths[n] == bits[n] for n in widths)
 
 
+# ---- P2-ViT and CPT-V ------------------------------------------------------------------------------
+
+
+def test_p2_vit_makes_every_scale_a_power_of_two_choosing_floor_or_ceil_by_error():
+    from lowbit.methods.p2_vit import is_power_of_two, pot_candidates
+
+    down, up = pot_candidates(torch.tensor([0.3, 0.25, 1.7]))
+    assert down.tolist() == [0.25, 0.25, 1.0] and up.tolist() == [0.5, 0.25, 2.0]
+    x = images(32)
+    model = tiny_vit()
+    kw = dict(bits=4, group_size=-1, act_bits=8, calib=x, progress=False)
+    q = lowbit.quantize(copy.deepcopy(model), "p2_vit", **kw)
+    grids = [m for m in q.modules() if isinstance(m, lowbit.nn.quantizers.ActQuantizer) and m.per_tensor_grid]
+    assert grids and all(is_power_of_two(g.scale) for g in grids)
+    layer = q.transformer.layers[0]
+    for lin in (layer.linear1, layer.linear2, layer.self_attn.q_proj):  # the frozen layers' stored weight scales
+        assert is_power_of_two(lin.scales.float()) and is_power_of_two(lin.act_scale.float())
+    # the adaptive choice (floor or ceil, by error) against the log-nearest power
+    fixed = lowbit.quantize(copy.deepcopy(model), "p2_vit", adaptive=False, **kw)
+    ref = model(x).detach()
+    with torch.no_grad():
+        err_adaptive = float((q(x) - ref).pow(2).mean())
+        err_nearest = float((fixed(x) - ref).pow(2).mean())
+    assert err_adaptive <= err_nearest * 1.05
+    assert {r.method for r in q.lowbit_coverage.quantized} == {"p2_vit"}
+
+
+def test_cpt_v_infonce_and_its_search_never_raises_the_loss():
+    from lowbit.methods.cpt_v import info_nce
+
+    f = torch.eye(3)
+    # q equal to f: positives cosine 1, negatives 0 -> -log(e^10 / (e^10 + 2))
+    assert float(info_nce(f.clone(), f, 0.1)) == pytest.approx(-math.log(math.exp(10) / (math.exp(10) + 2)), rel=1e-3)
+    swapped = f[[1, 0, 2]]
+    assert float(info_nce(swapped, f, 0.1)) > float(info_nce(f, f, 0.1))
+    x = images(32)
+    model = tiny_vit()
+    q = lowbit.quantize(copy.deepcopy(model), "cpt_v", bits=4, group_size=-1, act_bits=4, calib=x, progress=False,
+                        iterations=10, search_images=16)  # fmt: skip
+    logged = [e for e in q.lowbit_log if "last_contrastive" in e]
+    assert {f"transformer.layers.{i}" for i in range(2)} <= {e["unit"] for e in logged}
+    assert all(e["last_contrastive"] <= e["first_contrastive"] for e in logged)
+    assert {r.method for r in q.lowbit_coverage.quantized} == {"cpt_v"}
+    from test_one_toolkit import tiny_llama
+
+    m, ids = tiny_llama()
+    with pytest.raises(ValueError, match="cpt_v cannot run on"):
+        lowbit.quantize(m, "cpt_v", act_bits=8, calib=ids, progress=False)
+
+
 @pytest.mark.parametrize("kind", ["vit", "deit"])
-@pytest.mark.parametrize("method", ["repq_vit", "fq_vit", "ptq4vit", "apq_vit", "ptq_for_vit"])
+@pytest.mark.parametrize("method", ["repq_vit", "fq_vit", "ptq4vit", "apq_vit", "ptq_for_vit", "p2_vit", "cpt_v"])
 def test_the_vit_methods_run_on_transformers_vit_and_deit_through_the_same_adapter(method, kind):
     x = images(16)
     model = build(kind)
     ref = output(model(x)).detach()
     extra = {"candidates": 10, "rounds": 1, "search_images": 8} if method in ("ptq4vit", "apq_vit", "ptq_for_vit") else {}
+    extra = {"iterations": 5, "search_images": 8} if method == "cpt_v" else extra
     q = lowbit.quantize(copy.deepcopy(model), method, bits=8, act_bits=8, calib=x, progress=False, **extra)
     assert {r.method for r in q.lowbit_coverage.quantized} == {method}
     kinds = {m.output_q.fmt.kind for n, m in q.named_modules() if n.endswith("attention.softmax")}
-    assert kinds == {"repq_vit": {"logsqrt2"}, "fq_vit": {"log2"}, "ptq4vit": {"twin"}, "apq_vit": {"log2"}, "ptq_for_vit": {"int"}}[method]
+    assert kinds == {"repq_vit": {"logsqrt2"}, "fq_vit": {"log2"}, "ptq4vit": {"twin"}, "apq_vit": {"log2"}, "ptq_for_vit": {"int"}, "p2_vit": {"int"}, "cpt_v": {"int"}}[method]
     with torch.no_grad():
         got = output(q(x))
     assert F.cosine_similarity(got.flatten(), ref.flatten(), 0) > 0.95

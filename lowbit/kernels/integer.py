@@ -27,6 +27,7 @@ positive number rounds down, in all three backends.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -42,12 +43,31 @@ EXP_MAX_SHIFT = 30  # exp(x) for x below -30 ln 2 is taken as its 2**-30 value (
 # --- backends --------------------------------------------------------------------------------------------------
 
 
-class TorchBackend:
-    """Integer primitives on torch tensors: real integer dtypes, or (``simulate``) their values in float64."""
+@functools.cache
+def fused_kernels():
+    """The compiled fused integer ops (``csrc/integer_ops.cpp``: portable C++, any CPU), or ``None``."""
+    from lowbit.kernels.build import build_extension
 
-    def __init__(self, simulate: bool = False):
+    return build_extension("lowbit_integer_ops", "integer_ops.cpp", [], "its fused integer kernels")
+
+
+class TorchBackend:
+    """Integer primitives on torch tensors: real integer dtypes, or (``simulate``) their values in float64.
+
+    With ``fused`` (the default for integer tensors on the CPU) requantization, softmax, LayerNorm and
+    GELU run as one C++ pass each (``fused_kernels``), computing the same integers as the composite ops.
+    """
+
+    def __init__(self, simulate: bool = False, fused: bool = True):
         self.simulate = simulate
         self.wide = torch.float64 if simulate else torch.int64
+        self.kernels = fused_kernels() if fused and not simulate else None
+
+    def fused(self, x):
+        """The fused kernels when they can take ``x`` (an integer CPU tensor), else ``None``."""
+        if self.kernels is None or not torch.is_tensor(x) or x.is_floating_point() or x.device.type != "cpu":
+            return None
+        return self.kernels
 
     def const(self, value: torch.Tensor | int) -> torch.Tensor:
         """A constant (weights, multipliers) in this backend's form: its own integer dtype, or float64."""
@@ -124,6 +144,15 @@ class TorchBackend:
             lead = a.shape[:-1]
             return torch._int_mm(a.reshape(-1, a.shape[-1]), b).view(*lead, b.shape[-1])
         return a.to(torch.int32) @ b.to(torch.int32)
+
+    def matmul_nt(self, a, b):
+        """``a @ b^T`` over the last two axes of 8-bit integers (``a`` int8 or uint8, ``b`` int8), as int32."""
+        if self.simulate:
+            return a.to(torch.float64) @ b.to(torch.float64).transpose(-2, -1)
+        k = self.fused(a)
+        if k is not None and a.dtype in (torch.int8, torch.uint8) and b.dtype == torch.int8:
+            return k.bmm_nt(a, b)
+        return a.to(torch.int32) @ b.to(torch.int32).transpose(-2, -1)
 
     def gather(self, table, ids):
         return table[ids]
@@ -266,6 +295,10 @@ class OnnxBackend:
         b = b if isinstance(b, OnnxValue) and b.dtype in ("int8", "uint8") else self._as(b, "int8")
         return self.node("MatMulInteger", [a, b], "int32")
 
+    def matmul_nt(self, a, b):
+        """``a @ b^T`` of 4-D operands (``[N, H, M, K]`` and ``[N, H, N', K]``) by ``MatMulInteger``."""
+        return self.matmul(a, self.permute(self._as(b, "int8"), [0, 1, 3, 2]))
+
     def gather(self, table, ids):
         table = self.const(table) if torch.is_tensor(table) else table
         return self.node("Gather", [table, self._as(ids, "int64")], table.dtype, axis=0)
@@ -294,11 +327,12 @@ class OnnxBackend:
 
 @dataclass
 class Requant:
-    """``y = clamp(((x >> pre) * m + 2**(s-1)) >> s, lo, hi)``: ``x`` at one scale to ``y`` at another.
+    """``y = clamp((((x + bias) >> pre) * m + 2**(s-1)) >> s, lo, hi)``: ``x`` at one scale to ``y`` at another.
 
     ``m``/``s`` are int64 tensors broadcasting over the last axis (one per output
     channel, or one for the tensor); ``pre`` drops low bits first when ``x`` is so
-    wide that ``x * m`` would pass 2**52.
+    wide that ``x * m`` would pass 2**52; ``bias`` (int64, one per channel, or
+    ``None``) is a linear layer's integer bias, added to its accumulator here.
     """
 
     pre: int
@@ -306,9 +340,11 @@ class Requant:
     s: torch.Tensor
     lo: int
     hi: int
+    bias: torch.Tensor | None = None
 
     @classmethod
-    def make(cls, ratio: float | torch.Tensor, bound: float, bits: int, signed: bool = True) -> Requant:
+    def make(cls, ratio: float | torch.Tensor, bound: float, bits: int, signed: bool = True,
+             bias: torch.Tensor | None = None, lo: int | None = None) -> Requant:  # fmt: skip
         """Multiply by ``ratio`` (> 0; the input scale over the output scale), for inputs below ``bound`` in
         magnitude, into a ``bits``-wide integer (symmetric ``±(2**(bits-1) - 1)``, or ``[0, 2**bits - 1]``)."""
         ratio = torch.as_tensor(ratio, dtype=torch.float64).reshape(-1)
@@ -322,17 +358,23 @@ class Requant:
         m = torch.where(over & (s > 0), torch.div(m + 1, 2, rounding_mode="floor"), m)
         s = torch.where(over & (s > 0), s - 1, s)
         hi = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
-        return cls(pre, m, s, -hi if signed else 0, hi)
+        low = (-hi if signed else 0) if lo is None else lo
+        return cls(pre, m, s, low, hi, None if bias is None else bias.to(torch.int64))
 
     def __call__(self, o, x):
+        k = o.fused(x) if isinstance(o, TorchBackend) else None
+        if k is not None:
+            out = torch.int8 if -128 <= self.lo and self.hi <= 127 else torch.int32 if self.hi < 2**31 else torch.int64
+            bias = self.bias if self.bias is not None else torch.empty(0, dtype=torch.int64)
+            return k.requant(x, self.pre, self.m, self.s, bias, self.lo, self.hi, out)
+        if self.bias is not None:
+            x = o.add(x, o.const(self.bias))
         if self.pre:
             x = o.shr(x, self.pre)
         half = torch.div(torch.bitwise_left_shift(torch.ones_like(self.s), self.s), 2, rounding_mode="floor")
         y = o.shr(o.add(o.mul(x, o.const(self.m)), o.const(half)), self.s if self.s.numel() > 1 else int(self.s))
         return o.clamp(y, self.lo, self.hi)
 
-    def state(self) -> dict:
-        return {"pre": self.pre, "m": self.m, "s": self.s, "lo": self.lo, "hi": self.hi}
 
 
 # --- integer functions -------------------------------------------------------------------------------------------
@@ -393,6 +435,12 @@ def int_exp(o, x, k: ExpConstants):
 def int_softmax(o, x, k: ExpConstants, keep=None, bits: int = SOFTMAX_BITS):
     """Softmax over the last axis of integer scores ``x`` (scale S inside ``k``), as unsigned ``bits``-bit
     probabilities at scale ``2**-bits`` (rounded, the last value clamped); ``keep`` masks keys out (exactly 0)."""
+    k_ops = o.fused(x) if isinstance(o, TorchBackend) else None
+    if k_ops is not None:
+        t = x.shape[-1]
+        mask = torch.empty(0, dtype=torch.int64) if keep is None else keep.reshape(-1, t)
+        per = x.numel() // t // (1 if keep is None else mask.shape[0])
+        return k_ops.softmax(x, mask, per, 0 if k.kind == "poly" else 1, k.x0, k.b, k.c, EXP_MAX_SHIFT, bits)
     if keep is not None:
         x = o.where_fill(keep, x, -(1 << 40))
     e = int_exp(o, o.sub(x, o.amax(x, -1)), k)
@@ -428,6 +476,10 @@ class GeluConstants:
 
 def int_gelu(o, x, g: GeluConstants):
     """GELU of integer ``x``; the result's scale is ``g.out_scale``."""
+    k = o.fused(x) if isinstance(o, TorchBackend) else None
+    if k is not None:
+        x0 = g.exp.x0 if g.exp is not None else 0
+        return k.gelu(x, 0 if g.kind == "poly" else 1, g.b, g.c, x0, EXP_MAX_SHIFT, g.frac_bits)
     if g.kind == "poly":
         sgn = o.sign(x)
         t = o.add(o.minimum(o.abs(x), -g.b), g.b)
@@ -488,10 +540,16 @@ class LayerNormConstants:
 
 def int_layernorm(o, x, c: LayerNormConstants):
     """LayerNorm over the last axis of integer ``x``, into ``c.out``'s integer range at the output scale."""
+    start = max(1, (EXACT_BITS - math.ceil(math.log2(c.n))) // 2 + 1)
+    k = o.fused(x) if isinstance(o, TorchBackend) else None
+    if k is not None:
+        out = torch.int8 if c.out.hi <= 127 else torch.int32
+        s = int(c.out.s)
+        return k.layernorm(x, c.eps, c.up, c.frac, c.gamma, c.beta, s, c.out.lo, c.out.hi, start, 28, out)
     total = o.sum(x, -1)
     mean = o.floordiv(o.add(total, c.n // 2), c.n)
     y = o.mul(o.sub(x, mean), 1 << c.up)
     var = o.add(o.floordiv(o.sum(o.mul(y, y), -1), c.n), c.eps)
-    std = isqrt(o, var, start_bits=max(1, (EXACT_BITS - math.ceil(math.log2(c.n))) // 2 + 1))
+    std = isqrt(o, var, iterations=28, start_bits=start)
     normed = o.floordiv(o.add(o.mul(y, 1 << (c.frac + 1)), std), o.mul(std, 2))  # round(y 2**frac / std)
     return c.out(o, o.add(o.mul(normed, o.const(c.gamma)), o.const(c.beta)))

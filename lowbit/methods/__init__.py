@@ -6,11 +6,13 @@ from lowbit.methods.awq import AWQ
 from lowbit.methods.base import REGISTRY, MethodConfig, check_recipe, load_recipe, make_method, parse_recipe, register
 from lowbit.methods.bias_correction import BiasCorrection
 from lowbit.methods.brecq import BRECQ
+from lowbit.methods.cpt_v import CPTV
 from lowbit.methods.fq_vit import FQViT
 from lowbit.methods.gptq import GPTQ
 from lowbit.methods.llmint8 import LLMInt8
 from lowbit.methods.noisyquant import NoisyQuant
 from lowbit.methods.osplus import OSPlus
+from lowbit.methods.p2_vit import P2ViT
 from lowbit.methods.peg import PEG
 from lowbit.methods.ptq4vit import PTQ4ViT
 from lowbit.methods.ptq_for_vit import PTQForViT
@@ -27,6 +29,8 @@ __all__ = [
     "AdaRound",
     "BRECQ",
     "BiasCorrection",
+    "CPTV",
+    "P2ViT",
     "PTQ4ViT",
     "PTQForViT",
     "QDrop",

@@ -20,7 +20,7 @@
   first and last layers' 8 bits) keeps it, and the width its partner got stays:
   the average over the rest can then sit one pairing above ``bits``.
 
-Choices the paper leaves open, made here: the pairs for the ranking loss are 256
+Choices the paper leaves open, made here: the pairs for the ranking loss are 64
 fixed random key pairs per row (all pairs would cost ``T^3``); ``theta`` is 0
 (only inverted pairs count); the cosine is over each sample's whole output.
 """
@@ -55,7 +55,7 @@ class PTQForViT(PTQ4ViT):
     search_images: int = 32
     gamma: float = 0.1  # the ranking loss's weight
     theta: float = 0.0  # the ranking hinge's margin
-    rank_pairs: int = 256
+    rank_pairs: int = 64
     bias_correction: bool = True
     mixed_precision: bool = False
 
@@ -96,22 +96,24 @@ class PTQForViT(PTQ4ViT):
     def metric_for(self, unit, name: str, targets: dict, k: int):
         partner, heads = _attention_partner(unit, name)
         other = targets[partner][1][:k] if partner in targets else None
-        pairs = None
+        fixed: dict = {}  # what depends on the float output only, computed on the first call
 
         def metric(out, target, _g2):
-            nonlocal pairs
-            a, b = out.reshape(out.shape[0], -1), target.reshape(target.shape[0], -1)
-            a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)  # Pearson: centred cosine
-            err = 1 - float(F.cosine_similarity(a, b, dim=1).mean())
-            if other is not None and self.gamma:
-                s_q, s_f = _scores(out, other, heads), _scores(target, other, heads)
-                if pairs is None:
+            if fixed.get("target") is not target:
+                b = target.reshape(target.shape[0], -1)
+                fixed.update(target=target, centred=F.normalize(b - b.mean(1, keepdim=True), dim=1))
+                if other is not None and self.gamma:
+                    s_f = _scores(target, other, heads)
                     g = torch.Generator().manual_seed(0)
-                    t = s_f.shape[-1]
-                    pairs = torch.randint(0, t, (2, self.rank_pairs), generator=g)
+                    pairs = torch.randint(0, s_f.shape[-1], (2, self.rank_pairs), generator=g)
+                    fixed.update(pairs=pairs, order=torch.sign(s_f[..., pairs[0]] - s_f[..., pairs[1]]))
+            a = out.reshape(out.shape[0], -1)
+            a = F.normalize(a - a.mean(1, keepdim=True), dim=1)  # Pearson: the cosine of centred outputs
+            err = 1 - float((a * fixed["centred"]).sum(1).mean())
+            if "pairs" in fixed:
+                pairs, s_q = fixed["pairs"], _scores(out, other, heads)
                 dq = s_q[..., pairs[0]] - s_q[..., pairs[1]]
-                df = s_f[..., pairs[0]] - s_f[..., pairs[1]]
-                err += self.gamma * float(torch.relu(self.theta - dq * torch.sign(df)).mean())
+                err += self.gamma * float(torch.relu(self.theta - dq * fixed["order"]).mean())
             return err
 
         return metric

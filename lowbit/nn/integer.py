@@ -178,11 +178,14 @@ class IntLinear(nn.Module):
         self.bound = ACT_MAX * ACT_MAX * w.shape[1] + self.bias.abs().max().item()
 
     def acc(self, o, x):
-        return o.add(o.matmul(o.cast(x, "int8"), o.const(self.wt)), o.const(self.bias))
+        """The int32 sum of products; the integer bias is added by the requantizations below."""
+        return o.matmul(o.cast(x, "int8"), o.const(self.wt))
 
-    def requant(self, scale: float | torch.Tensor, bits: int = 8) -> Requant:
-        """From ``acc``'s scale to ``scale`` (one, or one per output channel) as ``bits``-bit integers."""
-        return Requant.make(self.acc_scale / torch.as_tensor(scale, dtype=torch.float64), self.bound, bits)
+    def requant(self, scale: float | torch.Tensor, bits: int = 8, relu: bool = False) -> Requant:
+        """Bias added, then from ``acc``'s scale to ``scale`` (one, or one per output channel) as ``bits``-bit
+        integers; ``relu`` clamps at 0 instead of ``-max`` (the same integers as requantizing ``max(acc, 0)``)."""
+        ratio = self.acc_scale / torch.as_tensor(scale, dtype=torch.float64)
+        return Requant.make(ratio, self.bound, bits, bias=self.bias, lo=0 if relu else None)
 
 
 class IntEncoderLayer(nn.Module):
@@ -231,7 +234,7 @@ class IntEncoderLayer(nn.Module):
         self.fc1 = IntLinear(p.fc1, s_h2)
         s_act = r.channel_scale(name("act"), ACT_MAX)
         if p.act == "relu":
-            self.act_out = self.fc1.requant(s_act)
+            self.act_out = self.fc1.requant(s_act, relu=True)
         elif p.act == "gelu":
             s_g = max(r.amax[name("fc1")], 4.0) / RES_MAX
             self.gelu_in = self.fc1.requant(s_g, RESIDUAL_BITS)
@@ -262,19 +265,19 @@ class IntEncoderLayer(nn.Module):
             else (x if self.h_requant is None else self.h_requant(o, x))
         )
         h = o.cast(h, "int8")
-        q = self.heads_of(o, self.q_out(o, self.q.acc(o, h)), [0, 2, 1, 3])
-        k = self.heads_of(o, self.k_out(o, self.k.acc(o, h)), [0, 2, 3, 1])
-        v = self.heads_of(o, self.v_out(o, self.v.acc(o, h)), [0, 2, 1, 3])
-        scores = self.scores(o, o.matmul(q, k))  # [N, H, T, T], 16-bit
+        q = self.heads_of(o, self.q_out(o, self.q.acc(o, h)), [0, 2, 1, 3])  # [N, H, T, d]
+        k = self.heads_of(o, self.k_out(o, self.k.acc(o, h)), [0, 2, 1, 3])  # [N, H, T, d]
+        v = self.heads_of(o, self.v_out(o, self.v.acc(o, h)), [0, 2, 3, 1])  # [N, H, d, T]
+        scores = self.scores(o, o.matmul_nt(q, k))  # [N, H, T, T], 16-bit
         attn = o.cast(int_softmax(o, scores, self.exp, keep), "uint8")
-        ctx = o.cast(self.ctx(o, o.matmul(attn, v)), "int8")  # [N, H, T, d]
+        ctx = o.cast(self.ctx(o, o.matmul_nt(attn, v)), "int8")  # [N, H, T, d]
         ctx = o.reshape(o.permute(ctx, [0, 2, 1, 3]), [0, 0, -1])
         r1 = o.clamp(o.add(self.o_res(o, self.o.acc(o, ctx)), self.skip1(o, x)), -RES_MAX, RES_MAX)
         h2 = o.cast(int_layernorm(o, r1, self.ln_mid), "int8")
         base = r1 if self.norm_first else h2
         f = self.fc1.acc(o, h2)
         if self.act == "relu":
-            g = self.act_out(o, o.maximum(f, 0))
+            g = self.act_out(o, f)  # clamped at 0: ReLU
         else:
             g = self.act_out(o, int_gelu(o, self.gelu_in(o, f), self.gelu))
         r2 = o.clamp(o.add(self.fc2_res(o, self.fc2.acc(o, o.cast(g, "int8"))), self.skip2(o, base)), -RES_MAX, RES_MAX)
@@ -288,9 +291,10 @@ class IntegerEncoder(nn.Module):
 
     recipe: str
 
-    def integer_forward(self, *inputs):
-        """Integer inputs to integer outputs with integer tensors only (the deployed computation)."""
-        return self.run(TorchBackend(), *inputs)
+    def integer_forward(self, *inputs, fused: bool = True):
+        """Integer inputs to integer outputs with integer tensors only (the deployed computation); ``fused``
+        runs requantization, softmax, LayerNorm and GELU as C++ passes, the same integers either way."""
+        return self.run(TorchBackend(fused=fused), *inputs)
 
     def simulate_integer(self, *inputs):
         """The same integers computed in float64 (equal to ``integer_forward`` bit for bit)."""
