@@ -275,3 +275,27 @@ def test_ibert_on_real_minilm_keeps_embedding_cosine_above_0_99():
     ib = integer_bert(model, batches, "ibert")
     fid = embedding_fidelity(model, ib, tok, held)
     assert fid["cosine"] >= 0.99, fid
+
+
+def test_integer_vit_runs_a_transformers_vit_through_the_pre_norm_path(tmp_path):
+    pytest.importorskip("transformers")
+    from test_hf_vit import build, images
+
+    model = build("vit")
+    x = images(24)
+    iv = integer_vit(model, [x[:16]], "ivit")
+    assert all(layer.norm_first for layer in iv.layers)
+    codes = iv.quantize_input(x[16:])
+    with torch.no_grad(), FloatOps() as rec:
+        out = iv.integer_forward(codes, fused=False)
+    assert rec.found == [] and torch.equal(iv.integer_forward(codes), out)
+    got = iv(x[16:])
+    assert torch.equal(got, iv.simulate(x[16:]))
+    with torch.no_grad():
+        ref = model(pixel_values=x[16:]).logits
+    assert F.cosine_similarity(got, ref, dim=-1).min() > 0.98
+    ort = pytest.importorskip("onnxruntime")
+    path = iv.export_onnx(tmp_path / "hf_vit.onnx")
+    assert (ort.InferenceSession(str(path)).run(None, {"images": x[16:].numpy()})[0] == got.numpy()).all()
+    with pytest.raises(ValueError, match="DeiT"):
+        integer_vit(build("deit"), [x[:8]])

@@ -372,39 +372,83 @@ def vit_parts(model: nn.Module) -> list[EncoderLayerParts]:
     return parts
 
 
+@dataclass
+class ViTParts:
+    """A ViT's float pieces: patch conv, class token and position table, encoder layers, the LayerNorm the
+    class token passes last and the classifier."""
+
+    conv: nn.Conv2d
+    cls: torch.Tensor  # [1, 1, E]
+    pos: torch.Tensor  # [1, T, E]
+    layers: list[EncoderLayerParts]
+    final_ln: nn.LayerNorm
+    head: nn.Linear
+    image_size: int
+
+
+def hf_vit_parts(model: nn.Module) -> ViTParts:
+    """A transformers ``ViTForImageClassification`` (pre-norm layers, exact GELU), explicit or not."""
+    cfg = model.config
+    if getattr(cfg, "model_type", "") != "vit" or not hasattr(model, "classifier"):
+        raise ValueError(
+            f"integer_vit takes a CIFAR ViTCifar or a transformers ViTForImageClassification; got "
+            f"{type(model).__name__} (DeiT's distillation token has no integer path here)"
+        )
+    if cfg.hidden_act != "gelu":
+        raise ValueError(f"hidden_act {cfg.hidden_act!r} has no integer form here; gelu (exact) does")
+    emb = model.vit.embeddings
+    layers = []
+    for layer in model.vit.layers if hasattr(model.vit, "layers") else model.vit.encoder.layer:
+        a = layer.attention
+        q, k, v, o = (getattr(a, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        layers.append(EncoderLayerParts(q, k, v, o, layer.mlp.fc1, layer.mlp.fc2, layer.layernorm_before,
+                                        layer.layernorm_after, cfg.num_attention_heads, "gelu", True))  # fmt: skip
+    return ViTParts(emb.patch_embeddings.projection, emb.cls_token, emb.position_embeddings, layers,
+                    model.vit.layernorm, model.classifier, cfg.image_size)  # fmt: skip
+
+
+def describe_vit(model: nn.Module) -> ViTParts:
+    if hasattr(model, "patch_embed") and hasattr(model, "mlp_head"):  # lowbit's CIFAR ViT
+        return ViTParts(model.patch_embed.proj, model.cls_token, model.pos_embed, vit_parts(model),
+                        model.mlp_head[0], model.mlp_head[1], model.image_size)  # fmt: skip
+    return hf_vit_parts(model)
+
+
 class IntegerViT(IntegerEncoder):
-    """A CIFAR ``ViTCifar`` in integers: image codes (int8) in, logit codes (int32, 16-bit) out."""
+    """A ViT (lowbit's CIFAR ViT, post-norm; transformers' ViT, pre-norm) in integers: image codes (int8) in,
+    logit codes (int32, 16-bit) out."""
 
     def __init__(self, model: nn.Module, images: list[torch.Tensor], recipe: str = "ivit"):
         super().__init__()
         if recipe not in RECIPES:
             raise ValueError(f"recipe {recipe!r}: choose one of {sorted(RECIPES)}")
         self.recipe = recipe
-        parts = vit_parts(model)
+        vp = describe_vit(model)
+        parts = vp.layers
         r = Ranges()
-        conv = model.patch_embed.proj
+        conv = vp.conv
         self.patch = conv.kernel_size[0]
         if conv.kernel_size != conv.stride or conv.padding != (0, 0) or conv.kernel_size[0] != conv.kernel_size[1]:
             raise ValueError("integer_vit needs non-overlapping square patches (kernel = stride, no padding)")
         with torch.no_grad():
             for x in images:
                 r("image", x)
-                tokens = model.patch_embed(x)
-                tokens = torch.cat([model.cls_token.expand(len(tokens), -1, -1), tokens], 1) + model.pos_embed
+                tokens = conv(x).flatten(2).transpose(1, 2)  # [N, P, E]
+                tokens = torch.cat([vp.cls.expand(len(tokens), -1, -1), tokens], 1) + vp.pos
                 r("embed", tokens)
                 for i, p in enumerate(parts):
                     tokens = float_layer(p, tokens, r, f"layer{i}")
-                head = r("head.ln", model.mlp_head[0](tokens[:, 0]))
-                r("logits", model.mlp_head[1](head))
+                head = r("head.ln", vp.final_ln(tokens[:, 0]))
+                r("logits", vp.head(head))
         self.image_scale = r.scale("image", ACT_MAX)
         s_e = r.scale("embed", RES_MAX)
         w = conv.weight.detach().reshape(conv.out_channels, -1)  # [E, C*p*p], (c, i, j) order
-        self.side = model.image_size // self.patch
+        self.side = vp.image_size // self.patch
         self.embed = IntLinear(_linear(w, conv.bias), self.image_scale)
         self.embed_res = self.embed.requant(s_e, RESIDUAL_BITS)
-        pos = model.pos_embed.detach()[0].double()  # [T, E]
+        pos = vp.pos.detach()[0].double()  # [T, E]
         self.register_buffer("pos", torch.round(pos[1:] / s_e).to(torch.int64))
-        self.register_buffer("cls", torch.round((model.cls_token.detach()[0].double() + pos[:1]) / s_e).to(torch.int64))
+        self.register_buffer("cls", torch.round((vp.cls.detach()[0].double() + pos[:1]) / s_e).to(torch.int64))
         layers, scale, bits = [], s_e, RESIDUAL_BITS
         for i, p in enumerate(parts):  # the last post-norm layer writes 16 bits: the head LayerNorm needs one scale
             layer = IntEncoderLayer(
@@ -413,7 +457,7 @@ class IntegerViT(IntegerEncoder):
             layers.append(layer)
             scale, bits = layer.out_scale, layer.out_bits
         self.layers = nn.ModuleList(layers)
-        ln, lin = model.mlp_head[0], model.mlp_head[1]
+        ln, lin = vp.final_ln, vp.head
         s_head = r.channel_scale("head.ln", ACT_MAX)
         self.head_ln = LayerNormConstants.make(ln, scale, s_head, in_bits=bits)
         self.head = IntLinear(lin, s_head)
@@ -483,7 +527,8 @@ class IntegerViT(IntegerEncoder):
 
 
 def integer_vit(model: nn.Module, images: list[torch.Tensor], recipe: str = "ivit") -> IntegerViT:
-    """An integer-only copy of a CIFAR ``ViTCifar``, calibrated on the normalised image batches ``images``."""
+    """An integer-only copy of a CIFAR ``ViTCifar`` or a transformers ``ViTForImageClassification``,
+    calibrated on the (normalised) image batches ``images``."""
     return IntegerViT(model, images, recipe).eval()
 
 
