@@ -299,3 +299,36 @@ def test_integer_vit_runs_a_transformers_vit_through_the_pre_norm_path(tmp_path)
     assert (ort.InferenceSession(str(path)).run(None, {"images": x[16:].numpy()})[0] == got.numpy()).all()
     with pytest.raises(ValueError, match="DeiT"):
         integer_vit(build("deit"), [x[:8]])
+
+
+def test_fused_kernels_compute_the_composite_integers():
+    if K.fused_kernels() is None:
+        pytest.skip("the fused integer kernels could not be built here")
+    torch.manual_seed(0)
+    fused, plain = K.TorchBackend(), K.TorchBackend(fused=False)
+
+    def same(fn, *args):
+        a, b = fn(fused, *args), fn(plain, *args)
+        assert torch.equal(a.long(), b.long())
+
+    acc = torch.randint(-(2**20), 2**20, (6, 5, 48), dtype=torch.int32)
+    rq = K.Requant.make(
+        torch.rand(48, dtype=torch.float64) * 1e-4 + 1e-6, 2**21, 8, bias=torch.randint(-999, 999, (48,))
+    )
+    same(rq, acc)
+    same(K.Requant.make(3e-5, 2**45, 16, lo=0), acc.long() << 20)  # a pre-shift, clamped at 0
+    scale = 4.0 / 32767
+    scores = torch.randint(-32767, 32768, (2, 3, 7, 7))
+    keep = torch.ones(2, 1, 1, 7, dtype=torch.long)
+    keep[1, ..., 4:] = 0
+    for kind in ("poly", "shift"):
+        same(lambda o, x: K.int_softmax(o, x, K.ExpConstants.make(kind, scale), keep), scores)
+        same(lambda o, x: K.int_gelu(o, x, K.GeluConstants.make(kind, scale)), scores)
+    ln = torch.nn.LayerNorm(48)
+    ln.weight.data, ln.bias.data = torch.rand(48) + 0.5, torch.randn(48)
+    c = K.LayerNormConstants.make(ln, 1e-3, torch.rand(48, dtype=torch.float64) * 0.01 + 0.01)
+    same(lambda o, x: K.int_layernorm(o, x, c), torch.randint(-32767, 32768, (4, 9, 48)))
+    a = torch.randint(-127, 128, (2, 3, 7, 16), dtype=torch.int8)
+    b = torch.randint(-127, 128, (2, 3, 5, 16), dtype=torch.int8)
+    same(lambda o, x: o.matmul_nt(x, b), a)
+    same(lambda o, x: o.matmul_nt(x, b), torch.randint(0, 256, (2, 3, 7, 16), dtype=torch.uint8))

@@ -305,9 +305,12 @@ def test_ptq_for_vit_ranking_loss_counts_inverted_pairs_and_bias_correction_cent
     metric = method.metric_for(FakeUnit(), "attn.q_proj", {"attn.k_proj": (None, k_f)}, 2)
     assert metric(q_f, q_f, None) == pytest.approx(0.0, abs=1e-6)  # identical: cosine 1, no pair inverted
     reversed_ = metric(-q_f, q_f, None)  # every score's sign flipped: every ordered pair inverted
-    s = _scores(q_f, k_f, 2)
-    pairs = s[..., :, None] - s[..., None, :]
-    hinge = pairs.abs().mean()  # relu(-dq sign(df)) = |df| with dq = -df, over all pairs (i == j adds 0)
+    s_f, s_q = _scores(q_f, k_f, 2), _scores(-q_f, k_f, 2)
+    assert torch.allclose(s_f.sum(-1), torch.ones(2, 2, 5))  # attention maps
+    df = s_f[..., :, None] - s_f[..., None, :]
+    dq = s_q[..., :, None] - s_q[..., None, :]
+    hinge = torch.relu(-dq * torch.sign(df)).mean()  # flipped scores invert the order of the map
+    assert float(hinge) > 0
     assert reversed_ == pytest.approx(2.0 + float(hinge), rel=0.1)  # cosine -1 gives 2; sampled pairs ~ all
 
     x = images(32)

@@ -6,9 +6,12 @@
   candidates) to maximise the cosine similarity (the paper's Pearson
   correlation, on centred outputs) between the float and the quantized output.
 - **Ranking-aware loss** for the attention: a query or key projection is also
-  scored by how much of the order of the attention scores it breaks, a hinge
-  ``max(0, theta - (s^_i - s^_j) sign(s_i - s_j))`` over pairs of keys in each
-  row, weighted by ``gamma`` (the paper's 0.1); the other operand is the float one.
+  scored by how much of the order of the attention map it breaks, a hinge
+  ``max(0, theta - (a^_i - a^_j) sign(a_i - a_j))`` over pairs of keys in each row
+  of the softmax attention map, weighted by ``gamma`` (the paper's 0.1); the other
+  operand is the float one. (On the raw scores instead of the map, the hinge is in
+  score units and outweighs the cosine term: W4A4 on the CIFAR ViT fell to 70.10 from
+  71.00 without it.)
 - **Bias correction**: once a layer's factors are chosen, the mean of its output
   error over the calibration images is taken out of its bias.
 - **Nuclear-norm mixed precision** (``mixed_precision=True``): layers whose
@@ -27,6 +30,7 @@ fixed random key pairs per row (all pairs would cost ``T^3``); ``theta`` is 0
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -140,11 +144,11 @@ def _attention_partner(unit, name: str) -> tuple[str | None, int]:
 
 
 def _scores(a: torch.Tensor, b: torch.Tensor, heads: int) -> torch.Tensor:
-    """Per-head ``a b^T`` of two ``[N, T, E]`` projections: ``[N, H, T, T]``."""
+    """The attention map of two ``[N, T, E]`` projections: per-head ``softmax(a b^T / sqrt(d))``, ``[N, H, T, T]``."""
     n, t, e = a.shape
     a = a.reshape(n, t, heads, e // heads).transpose(1, 2)
     b = b.reshape(n, t, heads, e // heads).transpose(1, 2)
-    return a @ b.transpose(-2, -1)
+    return torch.softmax(a @ b.transpose(-2, -1) / math.sqrt(e // heads), -1)
 
 
 @torch.no_grad()
