@@ -74,7 +74,11 @@ def main() -> None:
         print(f"ViT {recipe}: top1 {acc:.2f} (fp32 {fp32:.2f}), integer == float64 simulation: {exact}", flush=True)
         if recipe == "ivit":
             with tempfile.TemporaryDirectory() as d:
-                sess = ort.InferenceSession(str(im.export_onnx(Path(d) / "vit.onnx")))
+                opts = ort.SessionOptions()
+                opts.intra_op_num_threads = torch.get_num_threads()
+                # ONNX Runtime's threads spin after each run by default, stealing the next timed call's CPU
+                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                sess = ort.InferenceSession(str(im.export_onnx(Path(d) / "vit.onnx")), opts)
                 for bs in (1, 64):
                     xb = x[:bs]
                     t = interleaved({"fp32": lambda: model(xb), "integer": lambda: im(xb),
