@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 namespace {
 
@@ -28,17 +29,26 @@ inline int64_t clampv(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : 
 template <typename In, typename Out>
 void requant_rows(const In* x, Out* y, int64_t rows, int64_t cols, int64_t pre, const int64_t* m,
                   const int64_t* s, bool per_channel, const int64_t* bias, int64_t lo, int64_t hi) {
+  // per-channel constants spelled out once, so the inner loop is branch-free (vectorizable where the
+  // target has 64-bit multiplies and variable arithmetic shifts)
+  std::vector<int64_t> mv(cols), sv(cols), hv(cols), bv(cols);
+  for (int64_t c = 0; c < cols; ++c) {
+    mv[c] = per_channel ? m[c] : m[0];
+    sv[c] = per_channel ? s[c] : s[0];
+    hv[c] = (int64_t(1) << sv[c]) >> 1;
+    bv[c] = bias ? bias[c] : 0;
+  }
+  const int64_t* M = mv.data();
+  const int64_t* S = sv.data();
+  const int64_t* H = hv.data();
+  const int64_t* B = bv.data();
   at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const In* xr = x + r * cols;
       Out* yr = y + r * cols;
       for (int64_t c = 0; c < cols; ++c) {
-        const int64_t mc = per_channel ? m[c] : m[0];
-        const int64_t sc = per_channel ? s[c] : s[0];
-        const int64_t half = (int64_t(1) << sc) >> 1;
-        const int64_t xv = int64_t(xr[c]) + (bias ? bias[c] : 0);
-        const int64_t v = shr(shr(xv, pre) * mc + half, sc);
-        yr[c] = static_cast<Out>(clampv(v, lo, hi));
+        const int64_t v = (((int64_t(xr[c]) + B[c]) >> pre) * M[c] + H[c]) >> S[c];
+        yr[c] = static_cast<Out>(v < lo ? lo : (v > hi ? hi : v));
       }
     }
   });
