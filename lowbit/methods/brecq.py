@@ -75,22 +75,28 @@ class BRECQ(AdaRound):
 def unit_output_fisher(model, adapter, batches, limit: int | None = None) -> dict[str, torch.Tensor]:
     """Each unit's squared gradient of ``task_loss`` at its output, normalised to mean 1 (``{}`` for a model
     without logits); over the first ``limit`` calibration examples, or all."""
+    lasts = {spec.name: model.get_submodule(spec.modules[-1]) for spec in adapter.units(model)}
+    return output_fisher(model, lasts, batches, limit)
+
+
+def output_fisher(model, modules: dict, batches, limit: int | None = None) -> dict[str, torch.Tensor]:
+    """The squared gradient of ``task_loss`` at each of ``modules``' outputs (``{name: module}``), over the
+    first ``limit`` calibration examples (or all), normalised to mean 1 per module; ``{}`` without logits.
+    A module the loss does not reach gets zeros."""
     if not batches:
         return {}
-    specs = adapter.units(model)
     held: dict[str, torch.Tensor] = {}
-    grads = {s.name: [] for s in specs}
+    grads: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
     hooks = []
-    for spec in specs:
-        last = model.get_submodule(spec.modules[-1])
+    for name, module in modules.items():
 
-        def keep(_m, _a, out, name=spec.name):
+        def keep(_m, _a, out, name=name):
             o = out[0] if isinstance(out, (tuple, list)) else out
             if torch.is_tensor(o) and o.requires_grad:
                 o.retain_grad()
                 held[name] = o
 
-        hooks.append(last.register_forward_hook(keep))
+        hooks.append(module.register_forward_hook(keep))
     seen = 0
     try:
         for batch in batches:

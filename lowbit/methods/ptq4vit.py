@@ -43,7 +43,7 @@ from lowbit.formats.activation import ActFormat, nonuniform_fake_quantize, param
 from lowbit.formats.activation import codes as act_codes
 from lowbit.methods.adaround import layer_inputs, layer_targets
 from lowbit.methods.base import register, static_act_format
-from lowbit.methods.brecq import _forward, task_loss
+from lowbit.methods.brecq import output_fisher
 from lowbit.methods.rtn import RTN
 from lowbit.quantized_weight import QuantizedWeight
 
@@ -78,43 +78,9 @@ class PTQ4ViT(RTN):
     def prepare(self, model, adapter, batches) -> None:
         """Each linear's squared output gradient on the first ``search_images`` calibration examples."""
         self._grads: dict[str, torch.Tensor] = {}
-        if not self.search or not batches or not self.uses_gradients:
-            return
-        held: dict[str, torch.Tensor] = {}
-        grads: dict[str, list[torch.Tensor]] = {}
-        hooks = []
-        for name, m in model.named_modules():
-            if isinstance(m, nn.Linear):
-
-                def keep(_m, _a, out, name=name):
-                    if out.requires_grad:
-                        out.retain_grad()
-                        held[name] = out
-
-                hooks.append(m.register_forward_hook(keep))
-        seen = 0
-        try:
-            for batch in batches:
-                if seen >= self.search_images:
-                    break
-                with torch.enable_grad():
-                    out = _forward(model, batch)
-                    loss = task_loss(out)
-                    if loss is None:
-                        return
-                    loss.backward()
-                for name, o in held.items():
-                    if o.grad is not None:
-                        grads.setdefault(name, []).append(o.grad.detach().pow(2))
-                held.clear()
-                seen += batch.shape[0] if torch.is_tensor(batch) else 1
-        finally:
-            for h in hooks:
-                h.remove()
-            model.zero_grad(set_to_none=True)
-        for name, gs in grads.items():
-            g = torch.cat(gs)[: self.search_images]
-            self._grads[name] = g / g.mean().clamp(min=1e-30)
+        if self.search and batches and self.uses_gradients:
+            linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+            self._grads = output_fisher(model, linears, batches, limit=self.search_images)
 
     # --- the engine's hooks ----------------------------------------------------------------
 

@@ -625,14 +625,11 @@ class IntegerBert(IntegerEncoder):
         inputs = self._inputs(input_ids, attention_mask, token_type_ids)
         return EncoderOutput(self.integer_forward(*inputs).float() * self.out_scale)
 
-    def simulate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-    ) -> EncoderOutput:
-        inputs = self._inputs(input_ids, attention_mask, token_type_ids)
-        return EncoderOutput(self.simulate_integer(*inputs).float() * self.out_scale)
+    def simulate(self, input_ids: torch.Tensor, attention_mask=None, token_type_ids=None) -> EncoderOutput:
+        """``forward`` computed on the float64 simulation (equal to it)."""
+        return EncoderOutput(
+            self.simulate_integer(*self._inputs(input_ids, attention_mask, token_type_ids)).float() * self.out_scale
+        )
 
     def _inputs(self, ids, keep, types) -> tuple:
         if ids.dim() != 2 or ids.is_floating_point():
