@@ -254,13 +254,21 @@ class OnnxBackend:
         rem = self.node("Mod", [x, y], "int64", fmod=0)
         return self.node("Div", [self.sub(x, rem), y], "int64")
 
+    OFFSET = 1 << 62  # a multiple of every 2**s used here; |x| < 2**52 keeps x + OFFSET positive
+
     def shr(self, x, s):
-        if isinstance(s, OnnxValue):  # a computed shift (exp's integer part): 2**s by BitShift, unsigned only in ONNX
-            one = self.const(torch.ones((), dtype=torch.int64))
-            power = self.node("BitShift", [self._as(one, "uint64"), self._as(s, "uint64")], "uint64", direction="LEFT")
-            return self.floordiv(x, self._as(power, "int64"))
-        power = (1 << s) if isinstance(s, int) else torch.bitwise_left_shift(torch.ones_like(s), s)
-        return self.floordiv(x, self.const(torch.as_tensor(power, dtype=torch.int64)))
+        """``floor(x / 2**s)`` by an unsigned shift (ONNX's ``BitShift`` takes unsigned types only):
+        ``((x + 2**62) >> s) - (2**62 >> s)``, exact for ``|x| < 2**62``, no division."""
+        if isinstance(s, OnnxValue):  # a computed shift (exp's integer part)
+            s = self._as(s, "uint64")
+            back = self.node("BitShift", [self._as(self.const(self.OFFSET), "uint64"), s], "uint64", direction="RIGHT")
+        else:
+            s_t = torch.as_tensor(s, dtype=torch.int64)
+            back = self.const(torch.bitwise_right_shift(torch.full_like(s_t, self.OFFSET), s_t))
+            s = self._as(self.const(s_t), "uint64")
+        lifted = self._as(self.add(x, self.OFFSET), "uint64")
+        shifted = self._as(self.node("BitShift", [lifted, s], "uint64", direction="RIGHT"), "int64")
+        return self.sub(shifted, back)
 
     def clamp(self, x, lo: int, hi: int):
         return self.node("Clip", [self._as(x, "int64"), self.const(lo), self.const(hi)], "int64")
