@@ -326,6 +326,23 @@ def test_ptq_for_vit_ranking_loss_counts_inverted_pairs_and_bias_correction_cent
         assert F.cosine_similarity(q(x).flatten(), ref.flatten(), 0) >= F.cosine_similarity(plain(x).flatten(), ref.flatten(), 0) - 1e-3
 
 
+def test_ptq_for_vit_mse_similarity_sees_the_output_scale_and_bad_names_are_refused():
+    from lowbit.methods.ptq_for_vit import PTQForViT
+
+    out = torch.randn(4, 5, 8)
+
+    class NoAttention:
+        def get(self, name):
+            return None
+
+    pearson = PTQForViT(bits=4).metric_for(NoAttention(), "fc1", {}, 4)
+    mse = PTQForViT(bits=4, similarity="mse").metric_for(NoAttention(), "fc1", {}, 4)
+    assert pearson(2 * out, out, None) == pytest.approx(0.0, abs=1e-6)  # a doubled output correlates perfectly
+    assert mse(2 * out, out, None) == pytest.approx(1.0, rel=1e-5)  # |2o - o|^2 / |o|^2
+    with pytest.raises(ValueError, match="similarity"):
+        PTQForViT(similarity="l1")
+
+
 def test_ptq_for_vit_mixed_precision_keeps_the_average_and_favours_large_nuclear_norms():
     from lowbit.methods.ptq_for_vit import PTQForViT, nuclear_norms
 
