@@ -29,17 +29,15 @@ inherited from PTQ4ViT.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
-from lowbit.formats import integer
 from lowbit.formats.activation import ActFormat, fake_quantize
 from lowbit.methods.base import register
 from lowbit.methods.brecq import _as_samples, _runner, unit_output_fisher
-from lowbit.methods.ptq4vit import PTQ4ViT, _ActSearch, _ranges
+from lowbit.methods.ptq4vit import PTQ4ViT, _ActSearch, _WeightSearch
 from lowbit.methods.rtn import RTN
-from lowbit.quantized_weight import QuantizedWeight
 
 
 @register
@@ -100,14 +98,10 @@ class APQViT(PTQ4ViT):
             grid = qm.input_q if qm.input_q.quantizes else None
             site = unit.get(sites[name]).output_q if grid is None and name in sites else None
             act = _ActSearch.of(grid, site)
-            w = qm.stored_weight().detach().float()
-            fmt = qm.weight_q.fmt
-            lo, hi = _ranges(w, fmt)
+            weights = _WeightSearch(qm)
 
             def set_weight(f: float) -> None:
-                scale, zero = integer.params_from_range(f * lo, f * hi, fmt.bits, fmt.symmetric)
-                qw = QuantizedWeight.quantize(w, fmt, scale, zero)
-                qm.weight_q.set_fixed(replace(qw, shape=tuple(qm.weight.shape)), self.name)
+                weights.commit(f, self.name)
 
             w_f, a_f = 1.0, 1.0
             set_weight(w_f)

@@ -25,17 +25,15 @@ once that happen to fit the 32 search images), ``sigma = 0.02`` 73.00; ``tau = 1
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from lowbit.formats import integer
 from lowbit.methods.base import register, static_act_format
 from lowbit.methods.brecq import _as_samples, _runner
-from lowbit.methods.ptq4vit import _ActSearch, _ranges
+from lowbit.methods.ptq4vit import _ActSearch, _WeightSearch
 from lowbit.methods.rtn import RTN
-from lowbit.quantized_weight import QuantizedWeight
 
 
 def info_nce(q: torch.Tensor, f: torch.Tensor, tau: float) -> torch.Tensor:
@@ -109,15 +107,8 @@ class CPTV(RTN):
             fmt = qm.weight_q.fmt
             if fmt is None or fmt.kind != "int":
                 continue
-            w = qm.stored_weight().detach().float()
-            lo, hi = _ranges(w, fmt)
-
-            def set_weight(f: float, qm=qm, w=w, lo=lo, hi=hi, fmt=fmt) -> None:
-                scale, zero = integer.params_from_range(f * lo, f * hi, fmt.bits, fmt.symmetric)
-                qw = QuantizedWeight.quantize(w, fmt, scale, zero)
-                qm.weight_q.set_fixed(replace(qw, shape=tuple(qm.weight.shape)), self.name)
-
-            knobs.append((set_weight, name + ".weight"))
+            weights = _WeightSearch(qm)
+            knobs.append((lambda f, weights=weights: weights.commit(f, self.name), name + ".weight"))
         grids = [(n + ".input", m.input_q) for n, m in unit.qmodules().items()]
         grids += [(f"{n}.{i}", q) for n, s in unit.sites().items() for i, q in enumerate(s.quantizers())]
         for name, q in grids:

@@ -138,19 +138,12 @@ class PTQ4ViT(RTN):
 
     def _search(self, qm, x, target, g2, grid, site, metric) -> dict:
         """Alternate the weight's and the input's scaling factor, ``rounds`` times."""
-        w = qm.stored_weight().detach().float()
-        fmt = qm.weight_q.fmt
-        lo, hi = _ranges(w, fmt)
+        weights = _WeightSearch(qm)
         bias = None if qm.bias is None else qm.bias.detach().float()
-
-        def weight_at(f: float):
-            scale, zero = integer.params_from_range(f * lo, f * hi, fmt.bits, fmt.symmetric)
-            return scale, zero, integer.fake_quantize(w, scale, zero, fmt.bits, fmt.group_size)
-
         act = _ActSearch.of(grid, site)
         xq = act.apply(x, None)
         w_f, a_f = 1.0, None
-        wq = weight_at(w_f)[2]
+        wq = weights.apply(w_f)
 
         def score(wq_, xq_) -> float:
             return metric(F.linear(xq_, wq_, bias), target, g2)
@@ -158,7 +151,7 @@ class PTQ4ViT(RTN):
         first = best = score(wq, xq)
         for _ in range(self.rounds):
             for f in self.factors():
-                cand = weight_at(f)[2]
+                cand = weights.apply(f)
                 err = score(cand, xq)
                 if err < best:
                     best, w_f, wq = err, f, cand
@@ -168,9 +161,7 @@ class PTQ4ViT(RTN):
                     err = score(wq, cand)
                     if err < best:
                         best, a_f, xq = err, f, cand
-        scale, zero, _ = weight_at(w_f)
-        qw = QuantizedWeight.quantize(w, fmt, scale, zero)
-        qm.weight_q.set_fixed(replace(qw, shape=tuple(qm.weight.shape)), self.name)
+        weights.commit(w_f, self.name)
         if a_f is not None:
             act.commit(a_f)
         self.after_search(qm, act.apply(x, a_f), target)
@@ -188,6 +179,28 @@ def _ranges(w: torch.Tensor, fmt) -> tuple[torch.Tensor, torch.Tensor]:
         return m.min().reshape(1, 1), m.max().reshape(1, 1)
     groups = integer.to_groups(m, fmt.group_size)
     return groups.amin(-1), groups.amax(-1)
+
+
+class _WeightSearch:
+    """A linear's weight grid with every group's range scaled by one factor: ``apply`` gives the
+    fake-quantized weight, ``commit`` stores those codes on the layer."""
+
+    def __init__(self, qm):
+        self.qm = qm
+        self.w = qm.stored_weight().detach().float()
+        self.fmt = qm.weight_q.fmt
+        self.lo, self.hi = _ranges(self.w, self.fmt)
+
+    def params(self, f: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return integer.params_from_range(f * self.lo, f * self.hi, self.fmt.bits, self.fmt.symmetric)
+
+    def apply(self, f: float) -> torch.Tensor:
+        scale, zero = self.params(f)
+        return integer.fake_quantize(self.w, scale, zero, self.fmt.bits, self.fmt.group_size)
+
+    def commit(self, f: float, method: str) -> None:
+        qw = QuantizedWeight.quantize(self.w, self.fmt, *self.params(f))
+        self.qm.weight_q.set_fixed(replace(qw, shape=tuple(self.qm.weight.shape)), method)
 
 
 class _ActSearch:

@@ -289,7 +289,11 @@ class IntEncoderLayer(nn.Module):
 class IntegerEncoder(nn.Module):
     """Shared plumbing of the integer models: three ways to run ``run(o, *integer_inputs)``."""
 
-    recipe: str
+    def __init__(self, recipe: str):
+        super().__init__()
+        if recipe not in RECIPES:
+            raise ValueError(f"recipe {recipe!r}: choose one of {sorted(RECIPES)}")
+        self.recipe = recipe
 
     def integer_forward(self, *inputs, fused: bool = True):
         """Integer inputs to integer outputs with integer tensors only (the deployed computation); ``fused``
@@ -419,10 +423,7 @@ class IntegerViT(IntegerEncoder):
     logit codes (int32, 16-bit) out."""
 
     def __init__(self, model: nn.Module, images: list[torch.Tensor], recipe: str = "ivit"):
-        super().__init__()
-        if recipe not in RECIPES:
-            raise ValueError(f"recipe {recipe!r}: choose one of {sorted(RECIPES)}")
-        self.recipe = recipe
+        super().__init__(recipe)
         vp = describe_vit(model)
         parts = vp.layers
         r = Ranges()
@@ -565,10 +566,7 @@ class IntegerBert(IntegerEncoder):
     """A BERT encoder in integers: ``input_ids``/``attention_mask`` in, hidden-state codes (int32, 16-bit) out."""
 
     def __init__(self, model: nn.Module, batches: list[dict], recipe: str = "ibert"):
-        super().__init__()
-        if recipe not in RECIPES:
-            raise ValueError(f"recipe {recipe!r}: choose one of {sorted(RECIPES)}")
-        self.recipe = recipe
+        super().__init__(recipe)
         parts = bert_parts(model)
         emb = model.embeddings
         r = Ranges()
