@@ -228,6 +228,8 @@ def test_integer_vit_refuses_what_it_cannot_run(tiny_vit):
     im = integer_vit(model, [images[:8]])
     with pytest.raises(ValueError, match="images"):
         im(torch.randn(2, 3, 16, 16))
+    with pytest.raises(ValueError, match="at least one calibration batch"):
+        integer_vit(model, [])
     gelu = ViTCifar(dim=32, depth=1, heads=4, mlp_dim=64).eval()
     gelu.transformer.layers[0].activation = torch.nn.SiLU()
     with pytest.raises(ValueError, match="no integer form"):

@@ -289,8 +289,12 @@ class IntEncoderLayer(nn.Module):
 class IntegerEncoder(nn.Module):
     """Shared plumbing of the integer models: three ways to run ``run(o, *integer_inputs)``."""
 
-    def __init__(self, recipe: str):
+    def __init__(self, recipe: str, calibration: list):
         super().__init__()
+        if not calibration:
+            raise ValueError(
+                f"{type(self).__name__} needs at least one calibration batch to fix its integer scales; got none"
+            )
         if recipe not in RECIPES:
             raise ValueError(f"recipe {recipe!r}: choose one of {sorted(RECIPES)}")
         self.recipe = recipe
@@ -423,7 +427,7 @@ class IntegerViT(IntegerEncoder):
     logit codes (int32, 16-bit) out."""
 
     def __init__(self, model: nn.Module, images: list[torch.Tensor], recipe: str = "ivit"):
-        super().__init__(recipe)
+        super().__init__(recipe, images)
         vp = describe_vit(model)
         parts = vp.layers
         r = Ranges()
@@ -566,7 +570,7 @@ class IntegerBert(IntegerEncoder):
     """A BERT encoder in integers: ``input_ids``/``attention_mask`` in, hidden-state codes (int32, 16-bit) out."""
 
     def __init__(self, model: nn.Module, batches: list[dict], recipe: str = "ibert"):
-        super().__init__(recipe)
+        super().__init__(recipe, batches)
         parts = bert_parts(model)
         emb = model.embeddings
         r = Ranges()
