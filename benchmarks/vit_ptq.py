@@ -4,7 +4,9 @@ lowbit's defaults (min-max weights, MSE activation ranges), RTN on the MSE-searc
 randomly dropped), and the ViT methods: RepQ-ViT (per-channel post-LayerNorm grids
 reparameterized, log-sqrt2 softmax), FQ-ViT (power-of-two factors on the residual sums, a
 4-bit log2 attention map, min-max elsewhere) and PTQ4ViT (twin-uniform softmax and GELU,
-Hessian-guided scale search), with the same calibration images and seed. Every
+Hessian-guided scale search), APQ-ViT, PTQ for ViT, P2-ViT, CPT-V, NoisyQuant, outlier-aware
+slicing (QDrop at a granularity picked per block) and PMQ (mixed widths per linear within the
+uniform budget), with the same calibration images and seed. Every
 site is quantized: every linear's and the patch embedding's input, the softmax output, the
 MLP activation output, both operands of ``q @ k^T`` and both residual sums; the patch
 embedding and the head at 8 bits.
@@ -41,13 +43,16 @@ RUNS = {
     "repq_vit": ("repq_vit", {}),
     "fq_vit": ("fq_vit", {}),
     "ptq4vit": ("ptq4vit", {}),  # twin-uniform softmax / MLP activation, Hessian-guided weight and input scales
-    "apq_vit": ("apq_vit", {}),
+    "apq_vit": ("apq_vit", {}),  # the same search scored at each block's output, a searched log2 softmax (MPQ)
     "ptq_for_vit": ("ptq_for_vit", {}),  # cosine search + ranking-aware attention loss, bias correction
     "ptq_for_vit no rank": ("ptq_for_vit", {"gamma": 0.0}),  # ablations of the two additions
     "ptq_for_vit no bias corr.": ("ptq_for_vit", {"bias_correction": False}),
     "p2_vit": ("p2_vit", {}),  # power-of-two weight and activation scales, adaptively rounded
-    "cpt_v": ("cpt_v", {}),  # evolutionary scale search against a block-output contrastive loss  # the same search scored at each block's output, a searched log2 softmax (MPQ)
+    "cpt_v": ("cpt_v", {}),  # evolutionary scale search against a block-output contrastive loss
     "noisyquant": ("noisyquant", {}),  # a fixed per-channel noisy bias before each linear's grid
+    "oas_vit": ("oas_vit", {}),  # QDrop at the granularity (block / residual halves / layers) a trial picks per block
+    "pmq": ("pmq", {}),  # widths per linear from a global sensitivity and a Pareto frontier, same budget
+    "pmq patches": ("pmq", {"patches": True}),  # and budget-neutral widths per patch inside each layer
 }
 
 
@@ -73,7 +78,7 @@ def main() -> None:
         bits, act_bits = CONFIGS[config]
         for run in args.runs:
             method, extra = RUNS[run]
-            kw = {"iters": args.iters, "seed": args.seed} if method == "qdrop" else {}
+            kw = {"iters": args.iters, "seed": args.seed} if method in ("qdrop", "oas_vit") else {}
             t0 = time.perf_counter()
             q = lowbit.quantize(copy.deepcopy(model), method, bits=bits, act_bits=act_bits, calib=calib,
                                 progress=False, **extra, **kw)  # fmt: skip

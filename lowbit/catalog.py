@@ -20,6 +20,8 @@ METHODS = {
     "apq_vit": "APQ-ViT (Ding et al. 2022): block-output Hessian-guided scale search, Matthew-effect log2 softmax",
     "ptq_for_vit": "PTQ for ViT (Liu et al. 2021): cosine scale search with a ranking-aware attention loss, bias correction",
     "p2_vit": "P2-ViT (Shi et al. 2024): power-of-two weight and activation scales, adaptively rounded",
+    "oas_vit": "Outlier-aware slicing (Ma et al. 2024): QDrop reconstruction at the granularity a trial picks per block",
+    "pmq": "PMQ (Xiao et al. 2023): Fisher sensitivity, Pareto-frontier widths per linear, patch-wise widths",
     "cpt_v": "CPT-V (Nasser et al. 2022): block-wise evolutionary scale search against a contrastive loss",
     "ptq4vit": "PTQ4ViT (Yuan et al. 2022): twin-uniform softmax/GELU, Hessian-guided scale search",
     "repq_vit": "RepQ-ViT (Li et al. 2023): post-LayerNorm per-channel grids reparameterized, log-sqrt2 softmax",

@@ -16,7 +16,7 @@ from lowbit.nn import QConv, QLinear, W8A8Linear
 from lowbit.nn.qmodule import QSite
 
 QUANTIZERS = ["rtn", "gptq", "awq", "adaround", "brecq", "qdrop", "bias_correction", "llmint8", "zeroquant",
-              "repq_vit", "fq_vit", "ptq4vit", "apq_vit", "ptq_for_vit", "p2_vit", "cpt_v", "noisyquant"]
+              "repq_vit", "fq_vit", "ptq4vit", "apq_vit", "ptq_for_vit", "p2_vit", "cpt_v", "noisyquant", "oas_vit", "pmq"]
 TRANSFORMS = ["smoothquant", "osplus", "rptq", "peg"]
 
 
@@ -60,14 +60,14 @@ FAMILIES = {"llama": tiny_llama, "bert": tiny_bert, "vit": tiny_vit, "resnet": t
 
 def recipe_for(method: str) -> tuple[str, dict]:
     kw = {"bits": 4, "group_size": 16 if method in ("rtn", "gptq", "awq") else -1}
-    if method in ("adaround", "brecq", "qdrop"):
+    if method in ("adaround", "brecq", "qdrop", "oas_vit"):
         kw["iters"] = 2
     if method in TRANSFORMS:
         return f"{method}+rtn", {"bits": 8, "group_size": -1, "act_bits": 8, "act_granularity": "tensor",
                                  "act_dynamic": False}  # fmt: skip
     if method in ("llmint8", "zeroquant"):
         return method, {}
-    if method in ("repq_vit", "fq_vit", "ptq4vit", "apq_vit", "ptq_for_vit", "p2_vit", "cpt_v", "noisyquant"):  # static activations by definition
+    if method in ("repq_vit", "fq_vit", "ptq4vit", "apq_vit", "ptq_for_vit", "p2_vit", "cpt_v", "noisyquant", "pmq"):  # static activations by definition
         return method, {"bits": 4, "group_size": -1, "act_bits": 8, "act_granularity": "tensor", "act_dynamic": False}
     return method, kw
 

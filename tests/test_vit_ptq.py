@@ -414,18 +414,127 @@ def test_cpt_v_infonce_and_its_search_never_raises_the_loss():
         lowbit.quantize(m, "cpt_v", act_bits=8, calib=ids, progress=False)
 
 
+# ---- outlier-aware slicing and PMQ -----------------------------------------------------------------
+
+
+def test_oas_slices_a_block_at_its_residual_sum_and_picks_the_granularity_by_trial():
+    from lowbit.methods.oas_vit import _boundaries, outlier_ratio
+
+    assert outlier_ratio(torch.cat([torch.ones(999), torch.tensor([50.0])])) == pytest.approx(50.0)
+    x = images(32)
+    model = tiny_vit()
+    q = lowbit.quantize(copy.deepcopy(model), "oas_vit", bits=4, group_size=-1, act_bits=4, calib=x, progress=False,
+                        iters=8, batch_size=8)  # fmt: skip
+    logged = {e["unit"]: e for e in q.lowbit_log if "granularity" in e}
+    for i in range(2):
+        e = logged[f"transformer.layers.{i}"]
+        assert set(e["trial_errors"]) == {"block", "residual", "layer"}
+        assert e["granularity"] == min(e["trial_errors"], key=e["trial_errors"].get)
+        assert f"transformer.layers.{i}.add1" in e["outlier_ratio"]  # the residual cut was measured
+    assert {r.method for r in q.lowbit_coverage.quantized} == {"oas_vit"}
+    # the residual slicing of a block: the attention half ends at its first residual sum
+    order = ["a.q", "a.k", "a.softmax", "a.out", "add1", "fc1", "act", "fc2", "add2"]
+
+    class S(lowbit.nn.qmodule.QSite):
+        def __init__(self, role):
+            torch.nn.Module.__init__(self)
+            self.role = role
+
+    members = {n: (S("residual") if n.startswith("add") else S("softmax") if n in ("a.softmax", "act") else
+                   lowbit.nn.qmodule.QModule(torch.nn.Linear(2, 2), lowbit.formats.spec.WeightFormat("int", 4, None)))
+               for n in order}  # fmt: skip
+    assert _boundaries("residual", order, members) == ["add1"]
+    assert _boundaries("layer", order, members) == ["a.q", "a.k", "a.out", "fc1", "fc2"]
+    assert _boundaries("block", order, members) == []
+    with pytest.raises(ValueError, match="granularities"):
+        lowbit.quantize(copy.deepcopy(model), "oas_vit", act_bits=4, calib=x, progress=False, granularities=("stage",))
+
+
+def test_oas_the_chosen_slicing_matches_a_qdrop_block_when_only_block_is_offered():
+    x = images(16)
+    model = tiny_vit()
+    kw = dict(bits=4, group_size=-1, act_bits=8, calib=x, progress=False, iters=4, batch_size=8)
+    a = lowbit.quantize(copy.deepcopy(model), "oas_vit", granularities=("block",), **kw)
+    b = lowbit.quantize(copy.deepcopy(model), "qdrop", **kw)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))  # one slice at the block's output is QDrop, step for step
+
+
+def test_pmq_pareto_picks_the_cheapest_allocation_within_both_budgets():
+    from lowbit.methods.pmq import pareto, token_widths
+
+    # two layers, options (bits, ops, cost, label): the uniform (4, 4) costs 10 + 10
+    opts = [[(4, 16, 10.0, "a4"), (3, 12, 30.0, "a3"), (5, 20, 1.0, "a5")],
+            [(4, 16, 10.0, "b4"), (3, 12, 12.0, "b3"), (5, 20, 8.0, "b5")]]  # fmt: skip
+    picked = [o[-1] for o in pareto(opts, 8, 32, 64)]
+    assert picked == ["a5", "b3"]  # 13 < 20; (a5, b5) would break the budget
+    assert [o[-1] for o in pareto(opts, 8, 28, 64)] == ["a4", "b3"]  # a tighter BOPs budget
+    # patch widths: raise the most sensitive positions, lower the least, only when it gains
+    cost = {3: torch.tensor([9.0, 1.0, 1.0, 0.4]), 4: torch.tensor([4.0, 0.5, 0.5, 0.1]),
+            5: torch.tensor([1.0, 0.2, 0.2, 0.05])}  # fmt: skip
+    assert token_widths(cost, 4).tolist() == [5, 4, 4, 3]
+    flat = {b: torch.full((4,), 1.0) for b in (3, 4, 5)}
+    assert token_widths(flat, 4) is None
+
+
+def test_pmq_gives_layers_mixed_widths_within_the_uniform_budget_and_patch_widths_reload(tmp_path):
+    x = images(32)
+    model = tiny_vit()
+    q = lowbit.quantize(copy.deepcopy(model), "pmq", bits=4, group_size=-1, act_bits=4, calib=x, progress=False,
+                        patches=True, search_images=16, min_patch_bits=2)  # fmt: skip
+    plan = [e for e in q.lowbit_log if "weight_bits" in e]
+    assert plan and {e["weight_bits"] for e in plan} <= {3, 4, 5}
+    sizes = {r.name: r.numel for r in q.lowbit_coverage.quantized}
+    assert sum(e["weight_bits"] * sizes[e["layer"]] for e in plan) <= 4 * sum(sizes[e["layer"]] for e in plan)
+    widths = {r.name: int(r.format.split()[0][3:]) for r in q.lowbit_coverage.quantized}
+    assert all(widths[e["layer"]] == e["weight_bits"] for e in plan)
+    assert widths["mlp_head.1"] == 8  # the head keeps the last layer's 8 bits
+    patched = [m for m in q.modules() if isinstance(m, lowbit.nn.quantizers.ActQuantizer) and m.token_bits is not None]
+    assert patched, "no layer took patch-wise widths"
+    assert all(m.token_bits.numel() == 17 for m in patched)  # the class token and 16 patches of the tiny ViT
+    assert any(len(set(m.token_bits.tolist())) > 1 for m in patched)
+    with torch.no_grad():
+        ref = q(x)
+    lowbit.save(q, tmp_path / "pmq")
+    back = lowbit.load(tmp_path / "pmq")
+    with torch.no_grad():
+        assert torch.equal(back(x), ref)
+    with pytest.raises(ValueError, match="token positions"):
+        patched[0](torch.randn(2, 5, 32))
+
+
+def test_token_widths_cut_the_same_range_into_fewer_or_more_levels():
+
+    q = lowbit.nn.quantizers.ActQuantizer(ActFormat(4, "tensor", False, False))
+    q.set_static(torch.tensor(0.1), torch.tensor(5.0))  # codes 0..15 over [-0.5, 1.0]
+    x = torch.linspace(-0.6, 1.1, 40).reshape(1, 4, 10)
+    full = q(x)
+    q.set_token_bits(torch.tensor([4, 4, 4, 4]))
+    assert torch.allclose(q(x), full)
+    q.set_token_bits(torch.tensor([2, 3, 4, 8]))
+    out = q(x)
+    assert torch.allclose(out[0, 2], full[0, 2])
+    assert len(torch.unique(q(torch.linspace(-0.5, 1.0, 400).reshape(1, 4, 100))[0, 0])) <= 4  # 2 bits: 4 levels
+    assert float(out.min()) >= -0.5 - 1e-6 and float(out.max()) <= 1.0 + 1e-6  # the range is kept
+    with pytest.raises(ValueError, match="2..8 bits"):
+        q.set_token_bits(torch.tensor([1, 4, 4, 4]))
+
+
 @pytest.mark.parametrize("kind", ["vit", "deit"])
-@pytest.mark.parametrize("method", ["repq_vit", "fq_vit", "ptq4vit", "apq_vit", "ptq_for_vit", "p2_vit", "cpt_v"])
+@pytest.mark.parametrize("method", ["repq_vit", "fq_vit", "ptq4vit", "apq_vit", "ptq_for_vit", "p2_vit", "cpt_v",
+                                    "oas_vit", "pmq"])
 def test_the_vit_methods_run_on_transformers_vit_and_deit_through_the_same_adapter(method, kind):
     x = images(16)
     model = build(kind)
     ref = output(model(x)).detach()
     extra = {"candidates": 10, "rounds": 1, "search_images": 8} if method in ("ptq4vit", "apq_vit", "ptq_for_vit") else {}
     extra = {"iterations": 5, "search_images": 8} if method == "cpt_v" else extra
+    extra = {"iters": 4, "batch_size": 8} if method == "oas_vit" else extra
     q = lowbit.quantize(copy.deepcopy(model), method, bits=8, act_bits=8, calib=x, progress=False, **extra)
     assert {r.method for r in q.lowbit_coverage.quantized} == {method}
     kinds = {m.output_q.fmt.kind for n, m in q.named_modules() if n.endswith("attention.softmax")}
-    assert kinds == {"repq_vit": {"logsqrt2"}, "fq_vit": {"log2"}, "ptq4vit": {"twin"}, "apq_vit": {"log2"}, "ptq_for_vit": {"int"}, "p2_vit": {"int"}, "cpt_v": {"int"}}[method]
+    assert kinds == {"repq_vit": {"logsqrt2"}, "fq_vit": {"log2"}, "ptq4vit": {"twin"}, "apq_vit": {"log2"}, "ptq_for_vit": {"int"}, "p2_vit": {"int"}, "cpt_v": {"int"},
+             "oas_vit": {"int"}, "pmq": {"int"}}[method]
     with torch.no_grad():
         got = output(q(x))
     assert F.cosine_similarity(got.flatten(), ref.flatten(), 0) > 0.95

@@ -32,6 +32,7 @@ def run(model: nn.Module, adapter: Adapter, methods: list, targets: list[Target]
     quantizer = methods[-1]
     todo = [t for t in targets if t.skip is None]
     for m in methods:
+        m.progress = progress  # a long prepare step (a sensitivity pass) shows its own bar
         m.prepare(model, adapter, batches)
     wrap(model, adapter, quantizer, todo, first_last_bits)
     specs = adapter.units(model)

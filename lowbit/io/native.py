@@ -35,7 +35,7 @@ from lowbit.quantized_weight import QuantizedWeight
 QUANT_METHOD = "lowbit"
 WEIGHTS = "model.safetensors"
 # the W8A8Linear buffers a checkpoint carries, by their names on the module
-ACT_BUFFERS = ("scale", "zero", "perm", "bounds", "input_shift", "input_scale")
+ACT_BUFFERS = ("scale", "zero", "perm", "bounds", "input_shift", "input_scale", "token_bits")
 W8A8_BUFFERS = ("act_scale", "act_zero", "act_bounds", "perm", "input_shift", "input_scale")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",

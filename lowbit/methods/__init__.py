@@ -11,9 +11,11 @@ from lowbit.methods.fq_vit import FQViT
 from lowbit.methods.gptq import GPTQ
 from lowbit.methods.llmint8 import LLMInt8
 from lowbit.methods.noisyquant import NoisyQuant
+from lowbit.methods.oas_vit import OASViT
 from lowbit.methods.osplus import OSPlus
 from lowbit.methods.p2_vit import P2ViT
 from lowbit.methods.peg import PEG
+from lowbit.methods.pmq import PMQ
 from lowbit.methods.ptq4vit import PTQ4ViT
 from lowbit.methods.ptq_for_vit import PTQForViT
 from lowbit.methods.qdrop import QDrop
@@ -38,8 +40,10 @@ __all__ = [
     "GPTQ",
     "LLMInt8",
     "NoisyQuant",
+    "OASViT",
     "OSPlus",
     "PEG",
+    "PMQ",
     "RPTQ",
     "RepQViT",
     "REGISTRY",

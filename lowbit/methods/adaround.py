@@ -138,6 +138,9 @@ class AdaRound(MethodConfig):
             a.drop_prob = self.drop_prob
             a.train()
         first = last = None
+        rng = torch.random.fork_rng(devices=[])  # QDrop's drop masks from the seed, not the caller's RNG state
+        rng.__enter__()
+        torch.manual_seed(self.seed)
         try:
             for step in range(self.iters):
                 out, tgt, w = self._sample(run, x_q, x_fp, target, weight, g)
@@ -158,6 +161,7 @@ class AdaRound(MethodConfig):
                 first = float(rec.detach()) if first is None else first
                 last = float(rec.detach())
         finally:
+            rng.__exit__(None, None, None)
             for a, p in drops:
                 a.drop_prob = p
                 a.eval()

@@ -171,14 +171,16 @@ class QModule(nn.Module):
                     g = frozen_act(input_grid)
                     return W8A8Linear(qw, bias, g.fmt, act_scale=g.scale, act_zero=g.zero)
                 return QLinear(qw, bias, kernel)
-            if not aq.fmt.uniform:  # a log / twin grid: quantized in simulation, then the weight-only kernel
+            if not aq.fmt.uniform or aq.token_bits is not None:
+                # a log / twin grid or widths per token: quantized in simulation, then the weight-only kernel
                 return QSite(QLinear(qw, bias, kernel), [frozen_act(aq)], None)
             return W8A8Linear(qw, bias, aq.fmt, act_scale=aq.scale, act_zero=aq.zero, act_bounds=aq.bounds,
                               perm=aq.perm, input_shift=aq.input_shift, input_scale=aq.input_scale,
                               outlier_threshold=aq.outlier_threshold)  # fmt: skip
         dims = 1 if self.kind == "conv1d" else 2
         grid = aq if aq.fmt is not None else input_grid
-        plain = grid is not None and grid.perm is None and grid.input_shift is None and grid.input_scale is None
+        plain = grid is not None and grid.perm is None and grid.input_shift is None and grid.input_scale is None \
+            and grid.token_bits is None
         if plain and not grid.outlier_threshold and fits(qw, grid.fmt, self.conv["groups"]) is None:
             g = frozen_act(grid)
             return W8A8Conv(qw, bias, g.fmt, act_scale=g.scale, act_zero=g.zero, dims=dims, **self.conv)
@@ -197,14 +199,14 @@ class QModule(nn.Module):
 def _plain_uniform(grid: ActQuantizer | None) -> bool:
     """A static per-tensor uniform grid with nothing else attached (no transform, permutation or outliers)."""
     return grid is not None and grid.per_tensor_grid and grid.scale is not None and grid.input_shift is None and \
-        grid.input_scale is None and not grid.outlier_threshold  # fmt: skip
+        grid.input_scale is None and not grid.outlier_threshold and grid.token_bits is None  # fmt: skip
 
 
 def frozen_act(q: ActQuantizer) -> ActQuantizer:
     """A copy of ``q`` fixed for inference (no learning, no dropping)."""
     q.freeze_scale()
     out = ActQuantizer(q.fmt, q.observer, q.percentile, q.channel_dim)
-    for name in ("scale", "zero", "perm", "bounds", "input_shift", "input_scale"):
+    for name in ("scale", "zero", "perm", "bounds", "input_shift", "input_scale", "token_bits"):
         value = getattr(q, name)
         setattr(out, name, None if value is None else value.detach().clone())
     out.outlier_threshold = q.outlier_threshold

@@ -217,7 +217,7 @@ class ActQuantizer(nn.Module):
         super().__init__()
         check_observer(observer)
         self.fmt, self.observer, self.percentile, self.channel_dim = fmt, observer, percentile, channel_dim
-        for name in ("scale", "zero", "perm", "bounds", "input_shift", "input_scale"):
+        for name in ("scale", "zero", "perm", "bounds", "input_shift", "input_scale", "token_bits"):
             self.register_buffer(name, None)
         self.outlier_threshold: float | None = None
         self.drop_prob = 0.0
@@ -270,6 +270,17 @@ class ActQuantizer(nn.Module):
 
         self.fmt = replace(self.fmt, granularity="group", dynamic=False)
         self.perm, self.bounds = perm.long().cpu(), bounds.long().cpu()
+
+    def set_token_bits(self, bits: torch.Tensor | None) -> None:
+        """A width per token position (dim -2) on this static per-tensor grid (PMQ's patch-wise bits): each
+        position's codes span the same range with ``2^bits`` levels. ``None``: every position at the format's."""
+        if bits is not None:
+            bits = torch.as_tensor(bits).long().reshape(-1).cpu()
+            if self.fmt is None or not self.fmt.uniform or self.fmt.dynamic or self.fmt.granularity != "tensor":
+                raise ValueError("token widths need a static per-tensor uniform activation grid")
+            if not bool(((bits >= 2) & (bits <= 8)).all()):
+                raise ValueError(f"token widths must be 2..8 bits, got {sorted(set(bits.tolist()))}")
+        self.token_bits = bits
 
     def set_static(self, scale: torch.Tensor, zero: torch.Tensor) -> None:
         scale = torch.as_tensor(scale).detach().float().reshape(-1).clone()
@@ -369,6 +380,8 @@ class ActQuantizer(nn.Module):
     def _per_tensor(self, x: torch.Tensor) -> torch.Tensor:
         lo, hi = self.fmt.code_range
         scale, zero = self.scale.reshape(()), self.zero.reshape(())
+        if self.token_bits is not None:
+            return self._per_token_width(x, scale.float(), zero.float(), lo, hi)
         if isinstance(self.scale, nn.Parameter) and self.scale.requires_grad:
             # LSQ: the step size's gradient, scaled by g = 1 / sqrt(numel * qmax)
             g = 1.0 / math.sqrt(x[0].numel() * max(hi, 1))
@@ -377,6 +390,25 @@ class ActQuantizer(nn.Module):
             v = v + (torch.round(v) - v).detach()
             return ((v + zero).clamp(lo, hi) - zero) * s
         return A.codes(x.float(), scale.float(), zero.float(), self.fmt).mul_(scale.float()).to(x.dtype)
+
+    def _per_token_width(self, x: torch.Tensor, scale, zero, lo: int, hi: int) -> torch.Tensor:
+        """The per-tensor grid's range, cut into ``2^b`` levels at each token position's width ``b``."""
+        if x.dim() < 2 or x.shape[-2] != self.token_bits.numel():
+            raise ValueError(f"this quantizer has widths for {self.token_bits.numel()} token positions; the input has "
+                             f"shape {tuple(x.shape)} (patch-wise widths need the calibration's sequence length)")
+        b = self.token_bits.to(x.device).float()
+        if self.fmt.symmetric:
+            lo_t, hi_t = -torch.exp2(b - 1), torch.exp2(b - 1) - 1
+        else:
+            lo_t, hi_t = torch.zeros_like(b), torch.exp2(b) - 1
+        s = scale * (hi - lo) / (hi_t - lo_t)
+        z = torch.round(lo_t - (lo - zero) * scale / s)
+        s, z, lo_t, hi_t = (t[:, None] for t in (s, z, lo_t, hi_t))
+        xf = x.float()
+        v = torch.round(xf / s)
+        if torch.is_grad_enabled() and x.requires_grad:
+            v = xf / s + (v - xf / s).detach()  # straight-through
+        return ((v + z).clamp(lo_t, hi_t) - z).mul(s).to(x.dtype)
 
     def _unrows(self, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         if self.channel_dim in (-1, like.dim() - 1):
