@@ -40,6 +40,8 @@ RUNS = {
     "rtn default": ("rtn", {}),  # lowbit's defaults for a ViT: min-max weights, MSE activation ranges
     "rtn mse": ("rtn", {"mse": True}),
     "qdrop": ("qdrop", {}),
+    "qdrop act_lr 4e-5": ("qdrop", {"act_lr": 4e-5}),  # a check: LSQ's step-size learning rate 100x smaller
+    "qdrop fixed act scales": ("qdrop", {"learn_act_scales": False}),
     "repq_vit": ("repq_vit", {}),
     "fq_vit": ("fq_vit", {}),
     "ptq4vit": ("ptq4vit", {}),  # twin-uniform softmax / MLP activation, Hessian-guided weight and input scales
@@ -48,11 +50,14 @@ RUNS = {
     "ptq_for_vit no rank": ("ptq_for_vit", {"gamma": 0.0}),  # ablations of the two additions
     "ptq_for_vit no bias corr.": ("ptq_for_vit", {"bias_correction": False}),
     "p2_vit": ("p2_vit", {}),  # power-of-two weight and activation scales, adaptively rounded
+    "p2_vit smoothing": ("p2_vit", {"smooth": True}),  # and PoT-aware smoothing first
+    "p2_vit mixed": ("p2_vit", {"mixed": True}),  # and coarse-to-fine weight widths within the same size
     "cpt_v": ("cpt_v", {}),  # evolutionary scale search against a block-output contrastive loss
     "noisyquant": ("noisyquant", {}),  # a fixed per-channel noisy bias before each linear's grid
     "oas_vit": ("oas_vit", {}),  # QDrop at the granularity (block / residual halves / layers) a trial picks per block
-    "pmq": ("pmq", {}),  # widths per linear from a global sensitivity and a Pareto frontier, same budget
-    "pmq patches": ("pmq", {"patches": True}),  # and budget-neutral widths per patch inside each layer
+    "pmq": ("pmq", {}),  # widths per linear (global sensitivity, Pareto frontier) and per patch, same budget
+    "pmq no patches": ("pmq", {"patches": False}),  # one width per linear
+    "pmq search 128": ("pmq", {"search_images": 128}),  # the sensitivities on 4x the images
 }
 
 

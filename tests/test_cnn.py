@@ -149,6 +149,25 @@ def test_activation_quantizer_is_unsigned_after_a_relu_and_drops_to_float():
     assert 0 < float(signed.zero) < 255
 
 
+def test_step_size_learning_rate_is_capped_relative_to_each_scale():
+    # Adam's first step moves a parameter by about its rate: at most act_lr, and at most act_lr_rel of the scale
+    x = torch.rand(64, 32)
+    moved = {}
+    for bits, mult in ((8, 1.0), (4, 1.0), (4, 40.0)):
+        q = observed(ActQuantizer(ActFormat(bits, "tensor", dynamic=False, symmetric=False), "minmax"), x * mult)
+        s0 = float(q.scale)
+        cfg = AdaRound(iters=1, batch_size=64, act_lr=4e-3, act_lr_rel=0.04)
+        cfg.reconstruct(q, [], [q], x * mult, (x * mult) * 0.7, learn_rounding=False, learn_acts=True)
+        moved[(bits, mult)] = (abs(float(q.scale) - s0), s0)
+    for (bits, mult), (step, s0) in moved.items():
+        assert 0 < step <= min(4e-3, 0.04 * s0) * 1.001, (bits, mult, step, s0)
+    # a small 8-bit scale moves by 4% of itself, a large one (above 0.1) by act_lr only
+    step8, s8 = moved[(8, 1.0)]
+    assert s8 < 0.01 and step8 == pytest.approx(0.04 * s8, rel=1e-2)
+    step_big, s_big = moved[(4, 40.0)]
+    assert s_big > 0.1 and step_big == pytest.approx(4e-3, rel=1e-2)
+
+
 def test_learned_activation_scale_gets_a_gradient():
     q = observed(ActQuantizer(ActFormat(4, "tensor", dynamic=False, symmetric=False), "minmax"), torch.rand(1000))
     scale = q.learn_scale()

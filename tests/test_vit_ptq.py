@@ -391,6 +391,50 @@ def test_p2_vit_makes_every_scale_a_power_of_two_choosing_floor_or_ceil_by_error
     assert {r.method for r in q.lowbit_coverage.quantized} == {"p2_vit"}
 
 
+def test_p2_vit_coarse_to_fine_picks_block_widths_then_layer_widths_within_the_block():
+    from lowbit.methods.p2_vit import coarse_to_fine
+
+    groups = {
+        "b0": [("a", 10, {3: 5.0, 4: 0.5, 5: 0.1}), ("b", 10, {3: 0.25, 4: 0.2, 5: 0.19})],
+        "b1": [("c", 20, {3: 5.0, 4: 0.05, 5: 0.0})],
+    }
+    coarse = {"b0": {3: 10.0, 4: 1.0, 5: 0.95}, "b1": {3: 5.0, 4: 0.05, 5: 0.0}}
+    # coarse: 4+4 (1.05) beats 5+3 (5.95) and 3+5 (10); fine: inside b0's 80 bits a=5, b=3 (0.35 < 0.7)
+    plan = coarse_to_fine(groups, coarse, bits=4)
+    assert plan == {"a": 5, "b": 3, "c": 4}
+    assert 10 * plan["a"] + 10 * plan["b"] + 20 * plan["c"] <= 4 * 40
+    # a block that gains a lot from one more bit takes it from a block that loses little
+    coarse["b1"] = {3: 0.06, 4: 0.05, 5: 0.0}
+    coarse["b0"] = {3: 10.0, 4: 1.0, 5: 0.01}
+    plan = coarse_to_fine(groups, coarse, bits=4)
+    assert plan["c"] == 3 and 10 * plan["a"] + 10 * plan["b"] <= 5 * 20
+
+
+def test_p2_vit_smoothing_factors_are_powers_of_two_and_mixed_widths_keep_the_size(tmp_path):
+    from lowbit.methods.p2_vit import is_power_of_two
+
+    x = images(32)
+    model = tiny_vit()
+    kw = dict(bits=4, group_size=-1, act_bits=8, calib=x, progress=False)
+    plain = lowbit.quantize(copy.deepcopy(model), "p2_vit", **kw)  # smoothing is off by default
+    assert not any(getattr(m, "input_scale", None) is not None for m in plain.modules())
+    sim = lowbit.quantize(copy.deepcopy(model), "p2_vit", smooth=True, **kw)
+    scales = [m.input_scale for m in sim.modules() if getattr(m, "input_scale", None) is not None]
+    assert scales and all(is_power_of_two(s) for s in scales)
+    assert any(bool((s != 1).any()) for s in scales)  # the search kept some migration
+    mixed = lowbit.quantize(copy.deepcopy(model), "p2_vit", mixed=True, search_images=8, **kw)
+    widths = {r.name: int(r.format.split()[0][3:]) for r in mixed.lowbit_coverage.quantized}
+    numel = {r.name: r.numel for r in mixed.lowbit_coverage.quantized}
+    block = {n: w for n, w in widths.items() if n.startswith("transformer.layers.")}
+    assert block and set(block.values()) <= {3, 4, 5}
+    assert sum(block[n] * numel[n] for n in block) <= 4 * sum(numel[n] for n in block)
+    logged = {r["layer"]: r["weight_bits"] for r in mixed.lowbit_log if "weight_bits" in r}
+    assert logged == block
+    lowbit.save(mixed, tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(lowbit.load(tmp_path / "q")(x), mixed(x))
+
+
 def test_cpt_v_infonce_and_its_search_never_raises_the_loss():
     from lowbit.methods.cpt_v import info_nce
 

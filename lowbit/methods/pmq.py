@@ -25,9 +25,7 @@ here as described below (lowbit's choices, not the paper's formulas):
   the model is never larger or costlier than at ``bits``/``act_bits`` everywhere. Layers at
   another width (the first and last layers' 8 bits) keep it; a linear whose input another
   grid already quantizes (it reads a site's output) counts ``act_bits`` for its BOPs.
-- **Patch-wise widths** (``patches=True``; off by default: on the CIFAR ViT at W4A4 they cost
-  1.8 points on 500 test images against the same allocation without them, the second-order
-  estimate per position does not foresee what a narrower patch does downstream). Inside each
+- **Patch-wise widths** (``patches=True``, the default). Inside each
   layer, the input's token positions (a ViT's class token and patches) with the largest
   estimated loss get one bit more, the same number with the smallest one bit less (never
   below ``min_patch_bits``), the count chosen to minimise the layer's estimated loss (zero
@@ -38,6 +36,11 @@ here as described below (lowbit's choices, not the paper's formulas):
 
 Weights and activation ranges are then round-to-nearest with lowbit's defaults at each
 layer's width (min-max weights, MSE-searched static activation ranges).
+
+Measured on the CIFAR ViT at W4A4 (all 10,000 test images, 256 calibration images, two
+calibration seeds): round-to-nearest 69.63 / 70.25, the per-layer widths alone 70.16 / 70.00,
+with the patch widths 70.50 / 70.03. The patch widths never cost accuracy there; the gain over
+uniform widths (+0.3 on average) is smaller than what the calibration seed moves (0.6).
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ class PMQ(RTN):
 
     offsets: tuple = (-1, 0, 1)
     search_images: int = 32
-    patches: bool = False  # measured: budget-neutral patch widths cost 1.8 points on the CIFAR ViT at W4A4
+    patches: bool = True  # budget-neutral widths per token position inside each layer
     cells: int = 96  # the frontier's grid per axis (bits x BOPs)
     min_patch_bits: int = 3  # a patch never goes below this width
 
@@ -357,19 +360,11 @@ def output_costs(model: nn.Module, batches: list, sens: dict, fmt, widths: dict,
     if not batches:
         return
     ref = [_output(model, b) for b in batches]
+    kl = all(s["weighted"] for s in sens.values())
 
     def distance() -> float:
-        total = 0.0
-        for b, r in zip(batches, ref):
-            o = _output(model, b)
-            if r.dim() >= 2 and sens_weighted:
-                lp, lq = torch.log_softmax(r.float(), -1), torch.log_softmax(o.float(), -1)
-                total += float((lp.exp() * (lp - lq)).sum())
-            else:
-                total += float((o - r).pow(2).sum() / r.pow(2).sum().clamp(min=1e-12))
-        return total
+        return output_distance(model, batches, ref, kl)
 
-    sens_weighted = all(s["weighted"] for s in sens.values())
     for name, s in tqdm(sens.items(), desc="pmq sensitivity", unit="layer", disable=not progress):
         m = model.get_submodule(name)
         w = m.weight.data
@@ -388,6 +383,21 @@ def output_costs(model: nn.Module, batches: list, sens: dict, fmt, widths: dict,
                 s["a_out"][b] = distance()
             finally:
                 h.remove()
+
+
+@torch.no_grad()
+def output_distance(model: nn.Module, batches: list, ref: list, kl: bool) -> float:
+    """How far the model's outputs on ``batches`` are from ``ref``: the KL divergence of the output
+    distribution (``kl``, a model with logits), else the relative squared error; summed over batches."""
+    total = 0.0
+    for b, r in zip(batches, ref):
+        o = _output(model, b)
+        if r.dim() >= 2 and kl:
+            lp, lq = torch.log_softmax(r.float(), -1), torch.log_softmax(o.float(), -1)
+            total += float((lp.exp() * (lp - lq)).sum())
+        else:
+            total += float((o - r).pow(2).sum() / r.pow(2).sum().clamp(min=1e-12))
+    return total
 
 
 def _output(model, batch) -> torch.Tensor:

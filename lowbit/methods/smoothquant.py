@@ -44,6 +44,8 @@ class SmoothQuant(MethodConfig):
 
     alpha: float = 0.5
     search: bool = True
+    pot: bool = False  # round every factor to the nearest power of two (P2-ViT's PoT-aware smoothing)
+    mse_range: bool = False  # score candidates on MSE-shrunk activation ranges (what an MSE observer sets)
 
     def refuses(self, family: str) -> str | None:
         if family == "cnn":
@@ -77,17 +79,23 @@ class SmoothQuant(MethodConfig):
                     transform_input(m, scale=s)
         unit.changed()
 
+    def _factors(self, x_max, ws, alpha) -> torch.Tensor:
+        s = smoothing_scales(x_max, ws, alpha)
+        return torch.exp2(torch.round(torch.log2(s))) if self.pot else s
+
     def _scales(self, st, ws, quantizer) -> torch.Tensor | None:
         if not self.search:
-            return smoothing_scales(st.abs_max, ws, self.alpha)
+            return self._factors(st.abs_max, ws, self.alpha)
         x = sample_rows(st.channel_stats().rows).to(st.abs_max.device)
         w = torch.cat(ws, 0)
         fmt_w, fmt_a = quantizer.weight_format, quantizer.act_format
         # static ranges as the min-max observer will see them: over all calibration data
-        best, best_err = None, migration_error(x, w, torch.ones_like(st.abs_max), fmt_w, fmt_a, float(st.abs_max.max()))
+        mse = self.mse_range
+        best, best_err = None, migration_error(x, w, torch.ones_like(st.abs_max), fmt_w, fmt_a,
+                                               float(st.abs_max.max()), mse)  # fmt: skip
         for i in range(21):
-            s = smoothing_scales(st.abs_max, ws, i / 20)
-            err = migration_error(x, w, s, fmt_w, fmt_a, float((st.abs_max / s).max()))
+            s = self._factors(st.abs_max, ws, i / 20)
+            err = migration_error(x, w, s, fmt_w, fmt_a, float((st.abs_max / s).max()), mse)
             if err < best_err:
                 best, best_err = s, err
         return best
