@@ -408,6 +408,10 @@ def test_p2_vit_coarse_to_fine_picks_block_widths_then_layer_widths_within_the_b
     coarse["b0"] = {3: 10.0, 4: 1.0, 5: 0.01}
     plan = coarse_to_fine(groups, coarse, bits=4)
     assert plan["c"] == 3 and 10 * plan["a"] + 10 * plan["b"] <= 5 * 20
+    with pytest.raises(ValueError, match="must include 0"):
+        lowbit.methods.make_method("p2_vit", bits=4, act_bits=4, offsets=(1,))
+    with pytest.raises(ValueError, match="search_images"):
+        lowbit.methods.make_method("p2_vit", bits=4, act_bits=4, search_images=0)
 
 
 def test_p2_vit_smoothing_factors_are_powers_of_two_and_mixed_widths_keep_the_size(tmp_path):

@@ -96,7 +96,7 @@ class OASViT(QDrop):
         if "block" not in candidates and not any(candidates.values()):
             candidates["block"] = []
         cuts = sorted({c for b in candidates.values() for c in b}, key=order.index)
-        floats = _float_values(unit, cuts, float_inputs, inputs)
+        floats = _float_values(unit, cuts, inputs)
         ratios = {c: round(outlier_ratio(_flat(floats[c])), 2) for c in cuts}
         choice = next(iter(candidates))
         errors: dict[str, float] = {}
@@ -180,7 +180,7 @@ def _cut_runner(unit, module, inputs):
     return run
 
 
-def _float_values(unit, cuts: list[str], float_inputs, inputs) -> dict:
+def _float_values(unit, cuts: list[str], inputs) -> dict:
     """The float model's value at each cut on the float inputs: stacked when the inputs are."""
     if not cuts:
         return {}
@@ -191,9 +191,8 @@ def _float_values(unit, cuts: list[str], float_inputs, inputs) -> dict:
     for m in unit.modules():
         set_quantization(m, False)
     try:
-        batches = unit.float_inputs
         with torch.no_grad():
-            for args, kwargs in batches:
+            for args, kwargs in unit.float_inputs:
                 unit.run(args, kwargs)
     finally:
         for h in hooks:

@@ -87,6 +87,8 @@ class P2ViT(RTN):
         self.offsets = tuple(int(d) for d in self.offsets)
         if 0 not in self.offsets:
             raise ValueError(f"offsets {list(self.offsets)} must include 0 (the uniform widths are the budget)")
+        if self.search_images < 1:
+            raise ValueError(f"search_images ({self.search_images}) must be >= 1")
 
     def prepare(self, model, adapter, batches) -> None:
         self._plan = self._costs = None
@@ -96,7 +98,7 @@ class P2ViT(RTN):
         widths = {b for b in (self.bits + d for d in self.offsets) if b in pmq.WIDTHS}
         sens = pmq.sensitivities(model, batches, self.search_images, self.weight_format, acts=False)
         pmq.output_costs(model, batches, sens, self.weight_format, {"w": widths, "a": set()},
-                         getattr(self, "progress", False))  # fmt: skip
+                         getattr(self, "progress", False), desc="p2_vit sensitivity")  # fmt: skip
         groups: dict[str, list[str]] = {}
         blocks = [n + "." for n, _ in adapter.blocks(model)]
         for name in sens:

@@ -353,7 +353,8 @@ def sensitivities(model: nn.Module, batches, limit: int, fmt, acts: bool) -> dic
 
 
 @torch.no_grad()
-def output_costs(model: nn.Module, batches: list, sens: dict, fmt, widths: dict, progress: bool = False) -> None:
+def output_costs(model: nn.Module, batches: list, sens: dict, fmt, widths: dict, progress: bool = False,
+                 desc: str = "pmq sensitivity") -> None:  # fmt: skip
     """Each linear's measured effect on the model's output with only its weights (``w_out``) or only its
     input (``a_out``) rounded to each width: the KL divergence of the output distribution from the float
     one (the relative squared error of the output for a model without logits), summed over the batches."""
@@ -365,7 +366,7 @@ def output_costs(model: nn.Module, batches: list, sens: dict, fmt, widths: dict,
     def distance() -> float:
         return output_distance(model, batches, ref, kl)
 
-    for name, s in tqdm(sens.items(), desc="pmq sensitivity", unit="layer", disable=not progress):
+    for name, s in tqdm(sens.items(), desc=desc, unit="layer", disable=not progress):
         m = model.get_submodule(name)
         w = m.weight.data
         s["w_out"] = {}
