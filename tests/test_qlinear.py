@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from lowbit import QLinear, WeightFormat
-from lowbit.kernels import avx512, cpu
+from lowbit.kernels import avx512, cpu, wq
+from lowbit.quantized_weight import QuantizedWeight
 
 
 def _pair(fmt, k=256, n=64, bias=True):
@@ -39,15 +40,109 @@ def _need_avx512():
         pytest.skip("lowbit's AVX-512 kernel is not available on this CPU or could not be built")
 
 
+def _need_native():
+    if wq.extension() is None:
+        pytest.skip("lowbit's CPU kernels could not be built here (no compiler?)")
+
+
+NATIVE_FORMATS = [
+    *INT4_FORMATS,
+    WeightFormat("int", 4, 96),  # a group that is not a power of two
+    WeightFormat("int", 4, 8, True),  # groups shorter than one vector step
+    WeightFormat("int", 8, -1, False),
+    WeightFormat("int", 8, -1, True),
+    WeightFormat("int", 8, 64, False),
+    WeightFormat("int", 8, 24, True),
+]
+
+
+@pytest.mark.parametrize("fmt", NATIVE_FORMATS, ids=lambda f: f.describe())
+def test_every_native_kernel_path_equals_dequantize_then_matmul(fmt):
+    """Each instruction-set path, GEMV and tiled GEMM, ragged last groups: fp32 rounding only."""
+    _need_native()
+    g = torch.Generator().manual_seed(0)
+    for k, n in ((288, 40), (300, 24)):  # 288 = 2 * 128 + 32, 300: ragged for every group here
+        qw = QuantizedWeight.quantize(torch.randn(n, k, generator=g), fmt)
+        packed = wq.Packed(qw, torch.device("cpu"))
+        packed.tile = 16  # several tiles even for these small layers
+        ref = qw.dequantize().double()
+        for isa in wq.available_isas():
+            assert torch.equal(packed.dequantize(isa), qw.dequantize()), isa
+            for rows in (1, 2, 3, 4, 5, 9, 40):  # remainder chunks of the GEMV; the tiled path
+                x = torch.randn(rows, k, generator=g)
+                y = packed.matmul(x, isa).double()
+                want = x.double() @ ref.t()
+                rel = float((y - want).norm() / want.norm())
+                assert rel < 1e-5, (isa, k, rows, rel)
+
+
+def test_native_paths_agree_with_each_other_on_a_layer():
+    _need_native()
+    lin = torch.nn.Linear(512, 96)
+    q = QLinear.from_linear(lin, WeightFormat("int", 4, 128))
+    assert q.select_kernel(torch.device("cpu"), 1) == "native"
+    x = torch.randn(3, 512)
+    outs = [q._prepare("native", x.device).matmul(x, isa) for isa in wq.available_isas()]
+    for y in outs[1:]:
+        torch.testing.assert_close(y, outs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(q(x), _reference(q, x), rtol=1e-5, atol=1e-5)
+
+
+def test_native_kernel_keeps_the_input_dtype_and_shape():
+    _need_native()
+    q = QLinear.from_linear(torch.nn.Linear(64, 32), WeightFormat("int", 4, 32))
+    x = torch.randn(2, 3, 64)
+    assert q(x).shape == (2, 3, 32)
+    assert q(x.to(torch.bfloat16)).dtype == torch.bfloat16
+    assert q(torch.randn(0, 64)).shape == (0, 32)
+
+
+def test_native_kernel_passes_gradients_to_its_input():
+    _need_native()
+    q = QLinear.from_linear(torch.nn.Linear(64, 16), WeightFormat("int", 4, 32))
+    for rows in (2, 40):  # the GEMV and the tiled path
+        x = torch.randn(rows, 64, requires_grad=True)
+        q(x).square().sum().backward()
+        x_ref = x.detach().clone().requires_grad_()
+        _reference(q, x_ref).square().sum().backward()
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_native_kernel_refuses_a_path_the_cpu_lacks_and_unknown_names(monkeypatch):
+    _need_native()
+    with pytest.raises(ValueError, match="unknown instruction set"):
+        wq.isa_code("sse9")
+    monkeypatch.setattr(wq, "available_isas", lambda: ["portable"])
+    with pytest.raises(ValueError, match="cannot run lowbit's avx2 kernels"):
+        wq.isa_code("avx2")
+
+
+def test_lowbit_isa_environment_variable_forces_a_path(monkeypatch):
+    _need_native()
+    monkeypatch.setenv("LOWBIT_ISA", "portable")
+    assert wq.selected_isa() == "portable"
+    q = QLinear.from_linear(torch.nn.Linear(64, 16), WeightFormat("int", 8, -1))
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(q(x), _reference(q, x), rtol=1e-5, atol=1e-5)
+
+
+def test_odd_k_4bit_is_not_run_natively():
+    qw = QuantizedWeight.quantize(torch.randn(8, 33), WeightFormat("int", 4, -1))
+    assert not wq.supported(qw)
+    q = QLinear(qw)
+    assert q.select_kernel(torch.device("cpu")) == "dequant"
+    x = torch.randn(2, 33)
+    torch.testing.assert_close(q(x), _reference(q, x))
+
+
 @pytest.mark.parametrize("fmt", [*INT4_FORMATS, WeightFormat("int", 4, 96)], ids=lambda f: f.describe())
 @pytest.mark.parametrize("n", [64, 40])
-def test_int4_avx512_kernel_matches_reference(fmt, n):
+def test_int4_avx512_bf16_mode_matches_reference(fmt, n):
     _need_avx512()
     lin = torch.nn.Linear(288, n)  # 288 = 2*128 + 32: a ragged last group for g128
-    q = QLinear.from_linear(lin, fmt)
+    q = QLinear.from_linear(lin, fmt, kernel="int4_avx512")
     for shape in [(1, 288), (3, 288), (2, 4, 288)]:
         x = torch.randn(shape)
-        assert q.select_kernel(x.device, x.numel() // 288) == "int4_avx512"
         torch.testing.assert_close(q(x), _reference(q, x), rtol=2e-2, atol=2e-2)
 
 
@@ -59,20 +154,19 @@ def test_avx512_fp32_path_is_exact_to_fp32_rounding():
     torch.testing.assert_close(y, x @ q.weight.t(), rtol=1e-5, atol=1e-5)
 
 
-def test_large_batches_switch_from_avx512_to_the_aten_kernel():
-    _need_avx512()
+def test_bf16_modes_are_opt_in():
     q = QLinear.from_linear(torch.nn.Linear(256, 64), WeightFormat("int", 4, 128))
     cpu_dev = torch.device("cpu")
-    assert q.select_kernel(cpu_dev, rows=8) == "int4_avx512"
-    assert q.select_kernel(cpu_dev, rows=9) == "int4_cpu"
+    for rows in (1, 8, 9, 512):
+        assert q.select_kernel(cpu_dev, rows=rows) in ("native", "dequant")  # exact paths only
     x = torch.randn(64, 256)
-    torch.testing.assert_close(q(x), _reference(q, x), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(q(x), _reference(q, x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_int8_cpu_kernel_matches_reference(symmetric):
-    _, q = _pair(WeightFormat("int", 8, -1, symmetric), k=208, n=40)
-    assert q.select_kernel(torch.device("cpu")) == "int8_cpu"
+    lin = torch.nn.Linear(208, 40)
+    q = QLinear.from_linear(lin, WeightFormat("int", 8, -1, symmetric), kernel="int8_cpu")
     x = torch.randn(4, 7, 208)
     torch.testing.assert_close(q(x), _reference(q, x), rtol=2e-2, atol=3e-2)
 
@@ -80,19 +174,15 @@ def test_int8_cpu_kernel_matches_reference(symmetric):
 @pytest.mark.parametrize(
     "fmt,k,n",
     [
-        (WeightFormat("int", 4, 128), 172, 64),  # K not a multiple of 32
-        (WeightFormat("int", 4, 48), 192, 40),  # group not a multiple of 32, N not of 16
         (WeightFormat("int", 3, 32), 256, 64),
         (WeightFormat("int", 2, 16), 96, 32),
-        (WeightFormat("int", 8, 64), 256, 64),  # grouped 8-bit has no packed CPU kernel
-        (WeightFormat("int", 8, -1), 200, 64),  # the int8 kernel needs K % 16 == 0
         (WeightFormat("nf4", 4, 64), 256, 64),
         (WeightFormat("fp4", 4, 32), 64, 32),
         (WeightFormat("fp8_e4m3", 8, -1), 64, 32),
     ],
     ids=lambda v: v.describe() if isinstance(v, WeightFormat) else str(v),
 )
-def test_unsupported_shapes_and_formats_fall_back_to_dequantize(fmt, k, n):
+def test_unsupported_formats_fall_back_to_dequantize(fmt, k, n):
     lin, q = _pair(fmt, k, n)
     assert q.select_kernel(torch.device("cpu")) == "dequant"
     x = torch.randn(5, k)
@@ -100,6 +190,25 @@ def test_unsupported_shapes_and_formats_fall_back_to_dequantize(fmt, k, n):
     # and the reference itself is close to the float layer
     rel = (q(x) - lin(x)).norm() / lin(x).norm()
     assert rel < {2: 0.8, 3: 0.3}.get(fmt.bits, 0.15)
+
+
+@pytest.mark.parametrize(
+    "fmt,k,n",
+    [
+        (WeightFormat("int", 4, 128), 172, 64),  # K not a multiple of 32
+        (WeightFormat("int", 4, 48), 192, 40),  # group not a multiple of 32, N not of 16
+        (WeightFormat("int", 8, 64), 256, 64),  # grouped 8-bit
+        (WeightFormat("int", 8, -1), 200, 64),  # K % 16 != 0
+    ],
+    ids=lambda v: v.describe() if isinstance(v, WeightFormat) else str(v),
+)
+def test_shapes_pytorchs_kernels_refuse_run_natively(fmt, k, n):
+    _need_native()
+    _, q = _pair(fmt, k, n)
+    assert q.select_kernel(torch.device("cpu")) == "native"
+    for rows in (1, 5, 33):
+        x = torch.randn(rows, k)
+        torch.testing.assert_close(q(x), _reference(q, x), rtol=1e-5, atol=1e-5)
 
 
 def test_forced_dequant_kernel_agrees_with_int4_kernel():

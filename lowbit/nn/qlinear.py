@@ -6,10 +6,11 @@ import torch
 from torch import nn
 
 from lowbit.formats.spec import WeightFormat
-from lowbit.kernels import avx512, cpu
+from lowbit.kernels import avx512, cpu, wq
 from lowbit.quantized_weight import QuantizedWeight
 
-KERNELS = ("auto", "int4_avx512", "int4_cpu", "int8_cpu", "dequant")
+KERNELS = ("auto", "native", "int4_avx512", "int4_cpu", "int8_cpu", "dequant")
+BF16_KERNELS = ("int4_avx512", "int4_cpu", "int8_cpu")  # round activations to bf16: opt-in only
 
 
 def input_permutation(perm, in_features: int) -> torch.Tensor | None:
@@ -30,9 +31,18 @@ class QLinear(nn.Module):
     """``y = x[..., in_perm] @ dequantize(W).T + b`` computed by the fastest kernel for the device.
 
     The packed codes, scales and zero points are the module's state (what is
-    saved). lowbit's AVX-512 kernel reads them as they are; PyTorch's kernels
-    need a layout of their own, derived on first use on a device and cached
-    (not saved).
+    saved). Kernels (``kernel``):
+
+    - ``native`` (what ``auto`` picks on CPU for 4- and 8-bit integer weights):
+      lowbit's kernels of ``kernels/wq.py``, AVX-512 / AVX2 / portable chosen at
+      run time, fp32 activations and accumulation: the result equals
+      dequantize-then-matmul to fp32 rounding on every CPU. They read the codes
+      as stored; a few rows run a GEMV, more rows dequantized tiles and BLAS.
+    - ``int4_avx512``, ``int4_cpu``, ``int8_cpu``: bf16 modes, only when asked
+      for (activations rounded to bf16, so results move by ~1e-3): lowbit's
+      AVX-512 BF16 GEMV and PyTorch's packed int4 / int8 kernels, whose layouts
+      are derived on first use and cached (not saved).
+    - ``dequant``: dequantize, then ``x @ W.T`` (every other format, and GPUs).
 
     ``in_perm`` (optional) carries act-order checkpoints (GPTQ ``desc_act``):
     their groups are scattered over the input channels, and sorting the columns
@@ -107,14 +117,8 @@ class QLinear(nn.Module):
         """The kernel a forward pass of ``rows`` rows on ``device`` uses."""
         if self.kernel != "auto":
             return self.kernel
-        if device.type == "cpu":
-            qw = self.quantized_weight
-            if rows <= avx512.MAX_ROWS and avx512.supported(qw):
-                return "int4_avx512"
-            if cpu.int4_group(qw) is not None:
-                return "int4_cpu"
-            if cpu.int8_supported(qw):
-                return "int8_cpu"
+        if device.type == "cpu" and wq.supported(self.quantized_weight) and wq.extension() is not None:
+            return "native"
         return "dequant"
 
     def _prepare(self, kernel: str, device: torch.device):
@@ -122,7 +126,9 @@ class QLinear(nn.Module):
         key = (kernel, device)
         if key not in self._cache:
             qw = self.quantized_weight
-            if kernel == "int4_avx512":
+            if kernel == "native":
+                self._cache[key] = wq.Packed(qw, device)
+            elif kernel == "int4_avx512":
                 if avx512.kernel_group(qw) is None or avx512.extension() is None:
                     raise ValueError(f"int4_avx512 cannot run {qw.fmt.describe()} with shape {qw.shape} here")
                 self._cache[key] = (qw, qw.zero_or_default())
@@ -152,15 +158,17 @@ class QLinear(nn.Module):
         if self.in_perm is not None:
             x = x.index_select(-1, self.in_perm)  # every kernel below sees a plain grouped weight
         rows = x.numel() // max(x.shape[-1], 1)
-        plan_key = (x.device, rows <= avx512.MAX_ROWS)
+        plan_key = ("plan", x.device)
         kernel = self._cache.get(plan_key)
         if kernel is None:
             kernel = self._cache[plan_key] = self.select_kernel(x.device, rows)
-        if kernel == "int4_avx512":
+        if kernel == "native":
+            y = self._prepare(kernel, x.device).matmul(x)
+        elif kernel == "int4_avx512":
             if rows > avx512.MAX_ROWS:
                 raise ValueError(f"int4_avx512 takes at most {avx512.MAX_ROWS} rows, got {rows}; use kernel='auto'")
             qw, zero = self._prepare(kernel, x.device)
-            y = avx512.int4_gemv(x, qw, zero)
+            y = avx512.int4_gemv(x, qw, zero, use_bf16=True)
         elif kernel == "int4_cpu":
             y = cpu.int4_mm(x, self._prepare(kernel, x.device))
         elif kernel == "int8_cpu":

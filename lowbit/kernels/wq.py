@@ -1,0 +1,137 @@
+"""lowbit's weight-only 4- and 8-bit kernels for CPUs (``csrc/wq_gemm.cpp``).
+
+One compiled module holds three code paths for each kernel: AVX-512, AVX2 + FMA,
+and portable C++ (no intrinsics; ARM and anything else). The best path the CPU
+runs is chosen at run time; ``LOWBIT_ISA=portable|avx2|avx512`` (or the ``isa``
+argument) forces one, which is how the tests check every path on one machine.
+
+Activations stay fp32 and products accumulate in fp32, so every path agrees with
+dequantize-then-matmul to fp32 rounding, and a model's outputs (a perplexity, a
+top-1) do not depend on which CPU ran them. Up to ``GEMV_ROWS`` rows run the
+GEMV kernel, which reads the packed codes as ``QuantizedWeight`` stores them;
+more rows dequantize tiles of weight rows (in cache) and call the BLAS GEMM.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from lowbit.kernels.build import build_extension
+from lowbit.quantized_weight import QuantizedWeight
+
+ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
+GEMV_ROWS = 4
+TILE_BYTES = 8 * 2**20  # one dequantized fp32 tile: a few MiB, so it stays in cache
+
+
+@functools.cache
+def extension():
+    """The compiled module, or ``None`` where it cannot be built."""
+    return build_extension("lowbit_wq_gemm", "wq_gemm.cpp", [], "its weight-only CPU kernels")
+
+
+def available_isas() -> list[str]:
+    """The instruction sets this CPU runs the kernels with, ``portable`` first."""
+    ext = extension()
+    return [] if ext is None else list(ext.available_isas())
+
+
+def isa_code(isa: str | None = None) -> int:
+    """``isa`` (or ``LOWBIT_ISA``, or the best available) as the kernel's integer code."""
+    name = isa or os.environ.get("LOWBIT_ISA") or "auto"
+    if name == "auto":
+        return -1
+    if name not in ISAS:
+        raise ValueError(f"unknown instruction set {name!r}; choose auto, {', '.join(ISAS)}")
+    have = available_isas()
+    if name not in have:
+        raise ValueError(f"this CPU cannot run lowbit's {name} kernels (it has: {', '.join(have) or 'none'})")
+    return ISAS[name]
+
+
+def selected_isa(isa: str | None = None) -> str:
+    """The name of the path ``isa`` (default: ``LOWBIT_ISA`` or auto) runs on this CPU."""
+    code = isa_code(isa)
+    if code >= 0:
+        return next(k for k, v in ISAS.items() if v == code)
+    return available_isas()[-1]
+
+
+def supported(qw: QuantizedWeight) -> bool:
+    """Whether the kernels run ``qw``: integer codes of 4 (even K) or 8 bits."""
+    fmt = qw.fmt
+    if fmt.kind != "int" or fmt.bits not in (4, 8) or qw.scale.dtype not in (torch.float16, torch.float32):
+        return False
+    _, k = qw.matrix_shape
+    return not (fmt.bits == 4 and (k % 2 or _group(qw) % 2))
+
+
+def _group(qw: QuantizedWeight) -> int:
+    _, k = qw.matrix_shape
+    ngroups = qw.scale.reshape(qw.matrix_shape[0], -1).shape[1] if qw.scale.numel() > 1 else 1
+    return k if ngroups == 1 else qw.fmt.group_size
+
+
+def _per_group(t: torch.Tensor, n: int, ngroups: int) -> torch.Tensor:
+    """A per-tensor, per-channel or per-group parameter as a contiguous ``[n, ngroups]``."""
+    return (t.reshape(1, 1).expand(n, ngroups) if t.numel() == 1 else t.reshape(n, ngroups)).contiguous()
+
+
+class Packed:
+    """What the kernels read: the stored codes as they are, scales and zeros as ``[N, G]``."""
+
+    def __init__(self, qw: QuantizedWeight, device: torch.device):
+        if not supported(qw):
+            raise ValueError(f"lowbit's CPU kernels cannot run {qw.fmt.describe()} with shape {qw.shape}")
+        n, self.k = qw.matrix_shape
+        self.n = n
+        self.bits = qw.fmt.bits
+        self.group = _group(qw)
+        ngroups = -(-self.k // self.group)
+        self.codes = qw.packed.to(device).contiguous()
+        self.scales = _per_group(qw.scale.to(device), n, ngroups)
+        self.zeros = None if qw.zero is None else _per_group(qw.zero.to(device), n, ngroups)
+        self.tile = max(16, TILE_BYTES // (4 * self.k) // 16 * 16)
+
+    def matmul(self, x: torch.Tensor, isa: str | None = None) -> torch.Tensor:
+        """``x @ dequantize(W).T`` in fp32 for ``x: [..., K]`` (any dtype; the result in ``x.dtype``).
+
+        Differentiable in ``x`` (the weight is frozen): the backward pass is
+        ``grad @ dequantize(W)``.
+        """
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _Matmul.apply(x, self, isa)
+        return self._forward(x, isa)
+
+    def _forward(self, x: torch.Tensor, isa: str | None) -> torch.Tensor:
+        ext = extension()
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        code = isa_code(isa)
+        if flat.shape[0] <= GEMV_ROWS:
+            y = ext.wq_gemv(flat, self.codes, self.scales, self.zeros, self.n, self.bits, self.group, code)
+        else:
+            y = ext.wq_gemm_tiled(
+                flat, self.codes, self.scales, self.zeros, self.n, self.bits, self.group, self.tile, code
+            )
+        return y.reshape(*x.shape[:-1], self.n).to(x.dtype)
+
+    def dequantize(self, isa: str | None = None) -> torch.Tensor:
+        """The whole weight as fp32 ``[N, K]`` (bit-identical to ``QuantizedWeight.dequantize``)."""
+        return extension().wq_dequant(
+            self.codes, self.scales, self.zeros, self.n, self.k, self.bits, self.group, 0, self.n, isa_code(isa)
+        )
+
+
+class _Matmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, packed, isa):
+        ctx.packed, ctx.isa, ctx.dtype = packed, isa, x.dtype
+        return packed._forward(x, isa)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w = ctx.packed.dequantize(ctx.isa)
+        return (grad.float() @ w).to(ctx.dtype), None, None
