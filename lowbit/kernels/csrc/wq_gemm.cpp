@@ -161,7 +161,33 @@ LOWBIT_AVX2 void int4_row_avx2(const Problem& p, int64_t n, int64_t m0, int64_t 
     total[m] = _mm256_setzero_ps();
     extra[m] = 0.f;
   }
-  for (int64_t g = g0; g < g1; ++g) {
+  int64_t g = g0;
+  if (hg <= 32 && hg % 8 == 0) {
+    // small groups: the scale goes onto the converted codes (one multiply per vector)
+    // instead of a reduction per group; the accumulators run across groups
+    const int64_t gfull = std::min(g1, p.K / p.group);
+    __m256 acc[MB][2];
+    for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    for (; g < gfull; ++g) {
+      const int64_t j0 = g * hg;
+      if (j0 % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(row + kAhead + j0), _MM_HINT_T0);
+      const float sc = scale_f16c(p, n * p.G + g);
+      const __m256 vs = _mm256_set1_ps(sc);
+      for (int64_t j = j0; j < j0 + hg; j += 8) {
+        const __m256i b = load8_u8(row + j);
+        const __m256 l = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, low)), vs);
+        const __m256 h = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, high)), vs);
+        for (int m = 0; m < MB; ++m) {
+          acc[m][0] = _mm256_fmadd_ps(l, _mm256_loadu_ps(xa[m] + j), acc[m][0]);
+          acc[m][1] = _mm256_fmadd_ps(h, _mm256_loadu_ps(xb[m] + j), acc[m][1]);
+        }
+      }
+      const float zs = sc * zero_of(p, n * p.G + g);
+      for (int m = 0; m < MB; ++m) extra[m] -= zs * xs[m][g];
+    }
+    for (int m = 0; m < MB; ++m) total[m] = _mm256_add_ps(total[m], _mm256_add_ps(acc[m][0], acc[m][1]));
+  }
+  for (; g < g1; ++g) {
     const int64_t j0 = g * hg, j1 = std::min(hk, j0 + hg);
     for (int64_t o = j0; o < j1; o += 64) _mm_prefetch(reinterpret_cast<const char*>(row + kAhead + o), _MM_HINT_T0);
     __m256 acc[MB][NA];
@@ -287,7 +313,33 @@ LOWBIT_AVX512 void int4_row_avx512(const Problem& p, int64_t n, int64_t m0, int6
     total[m] = _mm512_setzero_ps();
     extra[m] = 0.f;
   }
-  for (int64_t g = g0; g < g1; ++g) {
+  int64_t g = g0;
+  if (hg <= 32 && hg % 16 == 0) {
+    // small groups: the scale goes onto the converted codes (one multiply per vector)
+    // instead of a reduction per group; the accumulators run across groups
+    const int64_t gfull = std::min(g1, p.K / p.group);
+    __m512 acc[MB][2];
+    for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    for (; g < gfull; ++g) {
+      const int64_t j0 = g * hg;
+      if (j0 % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(row + kAhead + j0), _MM_HINT_T0);
+      const float sc = scale_f16c(p, n * p.G + g);
+      const __m512 vs = _mm512_set1_ps(sc);
+      for (int64_t j = j0; j < j0 + hg; j += 16) {
+        const __m512i b = load16_u8(row + j);
+        const __m512 l = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, low)), vs);
+        const __m512 h = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, high)), vs);
+        for (int m = 0; m < MB; ++m) {
+          acc[m][0] = _mm512_fmadd_ps(l, _mm512_loadu_ps(xa[m] + j), acc[m][0]);
+          acc[m][1] = _mm512_fmadd_ps(h, _mm512_loadu_ps(xb[m] + j), acc[m][1]);
+        }
+      }
+      const float zs = sc * zero_of(p, n * p.G + g);
+      for (int m = 0; m < MB; ++m) extra[m] -= zs * xs[m][g];
+    }
+    for (int m = 0; m < MB; ++m) total[m] = _mm512_add_ps(total[m], _mm512_add_ps(acc[m][0], acc[m][1]));
+  }
+  for (; g < g1; ++g) {
     const int64_t j0 = g * hg, j1 = std::min(hk, j0 + hg);
     for (int64_t o = j0; o < j1; o += 64) _mm_prefetch(reinterpret_cast<const char*>(row + kAhead + o), _MM_HINT_T0);
     __m512 acc[MB][4];
@@ -457,9 +509,8 @@ Problem weights_problem(const torch::Tensor& codes, const torch::Tensor& scales,
 
 // ------------------------------------------------------------------ dequantized tiles
 // (q - z) * s, the same float operations as QuantizedWeight.dequantize, so the
-// values are bit-identical to it. 4-bit rows come out split: the even columns,
-// then the odd ones (what the nibbles give without a shuffle); the caller splits
-// x the same way, which leaves the product unchanged.
+// values are bit-identical to it, in the weight's own column order (the nibbles'
+// even and odd columns interleaved in registers).
 
 void dequant_rows_portable(const Problem& p, int64_t bits, int64_t n0, int64_t n1, float* out) {
   const int64_t hk = p.K / 2;
@@ -471,8 +522,8 @@ void dequant_rows_portable(const Problem& p, int64_t bits, int64_t n0, int64_t n
       if (bits == 4) {
         const uint8_t* b = p.codes + n * hk;
         for (int64_t j = k0 / 2; j < k1 / 2; ++j) {
-          o[j] = (static_cast<float>(b[j] & 15) - z) * s;
-          o[hk + j] = (static_cast<float>(b[j] >> 4) - z) * s;
+          o[2 * j] = (static_cast<float>(b[j] & 15) - z) * s;
+          o[2 * j + 1] = (static_cast<float>(b[j] >> 4) - z) * s;
         }
       } else {
         const uint8_t* b = p.codes + n * p.K;
@@ -499,12 +550,14 @@ LOWBIT_AVX2 void dequant_rows_avx2(const Problem& p, int64_t bits, int64_t n0, i
           const __m256i v = load8_u8(b + j);
           const __m256 l = _mm256_cvtepi32_ps(_mm256_and_si256(v, low));
           const __m256 h = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
-          _mm256_storeu_ps(o + j, _mm256_mul_ps(_mm256_sub_ps(l, vz), vs));
-          _mm256_storeu_ps(o + hk + j, _mm256_mul_ps(_mm256_sub_ps(h, vz), vs));
+          const __m256 wl = _mm256_mul_ps(_mm256_sub_ps(l, vz), vs), wh = _mm256_mul_ps(_mm256_sub_ps(h, vz), vs);
+          const __m256 a = _mm256_unpacklo_ps(wl, wh), c = _mm256_unpackhi_ps(wl, wh);  // columns interleaved
+          _mm256_storeu_ps(o + 2 * j, _mm256_permute2f128_ps(a, c, 0x20));
+          _mm256_storeu_ps(o + 2 * j + 8, _mm256_permute2f128_ps(a, c, 0x31));
         }
         for (; j < k1 / 2; ++j) {
-          o[j] = (static_cast<float>(b[j] & 15) - z) * s;
-          o[hk + j] = (static_cast<float>(b[j] >> 4) - z) * s;
+          o[2 * j] = (static_cast<float>(b[j] & 15) - z) * s;
+          o[2 * j + 1] = (static_cast<float>(b[j] >> 4) - z) * s;
         }
       } else {
         const uint8_t* b = p.codes + n * p.K;
@@ -528,13 +581,19 @@ LOWBIT_AVX512 void dequant_rows_avx512(const Problem& p, int64_t bits, int64_t n
       const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z);
       if (bits == 4) {
         const uint8_t* b = p.codes + n * hk;
-        for (int64_t j = k0 / 2; j < k1 / 2; j += 16) {
-          const __mmask16 k = static_cast<__mmask16>((1u << std::min<int64_t>(16, k1 / 2 - j)) - 1);
-          const __m512i v = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, b + j));
-          const __m512 l = _mm512_cvtepi32_ps(_mm512_and_si512(v, low));
-          const __m512 h = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-          _mm512_mask_storeu_ps(o + j, k, _mm512_mul_ps(_mm512_sub_ps(l, vz), vs));
-          _mm512_mask_storeu_ps(o + hk + j, k, _mm512_mul_ps(_mm512_sub_ps(h, vz), vs));
+        const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+        int64_t j = k0 / 2;
+        for (; j + 16 <= k1 / 2; j += 16) {
+          const __m512i v = load16_u8(b + j);
+          const __m512 wl = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low)), vz), vs);
+          const __m512 wh = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), vz), vs);
+          _mm512_storeu_ps(o + 2 * j, _mm512_permutex2var_ps(wl, lo_idx, wh));  // columns interleaved
+          _mm512_storeu_ps(o + 2 * j + 16, _mm512_permutex2var_ps(wl, hi_idx, wh));
+        }
+        for (; j < k1 / 2; ++j) {
+          o[2 * j] = (static_cast<float>(b[j] & 15) - z) * s;
+          o[2 * j + 1] = (static_cast<float>(b[j] >> 4) - z) * s;
         }
       } else {
         const uint8_t* b = p.codes + n * p.K;
@@ -558,7 +617,7 @@ void dequant_rows(const Problem& p, int64_t bits, int64_t isa, int64_t n0, int64
 }
 
 // Rows [n0, n1) dequantized into out (contiguous [n1 - n0, K], written in place).
-void dequant_split_into(const Problem& p, int64_t bits, int64_t isa, int64_t n0, int64_t n1, torch::Tensor& out) {
+void dequant_into(const Problem& p, int64_t bits, int64_t isa, int64_t n0, int64_t n1, torch::Tensor& out) {
   float* o = out.data_ptr<float>();
   at::parallel_for(n0, n1, 8, [&](int64_t a, int64_t b) { dequant_rows(p, bits, isa, a, b, o + (a - n0) * p.K); });
 }
@@ -619,8 +678,7 @@ torch::Tensor wq_dequant(torch::Tensor codes, torch::Tensor scales, c10::optiona
   TORCH_CHECK(0 <= n0 && n0 <= n1 && n1 <= N, "row range out of bounds");
   Problem p = weights_problem(codes, scales, zeros, N, K, bits, group);
   auto out = torch::empty({n1 - n0, K}, torch::dtype(torch::kFloat));
-  dequant_split_into(p, bits, resolve_isa(isa), n0, n1, out);
-  if (bits == 4) out = out.view({n1 - n0, 2, K / 2}).transpose(1, 2).reshape({n1 - n0, K});
+  dequant_into(p, bits, resolve_isa(isa), n0, n1, out);
   return out;
 }
 
@@ -635,22 +693,25 @@ torch::Tensor wq_gemm_tiled(torch::Tensor x, torch::Tensor codes, torch::Tensor 
   check_weights(codes, scales, zeros, N, K, bits, group);
   isa = resolve_isa(isa);
   Problem p = weights_problem(codes, scales, zeros, N, K, bits, group);
-  if (bits == 4) x = x.view({M, K / 2, 2}).transpose(1, 2).reshape({M, K});  // even columns, then odd
   x = x.contiguous();
   // one tile buffer per thread, kept between calls: a fresh one would cost page faults every call
   thread_local torch::Tensor buffer;
   const int64_t rows = std::min(N, tile);
   if (!buffer.defined() || buffer.numel() < rows * K) buffer = torch::empty({rows * K}, torch::dtype(torch::kFloat));
-  auto yt = torch::empty({N, M}, x.options());  // y transposed: each tile writes whole rows of it
-  const auto xt = x.t();
+  if (N <= tile) {
+    auto w = buffer.narrow(0, 0, N * K).view({N, K});
+    dequant_into(p, bits, isa, 0, N, w);
+    return at::mm(x, w.t());
+  }
+  auto y = torch::empty({M, N}, x.options());
   for (int64_t n0 = 0; n0 < N; n0 += tile) {
     const int64_t n1 = std::min(N, n0 + tile);
     auto w = buffer.narrow(0, 0, (n1 - n0) * K).view({n1 - n0, K});
-    dequant_split_into(p, bits, isa, n0, n1, w);
-    auto out = yt.narrow(0, n0, n1 - n0);
-    at::mm_out(out, w, xt);
+    dequant_into(p, bits, isa, n0, n1, w);
+    auto out = y.narrow(1, n0, n1 - n0);
+    at::mm_out(out, x, w.t());
   }
-  return yt.t().contiguous();
+  return y;
 }
 
 std::vector<std::string> available_isas() {
