@@ -244,3 +244,17 @@ def test_unknown_kernel_name_is_rejected():
     qw = QuantizedWeight.quantize(torch.randn(16, 32), WeightFormat("int", 4, 32))
     with pytest.raises(ValueError, match="unknown kernel"):
         QLinear(qw, kernel="cuda_magic")
+
+
+def test_native_kernel_with_a_fused_bias_leaves_the_bias_alone():
+    _need_native()
+    lin = torch.nn.Linear(64, 16)
+    q = QLinear.from_linear(lin, WeightFormat("int", 4, 32))
+    bias = q.bias.detach().clone()
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        first = q(x)
+        for _ in range(3):
+            torch.testing.assert_close(q(x), first, rtol=0, atol=0)
+    assert torch.equal(q.bias.detach(), bias)
+    torch.testing.assert_close(first, _reference(q, x), rtol=1e-5, atol=1e-5)

@@ -95,28 +95,33 @@ class Packed:
         self.scales = _per_group(qw.scale.to(device), n, ngroups)
         self.zeros = None if qw.zero is None else _per_group(qw.zero.to(device), n, ngroups)
         self.tile = max(16, TILE_BYTES // (4 * self.k) // 16 * 16)
+        self.isa = isa_code()  # LOWBIT_ISA as it is when the layer first runs
+        self.ext = extension()
 
-    def matmul(self, x: torch.Tensor, isa: str | None = None) -> torch.Tensor:
-        """``x @ dequantize(W).T`` in fp32 for ``x: [..., K]`` (any dtype; the result in ``x.dtype``).
+    def matmul(self, x: torch.Tensor, isa: str | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ dequantize(W).T (+ bias)`` in fp32 for ``x: [..., K]`` (any dtype; the result in ``x.dtype``).
 
-        Differentiable in ``x`` (the weight is frozen): the backward pass is
-        ``grad @ dequantize(W)``.
+        Differentiable in ``x`` and ``bias`` (the weight is frozen): the backward
+        pass is ``grad @ dequantize(W)``. Without gradients the bias is fused.
         """
-        if torch.is_grad_enabled() and x.requires_grad:
-            return _Matmul.apply(x, self, isa)
-        return self._forward(x, isa)
+        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+            y = _Matmul.apply(x, self, isa)
+            return y if bias is None else y + bias.to(y.dtype)
+        return self._forward(x, isa, None if bias is None else bias.detach().float())
 
-    def _forward(self, x: torch.Tensor, isa: str | None) -> torch.Tensor:
-        ext = extension()
-        flat = x.detach().reshape(-1, x.shape[-1]).float()
-        code = isa_code(isa)
+    def _forward(self, x: torch.Tensor, isa: str | None, bias: torch.Tensor | None = None) -> torch.Tensor:
+        code = self.isa if isa is None else isa_code(isa)
+        flat = x.detach().reshape(-1, x.shape[-1])
+        if flat.dtype != torch.float32:
+            flat = flat.float()
         if flat.shape[0] <= GEMV_ROWS:
-            y = ext.wq_gemv(flat, self.codes, self.scales, self.zeros, self.n, self.bits, self.group, code)
+            y = self.ext.wq_gemv(flat, self.codes, self.scales, self.zeros, bias, self.n, self.bits, self.group, code)
         else:
-            y = ext.wq_gemm_tiled(
-                flat, self.codes, self.scales, self.zeros, self.n, self.bits, self.group, self.tile, code
+            y = self.ext.wq_gemm_tiled(
+                flat, self.codes, self.scales, self.zeros, bias, self.n, self.bits, self.group, self.tile, code
             )
-        return y.reshape(*x.shape[:-1], self.n).to(x.dtype)
+        y = y.view(*x.shape[:-1], self.n)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def dequantize(self, isa: str | None = None) -> torch.Tensor:
         """The whole weight as fp32 ``[N, K]`` (bit-identical to ``QuantizedWeight.dequantize``)."""

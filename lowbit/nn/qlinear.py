@@ -155,29 +155,45 @@ class QLinear(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.in_perm is not None:
-            x = x.index_select(-1, self.in_perm)  # every kernel below sees a plain grouped weight
-        rows = x.numel() // max(x.shape[-1], 1)
-        plan_key = ("plan", x.device)
-        kernel = self._cache.get(plan_key)
-        if kernel is None:
-            kernel = self._cache[plan_key] = self.select_kernel(x.device, rows)
+        run = self._cache.get(x.device)
+        if run is None:
+            run = self._cache[x.device] = self._plan(x.device, x.numel() // max(x.shape[-1], 1))
+        return run(x)
+
+    def _plan(self, device: torch.device, rows: int):
+        """The forward function of the kernel for ``device``, its layout bound once (a decode
+        step calls every linear once per token, so the per-call Python stays small)."""
+        kernel = self.select_kernel(device, rows)
+        perm = self.in_perm
+        bias = self.bias
         if kernel == "native":
-            y = self._prepare(kernel, x.device).matmul(x)
-        elif kernel == "int4_avx512":
-            if rows > avx512.MAX_ROWS:
-                raise ValueError(f"int4_avx512 takes at most {avx512.MAX_ROWS} rows, got {rows}; use kernel='auto'")
-            qw, zero = self._prepare(kernel, x.device)
-            y = avx512.int4_gemv(x, qw, zero, use_bf16=True)
-        elif kernel == "int4_cpu":
-            y = cpu.int4_mm(x, self._prepare(kernel, x.device))
-        elif kernel == "int8_cpu":
-            y = cpu.int8_mm(x, self._prepare(kernel, x.device))
-        else:
-            y = x @ self.stored_weight().to(x.dtype).t()
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y
+            packed = self._prepare(kernel, device)
+
+            def run(x):
+                if perm is not None:
+                    x = x.index_select(-1, perm)  # every kernel sees a plain grouped weight
+                return packed.matmul(x, bias=bias)
+
+            return run
+
+        def run_other(x):
+            if perm is not None:
+                x = x.index_select(-1, perm)
+            rows = x.numel() // max(x.shape[-1], 1)
+            if kernel == "int4_avx512":
+                if rows > avx512.MAX_ROWS:
+                    raise ValueError(f"int4_avx512 takes at most {avx512.MAX_ROWS} rows, got {rows}; use kernel='auto'")
+                qw, zero = self._prepare(kernel, x.device)
+                y = avx512.int4_gemv(x, qw, zero, use_bf16=True)
+            elif kernel == "int4_cpu":
+                y = cpu.int4_mm(x, self._prepare(kernel, x.device))
+            elif kernel == "int8_cpu":
+                y = cpu.int8_mm(x, self._prepare(kernel, x.device))
+            else:
+                y = x @ self.stored_weight().to(x.dtype).t()
+            return y if bias is None else y + bias.to(y.dtype)
+
+        return run_other
 
     def extra_repr(self) -> str:
         bpw = self.quantized_weight.bits_per_weight

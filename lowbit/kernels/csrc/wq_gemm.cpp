@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
 #include <immintrin.h>
@@ -627,7 +628,7 @@ void dequant_into(const Problem& p, int64_t bits, int64_t isa, int64_t n0, int64
 // y = x @ W^T for x: fp32 [M, K] (any M; meant for a few rows, where the weight
 // bytes dominate). isa: -1 for the best this CPU has, 0 portable, 1 AVX2, 2 AVX-512.
 torch::Tensor wq_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
-                      int64_t N, int64_t bits, int64_t group, int64_t isa) {
+                      c10::optional<torch::Tensor> bias, int64_t N, int64_t bits, int64_t group, int64_t isa) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat, "x must be fp32 [M, K]");
   const int64_t M = x.size(0), K = x.size(1);
   check_weights(codes, scales, zeros, N, K, bits, group);
@@ -636,22 +637,40 @@ torch::Tensor wq_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales
   Problem p = weights_problem(codes, scales, zeros, N, K, bits, group);
   p.M = M;
   const int64_t G = p.G;
-  auto xsum = torch::nn::functional::pad(x, torch::nn::functional::PadFuncOptions({0, G * group - K}))
-                  .view({M, G, group})
-                  .sum(-1)
-                  .contiguous();
-  torch::Tensor xa, xb;
-  if (bits == 4) {  // even columns, and odd columns / 16 (exact) for the high nibble in place
-    auto xv = x.view({M, K / 2, 2});
-    xa = xv.select(2, 0).contiguous();
-    xb = xv.select(2, 1).mul(0.0625f).contiguous();
-    p.xb = xb.data_ptr<float>();
+  // per-group sums of x, and for 4-bit the even columns and the odd columns / 16 (exact,
+  // to meet the high nibble in place): plain loops into a scratch buffer kept per thread,
+  // since a decode step calls this hundreds of times with one row
+  thread_local std::vector<float> scratch;
+  const int64_t half = bits == 4 ? M * (K / 2) : 0;
+  scratch.resize(static_cast<size_t>(M * G + 2 * half));
+  float* xsum = scratch.data();
+  const float* px = x.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      double acc = 0.0;  // the zero-point term's sum, kept accurate: it can cancel against the codes' sum
+      for (int64_t k = g * group, k1 = std::min(K, (g + 1) * group); k < k1; ++k) acc += px[m * K + k];
+      xsum[m * G + g] = static_cast<float>(acc);
+    }
+  if (bits == 4) {
+    float* xe = xsum + M * G;
+    float* xo = xe + half;
+    for (int64_t i = 0; i < half; ++i) {
+      xe[i] = px[2 * i];
+      xo[i] = px[2 * i + 1] * 0.0625f;
+    }
+    p.xa = xe;
+    p.xb = xo;
   } else {
-    xa = x;
+    p.xa = px;
   }
-  p.xa = xa.data_ptr<float>();
-  p.xsum = xsum.data_ptr<float>();
-  auto y = torch::zeros({M, N}, x.options());
+  p.xsum = xsum;
+  torch::Tensor y;
+  if (bias.has_value()) {  // the kernel adds into y: starting from the bias fuses it
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->numel() == N, "bias must be fp32 [N]");
+    y = bias->reshape({1, N}).repeat({M, 1});  // a fresh tensor: never the bias itself
+  } else {
+    y = torch::zeros({M, N}, x.options());
+  }
   p.y = y.data_ptr<float>();
   if (M == 0 || N == 0) return y;
   const RowFn full = row_fn_for(kChunk, bits, isa);
@@ -685,8 +704,8 @@ torch::Tensor wq_dequant(torch::Tensor codes, torch::Tensor scales, c10::optiona
 // y = x @ W^T for larger batches: tiles of `tile` weight rows are dequantized
 // (in cache) and multiplied by the BLAS GEMM, so the fp32 weight never exists whole.
 torch::Tensor wq_gemm_tiled(torch::Tensor x, torch::Tensor codes, torch::Tensor scales,
-                            c10::optional<torch::Tensor> zeros, int64_t N, int64_t bits, int64_t group, int64_t tile,
-                            int64_t isa) {
+                            c10::optional<torch::Tensor> zeros, c10::optional<torch::Tensor> bias, int64_t N,
+                            int64_t bits, int64_t group, int64_t tile, int64_t isa) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat, "x must be fp32 [M, K]");
   TORCH_CHECK(tile > 0, "tile must be positive");
   const int64_t M = x.size(0), K = x.size(1);
@@ -701,7 +720,7 @@ torch::Tensor wq_gemm_tiled(torch::Tensor x, torch::Tensor codes, torch::Tensor 
   if (N <= tile) {
     auto w = buffer.narrow(0, 0, N * K).view({N, K});
     dequant_into(p, bits, isa, 0, N, w);
-    return at::mm(x, w.t());
+    return bias.has_value() ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
   }
   auto y = torch::empty({M, N}, x.options());
   for (int64_t n0 = 0; n0 < N; n0 += tile) {
@@ -709,7 +728,8 @@ torch::Tensor wq_gemm_tiled(torch::Tensor x, torch::Tensor codes, torch::Tensor 
     auto w = buffer.narrow(0, 0, (n1 - n0) * K).view({n1 - n0, K});
     dequant_into(p, bits, isa, n0, n1, w);
     auto out = y.narrow(1, n0, n1 - n0);
-    at::mm_out(out, x, w.t());
+    if (bias.has_value()) at::addmm_out(out, bias->narrow(0, n0, n1 - n0), x, w.t());
+    else at::mm_out(out, x, w.t());
   }
   return y;
 }
