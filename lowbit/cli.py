@@ -417,6 +417,50 @@ def demo(
     _emit(result, as_json, result.pop("table"))
 
 
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help="lowbit checkpoint, model directory, hub id or alias (e.g. stories260K)"),
+    prompt: str = typer.Option("Once upon a time", "--prompt", help="text to continue"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="tokens to generate (greedy)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: torch's)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
+):
+    """Greedy-decode a continuation of --prompt and print it with the decode speed.
+
+    Example: lowbit generate stories260K --prompt "Once upon a time" --max-new-tokens 32
+    """
+    import torch
+
+    from lowbit.generate import generate as run
+
+    try:
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"--threads must be at least 1, got {threads}")
+            torch.set_num_threads(threads)
+        _quiet_transformers()
+        net, tokenizer = _load_any(model)
+        if tokenizer is None:
+            raise ValueError(f"{model} has no tokenizer; generation needs one")
+        text, r = run(net, tokenizer, prompt, max_new_tokens)
+    except USER_ERRORS as e:
+        _fail(e)
+    result = {
+        "text": text,
+        "prompt_tokens": r.prompt_tokens,
+        "new_tokens": r.new_tokens,
+        "prefill_ms": r.prefill_s * 1e3,
+        "tokens_per_s": r.tokens_per_s,
+        "threads": torch.get_num_threads(),
+    }
+    _emit(
+        result,
+        as_json,
+        f"{text}\n\n{r.new_tokens} new tokens, prefill {r.prompt_tokens} tokens in {r.prefill_s * 1e3:.1f} ms, "
+        f"decode {r.tokens_per_s:.1f} tokens/s ({torch.get_num_threads()} threads)",
+    )
+
+
 def main() -> None:
     app()
 

@@ -117,3 +117,94 @@ def test_info_reads_a_gguf_file(stories_dir, tmp_path):
     assert info["quant_method"] == "gguf"
     assert (info["block_linears_quantized"], info["block_linears_total"]) == (30, 35)  # down_proj stays F32
     assert info["bits_per_weight"] == pytest.approx(4.5)  # Q4_0: 18 bytes per 32 weights
+
+
+def test_byte_level_bpe_pre_tokenizers_are_named_or_refused():
+    from lowbit.io.gguf_export import LLAMA3_SPLIT, QWEN2_SPLIT, bpe_pre_tokenizer
+
+    assert bpe_pre_tokenizer({"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}) == "gpt2"
+    digits = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                     {"type": "ByteLevel", "use_regex": True}]}  # fmt: skip
+    assert bpe_pre_tokenizer({"pre_tokenizer": digits}) == "smollm"
+    for pattern, name in ((LLAMA3_SPLIT, "llama-bpe"), (QWEN2_SPLIT, "qwen2")):
+        seq = {"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": pattern}},
+                                                      {"type": "ByteLevel", "use_regex": False}]}  # fmt: skip
+        assert bpe_pre_tokenizer({"pre_tokenizer": seq}) == name
+    odd = {"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": "\\s+"}},
+                                                  {"type": "ByteLevel", "use_regex": False}]}  # fmt: skip
+    with pytest.raises(ValueError, match="no llama.cpp pre-tokenizer"):
+        bpe_pre_tokenizer({"pre_tokenizer": odd})
+
+
+def _tiny_bpe_llama(vocab_size):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=vocab_size, tie_word_embeddings=True,
+                      bos_token_id=1, eos_token_id=2)  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_byte_level_bpe_tokenizer_goes_into_the_gguf_file(tmp_path):
+    import json
+
+    from lowbit.assets import asset
+
+    tok_dir = asset("smollm2-135m")
+    if not (tok_dir / "tokenizer.json").exists():
+        pytest.skip("SmolLM2's tokenizer.json is not in the assets")
+    tj = json.loads((tok_dir / "tokenizer.json").read_text())
+    model = _tiny_bpe_llama(49152)
+    lowbit.quantize(model, "rtn", bits=4, group_size=32, symmetric=True, progress=False)
+    export_gguf(model, tmp_path / "m.gguf", tok_dir, "q4_0")
+    fields = gguf.GGUFReader(str(tmp_path / "m.gguf")).fields
+
+    def text(key):
+        f = fields[key]
+        return bytes(f.parts[f.data[0]]).decode()
+
+    assert text("tokenizer.ggml.model") == "gpt2" and text("tokenizer.ggml.pre") == "gpt2"
+    tokens = fields["tokenizer.ggml.tokens"]
+    assert len(tokens.data) == 49152
+    assert bytes(tokens.parts[tokens.data[300]]).decode() == next(t for t, i in tj["model"]["vocab"].items() if i == 300)
+    assert len(fields["tokenizer.ggml.merges"].data) == len(tj["model"]["merges"])
+    types = fields["tokenizer.ggml.token_type"]
+    assert int(types.parts[types.data[0]][0]) == int(gguf.TokenType.CONTROL)  # <|endoftext|> is special
+    assert int(types.parts[types.data[300]][0]) == int(gguf.TokenType.NORMAL)
+
+
+@pytest.mark.llamacpp
+def test_llama_cpp_tokenizes_bpe_as_transformers_does(tmp_path, tinystories_halves):
+    from transformers import AutoTokenizer
+
+    from lowbit.assets import asset
+
+    llama_cpp = pytest.importorskip("llama_cpp", reason="pip install 'lowbit[llamacpp]' (compiles llama.cpp)")
+    tok_dir = asset("smollm2-135m")
+    if not (tok_dir / "tokenizer.json").exists():
+        pytest.skip("SmolLM2's tokenizer.json is not in the assets")
+    model = _tiny_bpe_llama(49152)
+    export_gguf(model, tmp_path / "m.gguf", tok_dir, "f32")
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=256, verbose=False, vocab_only=True)
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    sample = tinystories_halves[1][:4000]
+    theirs = llm.tokenize(sample.encode("utf-8"), add_bos=False, special=False)
+    ours = tok(sample, add_special_tokens=False).input_ids
+    assert theirs == ours
+
+
+def test_quantize_then_export_gguf_from_the_cli(stories_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "q"
+    res = runner.invoke(app, ["quantize", str(stories_dir), "--out", str(out), "--group-size", "32", "--sym"])
+    assert res.exit_code == 0, res.output
+    assert (out / "tokenizer.model").exists()  # the SentencePiece model travels with the checkpoint
+    res = runner.invoke(app, ["export", str(out), "--format", "gguf", "--out", str(tmp_path / "q.gguf")])
+    assert res.exit_code == 0, res.output
+    tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "q.gguf")).tensors}
+    assert tensors["blk.0.attn_q.weight"].tensor_type.name == "Q4_0"

@@ -1,4 +1,4 @@
-"""GGUF for llama.cpp: Llama-architecture models with their SentencePiece tokenizer.
+"""GGUF for llama.cpp: Llama-architecture models with their tokenizer (SentencePiece or byte-level BPE).
 
 Types: F32, Q8_0, Q4_0, Q4_1 (blocks of 32 along each row, one fp16 scale per block;
 Q4_1 adds an fp16 minimum). lowbit's own codes are written as they are when the
@@ -23,6 +23,7 @@ interleaved rotary layout llama.cpp's ``llama`` architecture expects.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -121,9 +122,11 @@ def export_gguf(model: nn.Module, out: str | os.PathLike, tokenizer_dir: str | o
     w8a8 = [n for n, m in model.named_modules() if hasattr(m, "act") and isinstance(m, QLinear)]
     if w8a8:  # llama.cpp quantizes activations its own way; the file would compute something else
         raise ValueError("GGUF holds weight-only models; these layers have integer activations: " + ", ".join(w8a8))
-    tok_model = Path(tokenizer_dir) / "tokenizer.model"
-    if not tok_model.exists():
-        raise FileNotFoundError(f"{tokenizer_dir} has no SentencePiece tokenizer.model to put in the GGUF file")
+    tok_dir = Path(tokenizer_dir)
+    if not (tok_dir / "tokenizer.model").exists() and not (tok_dir / "tokenizer.json").exists():
+        raise FileNotFoundError(
+            f"{tokenizer_dir} has neither a SentencePiece tokenizer.model nor a tokenizer.json to put in the GGUF file"
+        )
     out = Path(out)
     if out.suffix != ".gguf":
         raise ValueError(f"--out {out} should name a .gguf file")
@@ -179,6 +182,13 @@ def export_gguf(model: nn.Module, out: str | os.PathLike, tokenizer_dir: str | o
 
 
 def _add_tokenizer(writer, gguf, directory: Path, cfg) -> None:
+    if (directory / "tokenizer.model").exists():
+        _add_sentencepiece(writer, gguf, directory, cfg)
+    else:
+        _add_bpe(writer, gguf, directory, cfg)
+
+
+def _add_sentencepiece(writer, gguf, directory: Path, cfg) -> None:
     try:
         vocab = gguf.vocab.SentencePieceVocab(directory)
     except RuntimeError as e:
@@ -199,6 +209,84 @@ def _add_tokenizer(writer, gguf, directory: Path, cfg) -> None:
     if sp.unk_id() >= 0:
         writer.add_unk_token_id(sp.unk_id())
     writer.add_add_bos_token(True)
+
+
+# llama.cpp's pre-tokenizer names for the byte-level splits transformers' tokenizer.json describes
+LLAMA3_SPLIT = (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
+QWEN2_SPLIT = (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
+
+
+def bpe_pre_tokenizer(tokenizer_json: dict) -> str:
+    """The ``tokenizer.ggml.pre`` name whose split llama.cpp applies for this tokenizer.json.
+
+    Only splits known to be the same as llama.cpp's are named; any other raises, since a wrong
+    name would make llama.cpp tokenize differently from transformers without an error.
+    """
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    kind = pre.get("type")
+    if kind == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt2"  # GPT-2's regex inside ByteLevel
+    if kind == "Sequence":
+        parts = pre.get("pretokenizers", [])
+        kinds = [p.get("type") for p in parts]
+        if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
+            return "smollm"  # digits one by one, then GPT-2's regex (SmolLM, StarCoder)
+        if kinds == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):
+            pattern = (parts[0].get("pattern") or {}).get("Regex")
+            if pattern == LLAMA3_SPLIT:
+                return "llama-bpe"
+            if pattern == QWEN2_SPLIT:
+                return "qwen2"
+    raise ValueError(
+        f"this tokenizer.json's pre-tokenizer ({json.dumps(pre)[:200]}) has no llama.cpp pre-tokenizer lowbit "
+        "knows to split the same way; GGUF export would tokenize differently, so it stops"
+    )
+
+
+def _add_bpe(writer, gguf, directory: Path, cfg) -> None:
+    tj = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))
+    model = tj.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or (tj.get("decoder") or {}).get("type") != "ByteLevel":
+        raise ValueError(
+            f"{directory / 'tokenizer.json'} is not a byte-level BPE tokenizer (model {model.get('type')}); "
+            "GGUF export writes SentencePiece (tokenizer.model) and byte-level BPE vocabularies"
+        )
+    pre = bpe_pre_tokenizer(tj)
+    vocab = dict(model["vocab"])
+    added = {t["content"]: t for t in tj.get("added_tokens") or []}
+    for text, tok in added.items():
+        vocab.setdefault(text, tok["id"])
+    size = max(cfg.vocab_size, max(vocab.values()) + 1)
+    by_id = {i: t for t, i in vocab.items()}
+    tokens, types = [], []
+    T = gguf.TokenType
+    for i in range(size):
+        text = by_id.get(i)
+        if text is None:  # the embedding has rows the tokenizer never produces
+            tokens.append(f"[PAD{i}]")
+            types.append(T.UNUSED)
+        elif text in added:
+            tokens.append(text)
+            types.append(T.CONTROL if added[text].get("special") else T.USER_DEFINED)
+        else:
+            tokens.append(text)
+            types.append(T.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    special = gguf.SpecialVocab(directory, load_merges=False, n_vocab=size)
+    special.add_to_gguf(writer)  # bos / eos / unk / pad ids, add_bos_token, the chat template
+    if special.special_token_ids.get("bos") is None and cfg.bos_token_id is not None:
+        writer.add_bos_token_id(cfg.bos_token_id)
+    if special.special_token_ids.get("eos") is None and cfg.eos_token_id is not None:
+        writer.add_eos_token_id(cfg.eos_token_id)
 
 
 def gguf_coverage(path: str | os.PathLike):

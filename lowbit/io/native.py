@@ -39,7 +39,7 @@ ACT_BUFFERS = ("scale", "zero", "perm", "bounds", "input_shift", "input_scale", 
 W8A8_BUFFERS = ("act_scale", "act_zero", "act_bounds", "perm", "input_shift", "input_scale")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-    "vocab.txt", "vocab.json", "merges.txt", "generation_config.json",
+    "vocab.txt", "vocab.json", "merges.txt", "generation_config.json", "added_tokens.json", "chat_template.jinja",
 )  # fmt: skip
 
 
@@ -172,13 +172,15 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
 
 
 def copy_tokenizer(model: nn.Module, tokenizer, dest: Path) -> None:
+    """The tokenizer beside the weights: ``save_pretrained``'s files, and every tokenizer file of
+    the source directory it did not write (a fast tokenizer drops SentencePiece's
+    ``tokenizer.model``, which GGUF export needs)."""
     if tokenizer is not None:
         tokenizer.save_pretrained(str(dest))
-        return
     source = getattr(model, "lowbit_source", None)
     if source and Path(source).is_dir():
         for name in TOKENIZER_FILES:
-            if (Path(source) / name).exists():
+            if (Path(source) / name).exists() and not (dest / name).exists():
                 shutil.copy2(Path(source) / name, dest / name)
 
 

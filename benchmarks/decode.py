@@ -1,0 +1,189 @@
+"""Greedy decode tokens/s at batch 1: transformers fp32 and bf16 against lowbit's weight-only
+variants, interleaved rounds, medians and ratios to fp32 measured in the same run.
+
+Models: stories260K (``../shared/assets``), a TinyLlama-1.1B-shaped random-init Llama
+(hidden 2048, intermediate 5632, 22 layers, 32 heads / 4 KV heads, vocab 32000: the
+weights dominate), and SmolLM2-135M when transformers can read its GGUF file (needs the
+``gguf`` and ``accelerate`` packages). Each variant decodes ``--tokens`` new tokens after a
+16-token prompt with ``lowbit.generate.greedy_decode``; the rounds interleave the variants.
+
+A DRAM read probe (summing a 1 GiB tensor) gives the bandwidth; each variant's ceiling is
+that bandwidth over the bytes it reads per token (every weight once: the quantized storage,
+the float parameters left, the tied head), and its share of that ceiling is reported.
+
+    python benchmarks/decode.py [--models stories260K,tinyllama,smollm2] [--threads 1,2]
+                                [--tokens 16] [--rounds 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+
+import torch
+
+import lowbit
+import lowbit.kernels.build
+import lowbit.models.loading
+from lowbit.generate import greedy_decode, step_profile
+from lowbit.nn import QLinear
+
+VARIANTS = {
+    "lowbit w4 g128 asym": {"bits": 4, "group_size": 128, "symmetric": False},
+    "lowbit w4 g32 sym": {"bits": 4, "group_size": 32, "symmetric": True},
+    "lowbit int8 weight-only": {"bits": 8, "group_size": -1},
+    "lowbit w4 g128 asym + head": {"bits": 4, "group_size": 128, "symmetric": False, "include_lm_head": True},
+}
+
+
+def dram_gbps(threads: int) -> float:
+    """Read bandwidth: the best of five sums of a 1 GiB fp32 tensor."""
+    torch.set_num_threads(threads)
+    x = torch.ones(2**28)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+def bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of weights read per decoded token: quantized storage plus every float parameter,
+    an embedding as the one row it looks up unless it is also the (tied) head."""
+    total, seen = 0, set()
+    head = getattr(model, "lm_head", None)
+    head_weight = getattr(head, "weight", None)
+    for m in model.modules():
+        if isinstance(m, QLinear):
+            total += m.quantized_weight.storage_bits() // 8
+        elif isinstance(m, torch.nn.Embedding) and m.weight is not head_weight:
+            seen.add(id(m.weight))
+            total += m.weight.shape[1] * m.weight.element_size()
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    return total
+
+
+def tinyllama(seed: int = 0) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def load(name: str):
+    if name == "tinyllama":
+        return tinyllama()
+    if name == "smollm2":
+        from transformers import AutoModelForCausalLM
+
+        from lowbit.assets import asset
+
+        path = asset("smollm2-135m")
+        return AutoModelForCausalLM.from_pretrained(
+            str(path), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32
+        ).eval()
+    model, _ = lowbit.models.loading.load_pretrained(name)
+    return model
+
+
+def variants_of(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    out = {"transformers fp32": model, "transformers bf16": copy.deepcopy(model).to(torch.bfloat16)}
+    for name, kw in VARIANTS.items():
+        out[name] = lowbit.quantize(copy.deepcopy(model), "rtn", progress=False, **kw)
+    return out
+
+
+def run(models: list[str], threads: list[int], tokens: int, rounds: int) -> dict:
+    rows, probes = [], {}
+    for t in threads:
+        probes[t] = dram_gbps(t)
+    for mname in models:
+        try:
+            model = load(mname)
+        except (ImportError, OSError, ValueError) as e:
+            rows.append({"model": mname, "skipped": str(e).splitlines()[0]})
+            continue
+        nets = variants_of(model)
+        prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+        reads = {name: bytes_per_token(net) for name, net in nets.items()}
+        for t in threads:
+            torch.set_num_threads(t)
+            samples = {name: [] for name in nets}
+            for name, net in nets.items():  # warm-up: kernels built, caches allocated
+                greedy_decode(net, prompt, 3)
+            for _ in range(rounds):
+                for name, net in nets.items():
+                    samples[name].append(greedy_decode(net, prompt, tokens).tokens_per_s)
+            med = {name: statistics.median(v) for name, v in samples.items()}
+            for name, tps in med.items():
+                ceiling = probes[t] * 1e9 / reads[name]
+                row = {
+                    "model": mname,
+                    "threads": t,
+                    "variant": name,
+                    "tokens_per_s": tps,
+                    "vs_fp32": tps / med["transformers fp32"],
+                    "MB_per_token": reads[name] / 1e6,
+                    "ceiling_tokens_per_s": ceiling,
+                    "share_of_ceiling": tps / ceiling,
+                }
+                if name.startswith("lowbit"):
+                    row["profile"] = step_profile(net_of(nets, name), prompt, steps=8)
+                rows.append(row)
+        del nets, model
+    return {"dram_GBps": probes, "rows": rows, "torch": torch.__version__}
+
+
+def net_of(nets: dict, name: str):
+    return nets[name]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="stories260K,tinyllama,smollm2")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    result = run(
+        args.models.split(","), [int(t) for t in args.threads.split(",")], args.tokens, args.rounds
+    )
+    if args.json:
+        print(json.dumps(result))
+        return
+    flags = lowbit.kernels.build.cpu_flags()
+    simd = " ".join(sorted(f for f in flags if f.startswith(("avx", "fma", "f16c", "amx"))))
+    print(f"torch {result['torch']}; CPU flags: {simd}")
+    print("DRAM read probe: " + ", ".join(f"{t} thread(s) {g:.1f} GB/s" for t, g in result["dram_GBps"].items()))
+    print(f"{'model':<12}{'thr':>4} {'variant':<26}{'tok/s':>8}{'vs fp32':>9}{'MB/tok':>8}{'ceiling':>9}{'share':>7}  kernel share")
+    for r in result["rows"]:
+        if "skipped" in r:
+            print(f"{r['model']:<12} skipped: {r['skipped']}")
+            continue
+        prof = r.get("profile")
+        extra = f"  {prof['kernel_share']:.0%} of {prof['step_ms']:.1f} ms" if prof else ""
+        print(
+            f"{r['model']:<12}{r['threads']:>4} {r['variant']:<26}{r['tokens_per_s']:>8.1f}{r['vs_fp32']:>8.2f}x"
+            f"{r['MB_per_token']:>8.1f}{r['ceiling_tokens_per_s']:>9.1f}{r['share_of_ceiling']:>6.0%}{extra}"
+        )
+
+
+if __name__ == "__main__":
+    main()

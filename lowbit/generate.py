@@ -1,0 +1,141 @@
+"""Greedy decoding with a lean loop, and where a decode step spends its time.
+
+``transformers``' ``generate()`` runs logits processors, stopping criteria and
+cache bookkeeping around every step; for a small model on a CPU that overhead
+is a large part of a token. ``greedy_decode`` calls the model itself once per
+token with its key/value cache and takes the arg-max, which is all greedy
+decoding needs (the tokens equal ``generate(do_sample=False)``'s).
+
+``step_profile`` splits a decode step's time into lowbit's weight-only kernels
+and everything else (attention, norms, the embedding and head, Python and
+framework overhead per module).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+def _cache_name(model: nn.Module) -> str:
+    """The keyword ``model.forward`` takes its key/value cache by (``cache`` in transformers 5.x,
+    ``past_key_values`` before)."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _step(model: nn.Module, ids: torch.Tensor, past, name: str):
+    out = model(input_ids=ids, use_cache=True, **({name: past} if past is not None else {}))
+    cache = getattr(out, "cache", None)
+    if cache is None:
+        cache = getattr(out, "past_key_values", None)
+    return cache, out.logits[:, -1].argmax(-1, keepdim=True)
+
+
+@dataclass
+class DecodeResult:
+    tokens: torch.Tensor  # [batch, prompt + new] token ids
+    prompt_tokens: int
+    new_tokens: int
+    prefill_s: float
+    decode_s: float
+    step_s: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode throughput: new tokens after the first, per second (prefill excluded)."""
+        steps = max(self.new_tokens - 1, 0)
+        return steps / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+@torch.no_grad()
+def greedy_decode(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id=None) -> DecodeResult:
+    """Greedy tokens after ``input_ids: [batch, T]``; stops early when every row produced ``eos``."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        raise ValueError("input_ids must be [batch, tokens] with at least one token")
+    name = _cache_name(model)
+    t0 = time.perf_counter()
+    past, nxt = _step(model, input_ids, None, name)
+    prefill = time.perf_counter() - t0
+    ids = [input_ids, nxt]
+    steps = []
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+    eos = None if eos_token_id is None else torch.as_tensor(eos_token_id).reshape(-1)
+    t1 = time.perf_counter()
+    for _ in range(max_new_tokens - 1):
+        if eos is not None:
+            done |= torch.isin(nxt.reshape(-1), eos)
+            if bool(done.all()):
+                break
+        s = time.perf_counter()
+        past, nxt = _step(model, nxt, past, name)
+        steps.append(time.perf_counter() - s)
+        ids.append(nxt)
+    decode = time.perf_counter() - t1
+    tokens = torch.cat(ids, dim=1)
+    return DecodeResult(tokens, input_ids.shape[1], tokens.shape[1] - input_ids.shape[1], prefill, decode, steps)
+
+
+def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64) -> tuple[str, DecodeResult]:
+    """``(prompt + continuation as text, timings)`` by greedy decoding."""
+    enc = tokenizer(prompt, return_tensors="pt")
+    if enc.input_ids.shape[1] == 0:
+        raise ValueError("the prompt is empty after tokenization; pass some text with --prompt")
+    result = greedy_decode(model, enc.input_ids, max_new_tokens, getattr(tokenizer, "eos_token_id", None))
+    return tokenizer.decode(result.tokens[0], skip_special_tokens=True), result
+
+
+@contextmanager
+def _kernel_timer(totals: dict):
+    """Accumulate the seconds spent inside lowbit's weight-only kernels (``totals['kernel']``)."""
+    from lowbit.kernels import wq
+
+    original = wq.Packed._forward
+
+    def timed(self, x, isa, bias=None):
+        s = time.perf_counter()
+        y = original(self, x, isa, bias)
+        totals["kernel"] += time.perf_counter() - s
+        totals["calls"] += 1
+        return y
+
+    wq.Packed._forward = timed
+    try:
+        yield
+    finally:
+        wq.Packed._forward = original
+
+
+@torch.no_grad()
+def step_profile(model: nn.Module, input_ids: torch.Tensor, steps: int = 16) -> dict:
+    """Per decode step (after the prefill): total milliseconds, milliseconds inside lowbit's
+    kernels (their Python call included), the rest, and kernel calls per step."""
+    totals = {"kernel": 0.0, "calls": 0}
+    name = _cache_name(model)
+    past, nxt = _step(model, input_ids, None, name)
+    elapsed = 0.0
+    with _kernel_timer(totals):
+        for i in range(steps + 1):
+            if i == 1:  # the first step warms up; count from the second
+                totals["kernel"], totals["calls"], elapsed = 0.0, 0, 0.0
+            s = time.perf_counter()
+            past, nxt = _step(model, nxt, past, name)
+            elapsed += time.perf_counter() - s
+    step = elapsed / steps
+    kernel = totals["kernel"] / steps
+    return {
+        "step_ms": step * 1e3,
+        "kernel_ms": kernel * 1e3,
+        "other_ms": (step - kernel) * 1e3,
+        "kernel_share": kernel / step if step else float("nan"),
+        "kernel_calls_per_step": totals["calls"] / steps,
+        "modules": sum(1 for _ in model.modules()),
+    }
