@@ -21,11 +21,14 @@ import argparse
 import copy
 import json
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 import lowbit
+import lowbit.assets
 import lowbit.kernels.build
 import lowbit.models.loading
 from lowbit.generate import greedy_decode, step_profile
@@ -109,6 +112,69 @@ def variants_of(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return out
 
 
+def byte_tokenizer_dir(vocab_size: int) -> Path:
+    """A byte-level BPE tokenizer.json (the 256 bytes, then padding) for GGUF export of a model
+    without a tokenizer of its own (the random TinyLlama)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    d = Path(tempfile.mkdtemp(prefix="lowbit_bytes_tok_"))
+    chars = list(bytes_to_unicode().values())
+    tj = {
+        "version": "1.0",
+        "added_tokens": [],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "vocab": {c: i for i, c in enumerate(chars[: min(256, vocab_size)])}, "merges": []},
+    }
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+    return d
+
+
+def llama_cpp_variants(model: torch.nn.Module, mname: str) -> dict[str, Path]:
+    """lowbit's w4 g32 sym and int8 g32 sym written by lowbit's GGUF export as Q4_0 and Q8_0
+    (the codes as they are), when llama-cpp-python is installed."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return {}
+    from lowbit.io.gguf_export import export_gguf
+
+    tok_dir = lowbit.assets.asset("smollm2-135m") if mname == "smollm2" else None
+    if mname == "stories260K":
+        tok_dir = lowbit.assets.asset("stories260K")
+    if tok_dir is None:
+        tok_dir = byte_tokenizer_dir(model.config.vocab_size)
+    out = {}
+    for qtype, bits in (("q4_0", 4), ("q8_0", 8)):
+        q = lowbit.quantize(copy.deepcopy(model), "rtn", bits=bits, group_size=32, symmetric=True,
+                            include_lm_head=True, progress=False)  # fmt: skip
+        path = Path(tempfile.mkdtemp(prefix="lowbit_gguf_")) / f"{mname}-{qtype}.gguf"
+        export_gguf(q, path, tok_dir, qtype)
+        out[f"llama.cpp {qtype.upper()} (lowbit export)"] = path
+        del q
+    return out
+
+
+def llama_cpp_tokens_per_s(path: Path, prompt: list[int], tokens: int, threads: int) -> float:
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + tokens + 8, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)  # fmt: skip
+    llm.reset()
+    llm.eval(prompt)
+    nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t = time.perf_counter()
+    for _ in range(tokens - 1):
+        llm.eval([nxt])
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    rate = (tokens - 1) / (time.perf_counter() - t)
+    llm.close()
+    return rate
+
+
 def run(models: list[str], threads: list[int], tokens: int, rounds: int) -> dict:
     rows, probes = [], {}
     for t in threads:
@@ -119,17 +185,25 @@ def run(models: list[str], threads: list[int], tokens: int, rounds: int) -> dict
         except (ImportError, OSError, ValueError) as e:
             rows.append({"model": mname, "skipped": str(e).splitlines()[0]})
             continue
+        ggufs = llama_cpp_variants(model, mname)
         nets = variants_of(model)
-        prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+        gen = torch.Generator().manual_seed(0)
+        prompt = torch.randint(0, min(model.config.vocab_size, 256), (1, 16), generator=gen)
         reads = {name: bytes_per_token(net) for name, net in nets.items()}
+        cfg = model.config
+        embd = 0 if cfg.tie_word_embeddings else (cfg.vocab_size - 1) * cfg.hidden_size * 4  # F32 rows not read
+        reads.update({name: path.stat().st_size - embd for name, path in ggufs.items()})
         for t in threads:
             torch.set_num_threads(t)
             samples = {name: [] for name in nets}
-            for name, net in nets.items():  # warm-up: kernels built, caches allocated
+            for net in nets.values():  # warm-up: kernels built, caches allocated
                 greedy_decode(net, prompt, 3)
+            samples.update({name: [] for name in ggufs})
             for _ in range(rounds):
                 for name, net in nets.items():
                     samples[name].append(greedy_decode(net, prompt, tokens).tokens_per_s)
+                for name, path in ggufs.items():
+                    samples[name].append(llama_cpp_tokens_per_s(path, prompt[0].tolist(), tokens, t))
             med = {name: statistics.median(v) for name, v in samples.items()}
             for name, tps in med.items():
                 ceiling = probes[t] * 1e9 / reads[name]
@@ -162,9 +236,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    result = run(
-        args.models.split(","), [int(t) for t in args.threads.split(",")], args.tokens, args.rounds
-    )
+    result = run(args.models.split(","), [int(t) for t in args.threads.split(",")], args.tokens, args.rounds)
     if args.json:
         print(json.dumps(result))
         return
@@ -172,7 +244,8 @@ def main() -> None:
     simd = " ".join(sorted(f for f in flags if f.startswith(("avx", "fma", "f16c", "amx"))))
     print(f"torch {result['torch']}; CPU flags: {simd}")
     print("DRAM read probe: " + ", ".join(f"{t} thread(s) {g:.1f} GB/s" for t, g in result["dram_GBps"].items()))
-    print(f"{'model':<12}{'thr':>4} {'variant':<26}{'tok/s':>8}{'vs fp32':>9}{'MB/tok':>8}{'ceiling':>9}{'share':>7}  kernel share")
+    head = f"{'model':<12}{'thr':>4} {'variant':<34}{'tok/s':>8}{'vs fp32':>9}{'MB/tok':>8}{'ceiling':>9}{'share':>7}"
+    print(head + "  kernel share")
     for r in result["rows"]:
         if "skipped" in r:
             print(f"{r['model']:<12} skipped: {r['skipped']}")
@@ -180,7 +253,7 @@ def main() -> None:
         prof = r.get("profile")
         extra = f"  {prof['kernel_share']:.0%} of {prof['step_ms']:.1f} ms" if prof else ""
         print(
-            f"{r['model']:<12}{r['threads']:>4} {r['variant']:<26}{r['tokens_per_s']:>8.1f}{r['vs_fp32']:>8.2f}x"
+            f"{r['model']:<12}{r['threads']:>4} {r['variant']:<34}{r['tokens_per_s']:>8.1f}{r['vs_fp32']:>8.2f}x"
             f"{r['MB_per_token']:>8.1f}{r['ceiling_tokens_per_s']:>9.1f}{r['share_of_ceiling']:>6.0%}{extra}"
         )
 

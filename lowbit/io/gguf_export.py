@@ -212,12 +212,10 @@ def _add_sentencepiece(writer, gguf, directory: Path, cfg) -> None:
 
 
 # llama.cpp's pre-tokenizer names for the byte-level splits transformers' tokenizer.json describes
-LLAMA3_SPLIT = (
-    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
-)
-QWEN2_SPLIT = (
-    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
-)
+_SPLIT_HEAD = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|"
+_SPLIT_TAIL = "| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+LLAMA3_SPLIT = _SPLIT_HEAD + "\\p{N}{1,3}" + _SPLIT_TAIL  # numbers in runs of up to three digits
+QWEN2_SPLIT = _SPLIT_HEAD + "\\p{N}" + _SPLIT_TAIL  # digits one by one
 
 
 def bpe_pre_tokenizer(tokenizer_json: dict) -> str:
