@@ -122,7 +122,7 @@ def test_info_reads_a_gguf_file(stories_dir, tmp_path):
 def test_byte_level_bpe_pre_tokenizers_are_named_or_refused():
     from lowbit.io.gguf_export import LLAMA3_SPLIT, QWEN2_SPLIT, bpe_pre_tokenizer
 
-    assert bpe_pre_tokenizer({"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}) == "gpt2"
+    assert bpe_pre_tokenizer({"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}) == "gpt-2"
     digits = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
                                                      {"type": "ByteLevel", "use_regex": True}]}  # fmt: skip
     assert bpe_pre_tokenizer({"pre_tokenizer": digits}) == "smollm"
@@ -164,7 +164,7 @@ def test_byte_level_bpe_tokenizer_goes_into_the_gguf_file(tmp_path):
         f = fields[key]
         return bytes(f.parts[f.data[0]]).decode()
 
-    assert text("tokenizer.ggml.model") == "gpt2" and text("tokenizer.ggml.pre") == "gpt2"
+    assert text("tokenizer.ggml.model") == "gpt2" and text("tokenizer.ggml.pre") == "gpt-2"
     tokens = fields["tokenizer.ggml.tokens"]
     assert len(tokens.data) == 49152
     assert bytes(tokens.parts[tokens.data[300]]).decode() == next(t for t, i in tj["model"]["vocab"].items() if i == 300)

@@ -227,7 +227,7 @@ def bpe_pre_tokenizer(tokenizer_json: dict) -> str:
     pre = tokenizer_json.get("pre_tokenizer") or {}
     kind = pre.get("type")
     if kind == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"  # GPT-2's regex inside ByteLevel
+        return "gpt-2"  # GPT-2's regex inside ByteLevel (llama.cpp spells it with a hyphen)
     if kind == "Sequence":
         parts = pre.get("pretokenizers", [])
         kinds = [p.get("type") for p in parts]

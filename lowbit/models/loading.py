@@ -45,9 +45,31 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "electra", "camembert", "distilbert", "deberta", "deberta-v2"}
+
+
 def is_causal_lm(config) -> bool:
+    """Whether ``config`` describes a language model with a head: from its ``architectures``, or,
+    where a config lacks them (one written from a GGUF file), from a decoder ``model_type``."""
     archs = getattr(config, "architectures", None) or []
-    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    if archs:
+        return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    kind = getattr(config, "model_type", None)
+    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in ENCODER_TYPES
+
+
+def _gguf_source(path: str) -> dict:
+    """``{"gguf_file": name}`` for a directory whose only weights are one GGUF file (transformers
+    dequantizes it on load; needs the gguf package), else ``{}``."""
+    d = Path(path)
+    if not d.is_dir() or any(d.glob("*.safetensors")) or any(d.glob("*.bin")):
+        return {}
+    found = sorted(d.glob("*.gguf"))
+    if len(found) > 1:
+        raise ValueError(f"{path} holds several GGUF files ({', '.join(f.name for f in found)}); keep one")
+    return {"gguf_file": found[0].name} if found else {}
 
 
 def load_pretrained(name: str) -> tuple[nn.Module, object | None]:
@@ -62,7 +84,7 @@ def load_pretrained(name: str) -> tuple[nn.Module, object | None]:
             f"could not load {name}: not a local model directory and the hub is unreachable ({e})"
         ) from None
     cls = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
-    model = cls.from_pretrained(path, dtype=torch.float32)
+    model = cls.from_pretrained(path, dtype=torch.float32, **_gguf_source(path))
     model.eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)

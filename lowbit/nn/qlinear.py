@@ -164,21 +164,19 @@ class QLinear(nn.Module):
         """The forward function of the kernel for ``device``, its layout bound once (a decode
         step calls every linear once per token, so the per-call Python stays small)."""
         kernel = self.select_kernel(device, rows)
-        perm = self.in_perm
-        bias = self.bias
         if kernel == "native":
             packed = self._prepare(kernel, device)
 
             def run(x):
-                if perm is not None:
-                    x = x.index_select(-1, perm)  # every kernel sees a plain grouped weight
-                return packed.matmul(x, bias=bias)
+                if self.in_perm is not None:
+                    x = x.index_select(-1, self.in_perm)  # every kernel sees a plain grouped weight
+                return packed.matmul(x, bias=self.bias)
 
             return run
 
         def run_other(x):
-            if perm is not None:
-                x = x.index_select(-1, perm)
+            if self.in_perm is not None:
+                x = x.index_select(-1, self.in_perm)
             rows = x.numel() // max(x.shape[-1], 1)
             if kernel == "int4_avx512":
                 if rows > avx512.MAX_ROWS:
@@ -191,7 +189,7 @@ class QLinear(nn.Module):
                 y = cpu.int8_mm(x, self._prepare(kernel, x.device))
             else:
                 y = x @ self.stored_weight().to(x.dtype).t()
-            return y if bias is None else y + bias.to(y.dtype)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
 
         return run_other
 
