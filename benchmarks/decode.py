@@ -127,8 +127,10 @@ def byte_tokenizer_dir(vocab_size: int) -> Path:
         "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
         "post_processor": None,
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-        "model": {"type": "BPE", "vocab": {c: i for i, c in enumerate(chars[: min(256, vocab_size)])}, "merges": []},
+        "model": {"type": "BPE", "vocab": {c: i for i, c in enumerate(chars[:256])}, "merges": []},
     }
+    tj["model"]["vocab"][chars[32] + chars[116]] = 256  # one merge: llama.cpp needs at least one
+    tj["model"]["merges"] = [f"{chars[32]} {chars[116]}"]
     (d / "tokenizer.json").write_text(json.dumps(tj))
     return d
 

@@ -274,6 +274,10 @@ def _add_bpe(writer, gguf, directory: Path, cfg) -> None:
             tokens.append(text)
             types.append(T.NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if not merges:  # llama.cpp refuses such a file ("cannot find tokenizer merges")
+        raise ValueError(
+            f"{directory / 'tokenizer.json'} has no BPE merges; llama.cpp cannot load a BPE vocabulary without them"
+        )
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
