@@ -1,10 +1,10 @@
-"""lowbit's own 4-bit GEMV for AVX-512 CPUs (``csrc/int4_gemv.cpp``).
+"""lowbit's AVX-512 BF16 4-bit GEMV (``csrc/int4_gemv.cpp``): a bf16 mode, used only when asked for.
 
-It reads ``QuantizedWeight.packed`` as it is (no second copy of the weights) and
-serves batches of up to 8 rows, where decoding spends its time. It is compiled
-on first use with ``torch.utils.cpp_extension`` into the torch extensions cache;
-where the CPU lacks AVX-512 or the build fails, lowbit says so once and uses
-PyTorch's kernels instead.
+``QLinear(kernel="int4_avx512")`` runs it: activations rounded to bf16 and AVX512-BF16
+dot products (where the CPU has them), up to 8 rows, reading ``QuantizedWeight.packed``
+as it is. ``auto`` picks the exact fp32 kernels of ``kernels/wq.py`` instead. It is
+compiled on first use with ``torch.utils.cpp_extension`` into the torch extensions
+cache; where the CPU lacks AVX-512 or the build fails, lowbit says so once.
 """
 
 from __future__ import annotations
