@@ -221,14 +221,10 @@ def run(models: list[str], threads: list[int], tokens: int, rounds: int) -> dict
                     "share_of_ceiling": tps / ceiling,
                 }
                 if name.startswith("lowbit") and "W8A8" not in name:  # the timer sees the weight-only kernels
-                    row["profile"] = step_profile(net_of(nets, name), prompt, steps=8)
+                    row["profile"] = step_profile(nets[name], prompt, steps=8)
                 rows.append(row)
         del nets, model
     return {"dram_GBps": probes, "rows": rows, "torch": torch.__version__}
-
-
-def net_of(nets: dict, name: str):
-    return nets[name]
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ import os
 
 import torch
 
+from lowbit.formats import integer
 from lowbit.kernels.build import build_extension
 from lowbit.quantized_weight import QuantizedWeight
 
@@ -70,9 +71,7 @@ def supported(qw: QuantizedWeight) -> bool:
 
 
 def _group(qw: QuantizedWeight) -> int:
-    _, k = qw.matrix_shape
-    ngroups = qw.scale.reshape(qw.matrix_shape[0], -1).shape[1] if qw.scale.numel() > 1 else 1
-    return k if ngroups == 1 else qw.fmt.group_size
+    return integer.effective_group_size(qw.matrix_shape[1], qw.fmt.group_size)
 
 
 def _per_group(t: torch.Tensor, n: int, ngroups: int) -> torch.Tensor:
