@@ -6,6 +6,10 @@ Models: stories260K (``../shared/assets``), a TinyLlama-1.1B-shaped random-init 
 weights dominate), and SmolLM2-135M when transformers can read its GGUF file (needs the
 ``gguf`` and ``accelerate`` packages). Each variant decodes ``--tokens`` new tokens after a
 16-token prompt with ``lowbit.generate.greedy_decode``; the rounds interleave the variants.
+The ``transformers`` rows run transformers' own forward (``fused=False``); the ``lowbit``
+rows run lowbit's fused decoder step (``lowbit.fused_decode``), and ``lowbit fp32 (fused
+step)`` is the unquantized model on that step, which separates what the step saves from
+what the weights save.
 
 A DRAM read probe (summing a 1 GiB tensor) gives the bandwidth; each variant's ceiling is
 that bandwidth over the bytes it reads per token (every weight once: the quantized storage,
@@ -107,10 +111,19 @@ def load(name: str):
 
 
 def variants_of(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    out = {"transformers fp32": model, "transformers bf16": copy.deepcopy(model).to(torch.bfloat16)}
+    out = {
+        "transformers fp32": model,
+        "transformers bf16": copy.deepcopy(model).to(torch.bfloat16),
+        "lowbit fp32 (fused step)": model,
+    }
     for name, kw in VARIANTS.items():
         out[name] = lowbit.quantize(copy.deepcopy(model), "rtn", progress=False, **kw)
     return out
+
+
+def fused_of(name: str) -> bool | None:
+    """transformers' rows run its own forward; lowbit's run the fused step wherever it applies."""
+    return False if name.startswith("transformers") else None
 
 
 def byte_tokenizer_dir(vocab_size: int) -> Path:
@@ -199,12 +212,12 @@ def run(models: list[str], threads: list[int], tokens: int, rounds: int) -> dict
         for t in threads:
             torch.set_num_threads(t)
             samples = {name: [] for name in nets}
-            for net in nets.values():  # warm-up: kernels built, caches allocated
-                greedy_decode(net, prompt, 3)
+            for name, net in nets.items():  # warm-up: kernels built, caches allocated
+                greedy_decode(net, prompt, 3, fused=fused_of(name))
             samples.update({name: [] for name in ggufs})
             for _ in range(rounds):
                 for name, net in nets.items():
-                    samples[name].append(greedy_decode(net, prompt, tokens).tokens_per_s)
+                    samples[name].append(greedy_decode(net, prompt, tokens, fused=fused_of(name)).tokens_per_s)
                 for name, path in ggufs.items():
                     samples[name].append(llama_cpp_tokens_per_s(path, prompt[0].tolist(), tokens, t))
             med = {name: statistics.median(v) for name, v in samples.items()}
@@ -221,7 +234,7 @@ def run(models: list[str], threads: list[int], tokens: int, rounds: int) -> dict
                     "share_of_ceiling": tps / ceiling,
                 }
                 if name.startswith("lowbit") and "W8A8" not in name:  # the timer sees the weight-only kernels
-                    row["profile"] = step_profile(nets[name], prompt, steps=8)
+                    row["profile"] = step_profile(nets[name], prompt, steps=8, fused=fused_of(name))
                 rows.append(row)
         del nets, model
     return {"dram_GBps": probes, "rows": rows, "torch": torch.__version__}

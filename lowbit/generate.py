@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lowbit import fused_decode
+
 
 def _cache_name(model: nn.Module) -> str:
     """The keyword ``model.forward`` takes its key/value cache by (``cache`` in transformers 5.x,
@@ -46,6 +48,7 @@ class DecodeResult:
     prefill_s: float
     decode_s: float
     step_s: list[float] = field(default_factory=list)
+    path: str = "transformers"  # "fused": lowbit's fused decoder step ran the model
 
     @property
     def tokens_per_s(self) -> float:
@@ -54,16 +57,42 @@ class DecodeResult:
         return steps / self.decode_s if self.decode_s > 0 else float("nan")
 
 
+def _stepper(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, fused: bool | None):
+    """``(step(ids) -> next token ids, path name)``: the fused decoder step where it runs the model
+    (``fused=None``: wherever it can; ``True``: or an error saying why not), else transformers'."""
+    reason = fused_decode.unsupported_reason(model)
+    if fused and reason is not None:
+        raise ValueError(f"fused decoding cannot run this model: {reason}")
+    if fused is not False and reason is None:
+        state = fused_decode.FusedLlama(model, input_ids.shape[1] + max_new_tokens, batch=input_ids.shape[0])
+        return state.next_token, "fused"
+    name = _cache_name(model)
+    past = None
+
+    def step(ids):
+        nonlocal past
+        past, nxt = _step(model, ids, past, name)
+        return nxt
+
+    return step, "transformers"
+
+
 @torch.no_grad()
-def greedy_decode(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id=None) -> DecodeResult:
-    """Greedy tokens after ``input_ids: [batch, T]``; stops early when every row produced ``eos``."""
+def greedy_decode(
+    model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id=None, fused: bool | None = None
+) -> DecodeResult:
+    """Greedy tokens after ``input_ids: [batch, T]``; stops early when every row produced ``eos``.
+
+    Llama-family models run lowbit's fused decoder step (``fused_decode.FusedLlama``) unless
+    ``fused=False``; others, and ``fused=False``, run transformers' forward with its cache.
+    """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if input_ids.dim() != 2 or input_ids.shape[1] < 1:
         raise ValueError("input_ids must be [batch, tokens] with at least one token")
-    name = _cache_name(model)
+    step, path = _stepper(model, input_ids, max_new_tokens, fused)
     t0 = time.perf_counter()
-    past, nxt = _step(model, input_ids, None, name)
+    nxt = step(input_ids)
     prefill = time.perf_counter() - t0
     ids = [input_ids, nxt]
     steps = []
@@ -76,20 +105,22 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int
             if bool(done.all()):
                 break
         s = time.perf_counter()
-        past, nxt = _step(model, nxt, past, name)
+        nxt = step(nxt)
         steps.append(time.perf_counter() - s)
         ids.append(nxt)
     decode = time.perf_counter() - t1
     tokens = torch.cat(ids, dim=1)
-    return DecodeResult(tokens, input_ids.shape[1], tokens.shape[1] - input_ids.shape[1], prefill, decode, steps)
+    return DecodeResult(tokens, input_ids.shape[1], tokens.shape[1] - input_ids.shape[1], prefill, decode, steps, path)
 
 
-def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64) -> tuple[str, DecodeResult]:
-    """``(prompt + continuation as text, timings)`` by greedy decoding."""
+def generate(
+    model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64, fused: bool | None = None
+) -> tuple[str, DecodeResult]:
+    """``(prompt + continuation as text, timings)`` by greedy decoding (``fused``: see ``greedy_decode``)."""
     enc = tokenizer(prompt, return_tensors="pt")
     if enc.input_ids.shape[1] == 0:
         raise ValueError("the prompt is empty after tokenization; pass some text with --prompt")
-    result = greedy_decode(model, enc.input_ids, max_new_tokens, getattr(tokenizer, "eos_token_id", None))
+    result = greedy_decode(model, enc.input_ids, max_new_tokens, getattr(tokenizer, "eos_token_id", None), fused)
     return tokenizer.decode(result.tokens[0], skip_special_tokens=True), result
 
 
@@ -115,19 +146,20 @@ def _kernel_timer(totals: dict):
 
 
 @torch.no_grad()
-def step_profile(model: nn.Module, input_ids: torch.Tensor, steps: int = 16) -> dict:
+def step_profile(model: nn.Module, input_ids: torch.Tensor, steps: int = 16, fused: bool | None = None) -> dict:
     """Per decode step (after the prefill): total milliseconds, milliseconds inside lowbit's
-    kernels (their Python call included), the rest, and kernel calls per step."""
+    kernels (their Python call included), the rest, and kernel calls per step; ``path`` says
+    which decoder step ran (``fused``: see ``greedy_decode``)."""
     totals = {"kernel": 0.0, "calls": 0}
-    name = _cache_name(model)
-    past, nxt = _step(model, input_ids, None, name)
+    step_fn, path = _stepper(model, input_ids, steps + 2, fused)
+    nxt = step_fn(input_ids)
     elapsed = 0.0
     with _kernel_timer(totals):
         for i in range(steps + 1):
             if i == 1:  # the first step warms up; count from the second
                 totals["kernel"], totals["calls"], elapsed = 0.0, 0, 0.0
             s = time.perf_counter()
-            past, nxt = _step(model, nxt, past, name)
+            nxt = step_fn(nxt)
             elapsed += time.perf_counter() - s
     step = elapsed / steps
     kernel = totals["kernel"] / steps
@@ -138,4 +170,5 @@ def step_profile(model: nn.Module, input_ids: torch.Tensor, steps: int = 16) -> 
         "kernel_share": kernel / step if step else float("nan"),
         "kernel_calls_per_step": totals["calls"] / steps,
         "modules": sum(1 for _ in model.modules()),
+        "path": path,
     }

@@ -38,10 +38,13 @@ def test_step_profile_counts_the_kernel_calls_of_a_decode_step(stories):
     model, tok = stories
     quant = lowbit.quantize(copy.deepcopy(model), "rtn", bits=4, group_size=32, progress=False)
     ids = tok("Once upon a time", return_tensors="pt").input_ids
-    prof = step_profile(quant, ids, steps=4)
+    prof = step_profile(quant, ids, steps=4, fused=False)
     linears = sum(isinstance(m, lowbit.QLinear) for m in quant.modules())
-    assert prof["kernel_calls_per_step"] == linears  # every quantized linear once per token
+    assert prof["kernel_calls_per_step"] == linears and prof["path"] == "transformers"  # each linear once a token
     assert 0 < prof["kernel_ms"] < prof["step_ms"]
+    fused = step_profile(quant, ids, steps=4)
+    layers = quant.config.num_hidden_layers
+    assert fused["path"] == "fused" and fused["kernel_calls_per_step"] == 4 * layers  # qkv, o, gate+up, down
     assert step_profile(model, ids, steps=2)["kernel_calls_per_step"] == 0
 
 

@@ -97,6 +97,25 @@ class Packed:
         self.isa = isa_code()  # LOWBIT_ISA as it is when the layer first runs
         self.ext = extension()
 
+    @classmethod
+    def concat(cls, parts: list[Packed]) -> Packed:
+        """One layout over the rows of several weights (a fused q/k/v or gate/up projection): they
+        must share the input width, bits, group size, scale dtype and zero-point kind."""
+        first = parts[0]
+
+        def kind(p: Packed) -> tuple:
+            return p.k, p.bits, p.group, p.zeros is None, p.scales.dtype, p.codes.device
+
+        if any(kind(p) != kind(first) for p in parts[1:]):
+            raise ValueError(f"cannot fuse weights of different layouts: {[kind(p) for p in parts]}")
+        out = cls.__new__(cls)
+        out.__dict__.update(first.__dict__)
+        out.n = sum(p.n for p in parts)
+        out.codes = torch.cat([p.codes.reshape(-1) for p in parts])  # row-major rows, so rows stack
+        out.scales = torch.cat([p.scales for p in parts])
+        out.zeros = None if first.zeros is None else torch.cat([p.zeros for p in parts])
+        return out
+
     def matmul(self, x: torch.Tensor, isa: str | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ dequantize(W).T (+ bias)`` in fp32 for ``x: [..., K]`` (any dtype; the result in ``x.dtype``).
 
