@@ -16,7 +16,20 @@ Two regimes:
 - ``warm``: back-to-back calls of one layer (how a loop over a single layer
   measures; for large batches, where the GEMM's arithmetic dominates).
 
-    python benchmarks/gemv.py [--repeats 15] [--shapes 4096x4096] [--batches 1,4,16,32,512] [--json]
+    python benchmarks/gemv.py [--repeats 15] [--shapes 4096x4096] [--batches 1,4,16,32,512] [--json [PATH]]
+
+``--cuda`` measures lowbit's Triton W4A16 kernel (``kernels/triton_w4a16.py``,
+int4 g128 asymmetric, autotuned during warm-up) against fp16 ``x @ W.T`` on the
+GPU instead: CUDA events around single calls, the two interleaved round by
+round, each call after a write of 512 MiB that evicts the L2 (a decode step
+reads its weights from HBM), medians. Those are GPU times: the Python launch
+cost hides behind the eviction and is not in them. Each row checks the kernel
+against dequantize-then-matmul first, and states the bandwidth achieved (bytes
+the call reads: packed codes, scales, zeros and activations, per time) against
+a device-to-device copy measured in the same run and the H200's 4.8 TB/s
+datasheet figure:
+
+    python benchmarks/gemv.py --cuda [--shapes 4096x4096,4096x14336,14336x4096] [--batches 1,16,128] [--json PATH]
 """
 
 from __future__ import annotations
@@ -24,14 +37,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from lowbit.formats import WeightFormat
-from lowbit.kernels import wq
+from lowbit.kernels import triton_w4a16, wq
 from lowbit.nn import QLinear
+from lowbit.quantized_weight import QuantizedWeight
 from lowbit.timing import interleaved_times
+
+DATASHEET_GBPS = 4800.0  # H200 HBM3e
+FLUSH_BYTES = 512 * 2**20  # over the L2 of any current GPU, and long enough to write that the next launches queue
 
 
 def l3_bytes() -> int:
@@ -144,19 +163,143 @@ def _copy(layer: torch.nn.Module) -> torch.nn.Module:
     return QLinear(fresh, layer.bias, kernel=layer.kernel)
 
 
+def gpu_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median GPU microseconds of one call of each function, interleaved, each after an L2 eviction."""
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    for fn in fns.values():  # compiles and autotunes
+        fn()
+    torch.cuda.synchronize()
+    events: dict[str, list] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            events[name].append((start, end))
+    torch.cuda.synchronize()
+    return {name: statistics.median(s.elapsed_time(e) for s, e in pairs) * 1e3 for name, pairs in events.items()}
+
+
+def copy_gbps(nbytes: int = 2**30, repeats: int = 20) -> float:
+    """Device-to-device copy bandwidth, bytes read plus written per second: what the GPU's memory really gives."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    us = gpu_times({"copy": lambda: dst.copy_(src)}, repeats)["copy"]
+    return 2 * nbytes / us / 1e3
+
+
+def run_cuda(repeats: int, shapes: list[tuple[int, int]], batches: list[int]) -> dict:
+    """The Triton W4A16 kernel against fp16 ``x @ W.T`` for each ``(in, out)`` shape and batch;
+    the table is printed row by row as it is measured (a run cut short still says something)."""
+    import triton
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    fmt = WeightFormat("int", 4, 128, False)
+    result = {
+        "device": torch.cuda.get_device_name(dev),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "format": fmt.describe(),
+        "copy_GBps": copy_gbps(),
+        "datasheet_GBps": DATASHEET_GBPS,
+        "rows": [],
+    }
+    print_header(result)
+    for k, n in shapes:
+        w = torch.randn(n, k, device=dev) * 0.02  # [out, in]
+        w16 = w.half()
+        qw = QuantizedWeight.quantize(w, fmt)
+        packed = triton_w4a16.Packed(qw, dev)
+        reference = qw.dequantize().to(dev)  # fp32 [out, in]
+        weight_bytes = sum(t.numel() * t.element_size() for t in (packed.qweight, packed.scales, packed.zeros))
+        for m in batches:
+            x = torch.randn(m, k, device=dev, dtype=torch.float16)
+            with torch.no_grad():
+                want = x.float() @ reference.t()
+                error = float((packed.matmul(x).float() - want).abs().max() / want.abs().max())
+                us = gpu_times({"fp16": lambda: x @ w16.t(), "triton": lambda: packed.matmul(x)}, repeats)
+            x_bytes = x.numel() * x.element_size()
+            q_gbps = (weight_bytes + x_bytes) / us["triton"] / 1e3
+            f_gbps = (w16.numel() * 2 + x_bytes) / us["fp16"] / 1e3
+            row = {
+                "shape": f"{k}->{n}",
+                "batch": m,
+                "fp16_us": us["fp16"],
+                "triton_us": us["triton"],
+                "speedup": us["fp16"] / us["triton"],
+                "triton_GBps": q_gbps,
+                "triton_of_copy": q_gbps / result["copy_GBps"],
+                "triton_of_datasheet": q_gbps / DATASHEET_GBPS,
+                "fp16_GBps": f_gbps,
+                "fp16_of_copy": f_gbps / result["copy_GBps"],
+                "max_rel_error": error,
+                "config": str(packed.config_for(x)),
+            }
+            result["rows"].append(row)
+            print_row(row)
+    return result
+
+
+def print_header(result: dict) -> None:
+    print(
+        f"{result['device']}, torch {result['torch']}, triton {result['triton']}, {result['format']}; "
+        f"device-to-device copy {result['copy_GBps']:.0f} GB/s (datasheet {result['datasheet_GBps']:.0f}); "
+        "GPU time per call, L2 evicted before each, median of interleaved rounds\n"
+    )
+    print("| in->out | batch | fp16 µs | triton µs | fp16/triton | triton GB/s | of copy | of 4.8 TB/s "
+          "| fp16 GB/s | max rel err | config |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|", flush=True)
+
+
+def print_row(r: dict) -> None:
+    print(
+        f"| {r['shape']} | {r['batch']} | {r['fp16_us']:.1f} | {r['triton_us']:.1f} | {r['speedup']:.2f}x "
+        f"| {r['triton_GBps']:.0f} | {r['triton_of_copy']:.0%} | {r['triton_of_datasheet']:.0%} "
+        f"| {r['fp16_GBps']:.0f} | {r['max_rel_error']:.1e} | {r['config']} |",
+        flush=True,
+    )
+
+
+def write_json(result, path: str) -> None:
+    """``path`` ``-`` prints the JSON; anything else is a file to write."""
+    text = json.dumps(result, indent=1)
+    if path == "-":
+        print(text)
+    else:
+        Path(path).write_text(text + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--shapes", default="4096x4096,4096x11008", help="KxN (in x out), comma-separated")
-    ap.add_argument("--batches", default="1,4,16,32,512")
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--cuda", action="store_true", help="the Triton W4A16 kernel against fp16 matmul on the GPU")
+    ap.add_argument("--repeats", type=int, default=None, help="rounds (default: 15 on CPU, 100 with --cuda)")
+    ap.add_argument("--shapes", default=None, help="KxN (in x out), comma-separated")
+    ap.add_argument("--batches", default=None, help="default: 1,4,16,32,512 on CPU, 1,16,128 with --cuda")
+    ap.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                    help="write the results as JSON to PATH (alone: print them instead of the table)")  # fmt: skip
     args = ap.parse_args()
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    batches = [int(b) for b in args.batches.split(",")]
-    rows = run(args.repeats, shapes, batches)
-    if args.json:
-        print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}))
+    default_shapes = "4096x4096,4096x14336,14336x4096" if args.cuda else "4096x4096,4096x11008"
+    shapes = [tuple(int(v) for v in s.split("x")) for s in (args.shapes or default_shapes).split(",")]
+    batches = [int(b) for b in (args.batches or ("1,16,128" if args.cuda else "1,4,16,32,512")).split(",")]
+    if args.cuda:
+        if not triton_w4a16.available():
+            raise SystemExit(
+                f"--cuda needs a CUDA GPU (Ampere or newer) and triton; here torch.cuda.is_available() is "
+                f"{torch.cuda.is_available()} and triton is {'' if triton_w4a16.triton_importable() else 'not '}"
+                "importable"
+            )
+        result = run_cuda(args.repeats or 100, shapes, batches)
+        if args.json:
+            write_json(result, args.json)
         return
+    rows = run(args.repeats or 15, shapes, batches)
+    if args.json:
+        write_json({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, args.json)
+        if args.json == "-":
+            return
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, L3 {l3_bytes() >> 20} MiB, "
         f"median of interleaved rounds; native paths here: {', '.join(wq.available_isas())}"

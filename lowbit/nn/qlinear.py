@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 from lowbit.formats.spec import WeightFormat
-from lowbit.kernels import avx512, cpu, wq
+from lowbit.kernels import avx512, cpu, triton_w4a16, wq
 from lowbit.quantized_weight import QuantizedWeight
 
-KERNELS = ("auto", "native", "int4_avx512", "int4_cpu", "int8_cpu", "dequant")
+KERNELS = ("auto", "native", "triton_w4a16", "int4_avx512", "int4_cpu", "int8_cpu", "dequant")
 BF16_KERNELS = ("int4_avx512", "int4_cpu", "int8_cpu")  # round activations to bf16: opt-in only
 
 
@@ -42,7 +42,16 @@ class QLinear(nn.Module):
       for (activations rounded to bf16, so results move by ~1e-3): lowbit's
       AVX-512 BF16 GEMV and PyTorch's packed int4 / int8 kernels, whose layouts
       are derived on first use and cached (not saved).
-    - ``dequant``: dequantize, then ``x @ W.T`` (every other format, and GPUs).
+    - ``triton_w4a16`` (what ``auto`` picks on a CUDA GPU, Ampere or newer, for
+      4-bit integer weights whose group is a multiple of 8 codes, when triton is
+      installed): lowbit's Triton kernel of ``kernels/triton_w4a16.py``, fp32
+      accumulation. fp16 / bf16 inputs run on tensor cores (from 16 rows; the
+      dequantized weight rounded to the input's dtype); fp32 inputs are not cast
+      down but multiplied in fp32 (no tf32), so an fp32 model gets the same
+      results as dequantize-then-matmul to fp32 rounding, as on CPU. Its layout
+      (the stored words, transposed) is built on first use per device.
+    - ``dequant``: dequantize, then ``x @ W.T`` (every other format, and GPUs
+      without triton).
 
     ``in_perm`` (optional) carries act-order checkpoints (GPTQ ``desc_act``):
     their groups are scattered over the input channels, and sorting the columns
@@ -119,6 +128,8 @@ class QLinear(nn.Module):
             return self.kernel
         if device.type == "cpu" and wq.supported(self.quantized_weight) and wq.extension() is not None:
             return "native"
+        if device.type == "cuda" and triton_w4a16.supported(self.quantized_weight) and triton_w4a16.available(device):
+            return "triton_w4a16"
         return "dequant"
 
     def _prepare(self, kernel: str, device: torch.device):
@@ -128,6 +139,8 @@ class QLinear(nn.Module):
             qw = self.quantized_weight
             if kernel == "native":
                 self._cache[key] = wq.Packed(qw, device)
+            elif kernel == "triton_w4a16":
+                self._cache[key] = triton_w4a16.Packed(qw, device)
             elif kernel == "int4_avx512":
                 if avx512.kernel_group(qw) is None or avx512.extension() is None:
                     raise ValueError(f"int4_avx512 cannot run {qw.fmt.describe()} with shape {qw.shape} here")
@@ -164,7 +177,7 @@ class QLinear(nn.Module):
         """The forward function of the kernel for ``device``, its layout bound once (a decode
         step calls every linear once per token, so the per-call Python stays small)."""
         kernel = self.select_kernel(device, rows)
-        if kernel == "native":
+        if kernel in ("native", "triton_w4a16"):
             packed = self._prepare(kernel, device)
 
             def run(x):
