@@ -402,11 +402,13 @@ def export(
 @app.command()
 def demo(
     model: str = typer.Option("default", help="minilm, stories260K, or default (both when present)"),
-    bits: int = typer.Option(4, help="weight bits, 2-8"),
-    group_size: int = typer.Option(128, "--group-size", help="group size; -1 for per-channel"),
+    bits: int = typer.Option(4, help="the language model's weight bits, 2-8 (RTN weight-only)"),
+    group_size: int = typer.Option(128, "--group-size", help="the language model's group size; -1 for per-channel"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
 ):
-    """Quantize real pretrained models with RTN and report quality, size and speed against fp32."""
+    """Quantize real pretrained models and report quality, size and speed against fp32: MiniLM
+    with SmoothQuant W8A8 (an encoder's batches are compute-bound: integer activations make
+    them fast), stories260K with RTN weight-only (decoding reads the weights once per token)."""
     from lowbit.demo import run_demo
 
     try:

@@ -104,7 +104,11 @@ class Projection:
         if self.packed is not None:
             if self.perm is not None:
                 x = x.index_select(-1, self.perm)
-            y = self.packed._forward(x, None, self.bias)
+            flat = x.reshape(-1, x.shape[-1])
+            if flat.dtype == torch.float32 and flat.is_contiguous():
+                y = self.packed.gemv(flat, self.bias).view(*x.shape[:-1], -1)
+            else:
+                y = self.packed._forward(x, None, self.bias)
         else:
             return [F.linear(x, w, b) for w, b in self.weight]
         return list(y.split(self.sizes, dim=-1)) if len(self.sizes) > 1 else [y]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lowbit import fused_decode
+import lowbit.fused_decode as fused_decode
 
 
 def _cache_name(model: nn.Module) -> str:
@@ -126,23 +126,34 @@ def generate(
 
 @contextmanager
 def _kernel_timer(totals: dict):
-    """Accumulate the seconds spent inside lowbit's weight-only kernels (``totals['kernel']``)."""
+    """Accumulate the seconds spent inside lowbit's weight-only kernels (``totals['kernel']``):
+    ``Packed._forward`` (QLinear) and ``Packed.gemv`` (the fused step), the outermost call only."""
     from lowbit.kernels import wq
 
-    original = wq.Packed._forward
+    originals = {name: getattr(wq.Packed, name) for name in ("_forward", "gemv")}
+    depth = [0]
 
-    def timed(self, x, isa, bias=None):
-        s = time.perf_counter()
-        y = original(self, x, isa, bias)
-        totals["kernel"] += time.perf_counter() - s
-        totals["calls"] += 1
-        return y
+    def timed(original):
+        def call(self, *args):
+            depth[0] += 1
+            s = time.perf_counter()
+            try:
+                return original(self, *args)
+            finally:
+                depth[0] -= 1
+                if depth[0] == 0:
+                    totals["kernel"] += time.perf_counter() - s
+                    totals["calls"] += 1
 
-    wq.Packed._forward = timed
+        return call
+
+    for name, original in originals.items():
+        setattr(wq.Packed, name, timed(original))
     try:
         yield
     finally:
-        wq.Packed._forward = original
+        for name, original in originals.items():
+            setattr(wq.Packed, name, original)
 
 
 @torch.no_grad()

@@ -85,8 +85,9 @@ def test_demo_reports_steps_labels_its_ratios_and_warns_when_busy(monkeypatch):
         f"stories260K [{i}/4" for i in range(1, 5)
     ]
     assert lines[0].startswith("warning: this machine is busy (load average 99.0")
-    speed = result["results"][0]["speed_128_tokens"]
-    assert speed["time_ratio"] == pytest.approx(speed["quantized_ms"] / speed["fp32_ms"])
-    assert "quantized / fp32 time" in result["table"] and "warning: this machine is busy" in result["table"]
+    speed = result["results"][0]["decode_64_tokens"]
+    assert speed["speedup"] == pytest.approx(speed["quantized_tokens_per_s"] / speed["fp32_tokens_per_s"])
+    assert "x the speed of fp32" in result["table"] and "warning: this machine is busy" in result["table"]
+    assert "recipe: RTN w4 g128 weight-only" in result["table"]
     monkeypatch.setattr(demo.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     assert demo.busy_warning() is None

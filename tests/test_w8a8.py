@@ -405,3 +405,18 @@ def test_cli_integer_activation_flags(tiny_llama_dir, text_file, tmp_path):
     assert r.exit_code == 2 and "--calib" in r.stderr and not (tmp_path / "c").exists()
     r = run("--method", "rtn", "--format", "nf4", "--act-bits", "8", "--out", tmp_path / "d")
     assert r.exit_code == 2 and "integer weights" in r.stderr and not (tmp_path / "d").exists()
+
+
+def test_int32_rescale_epilogue_equals_the_tensor_expression():
+    ext = int8_kernel.extension()
+    if ext is None:
+        pytest.skip("lowbit's AVX2 int8 kernel is not available here")
+    g = torch.Generator().manual_seed(0)
+    acc = torch.randint(-(2**20), 2**20, (37, 53), generator=g, dtype=torch.int32)
+    rows, cols, bias = torch.rand(37, generator=g), torch.rand(53, generator=g), torch.randn(53, generator=g)
+    want = acc.double() * rows.double()[:, None] * cols.double()
+    torch.testing.assert_close(ext.rescale_int32(acc, rows, cols, None).double(), want, rtol=1e-6, atol=0)
+    got = ext.rescale_int32(acc, rows, cols, bias).double()
+    torch.testing.assert_close(got, want + bias.double(), rtol=1e-6, atol=1e-5)
+    with pytest.raises(RuntimeError, match="row_scale"):
+        ext.rescale_int32(acc, rows[:5], cols, None)

@@ -141,6 +141,13 @@ class Packed:
         y = y.view(*x.shape[:-1], self.n)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
+    def gemv(self, flat: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``flat @ W.T (+ bias)`` for a contiguous fp32 ``flat: [M, K]`` outside autograd: the
+        kernel called with nothing around it (a decode step makes over a hundred such calls)."""
+        if flat.shape[0] > GEMV_ROWS:
+            return self._forward(flat, None, bias)
+        return self.ext.wq_gemv(flat, self.codes, self.scales, self.zeros, bias, self.n, self.bits, self.group, self.isa)
+
     def dequantize(self, isa: str | None = None) -> torch.Tensor:
         """The whole weight as fp32 ``[N, K]`` (bit-identical to ``QuantizedWeight.dequantize``)."""
         return extension().wq_dequant(

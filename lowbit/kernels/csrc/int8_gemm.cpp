@@ -627,6 +627,39 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor codes, int64_t bits, in
   return run<4, int16_t>(x, act, segs, kblocks, cc, N, row_bytes, zc, sc, ngroups, pb);
 }
 
+// y[m, n] = acc[m, n] * row_scale[m] * col_scale[n] (+ bias[n]) in one pass: the epilogue of an
+// int8 GEMM done elsewhere (torch._int_mm), which as separate tensor operations costs four
+// passes over the output and fresh allocations, more than the GEMM itself at large batches.
+torch::Tensor rescale_int32(torch::Tensor acc, torch::Tensor row_scale, torch::Tensor col_scale,
+                            c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(acc.dim() == 2 && acc.scalar_type() == torch::kInt && acc.is_contiguous(), "acc: contiguous int32 [M, N]");
+  const int64_t M = acc.size(0), N = acc.size(1);
+  TORCH_CHECK(row_scale.scalar_type() == torch::kFloat && row_scale.numel() == M, "row_scale: fp32 [M]");
+  TORCH_CHECK(col_scale.scalar_type() == torch::kFloat && col_scale.numel() == N, "col_scale: fp32 [N]");
+  if (bias.has_value()) TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->numel() == N, "bias: fp32 [N]");
+  auto rs = row_scale.contiguous(), cs = col_scale.contiguous();
+  auto y = torch::empty({M, N}, acc.options().dtype(torch::kFloat));
+  const int32_t* a = acc.data_ptr<int32_t>();
+  const float* r = rs.data_ptr<float>();
+  const float* c = cs.data_ptr<float>();
+  const float* b = bias.has_value() ? bias->contiguous().data_ptr<float>() : nullptr;
+  float* o = y.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const int32_t* am = a + m * N;
+      float* om = o + m * N;
+      const float sm = r[m];
+      if (b) {
+        for (int64_t n = 0; n < N; ++n) om[n] = static_cast<float>(am[n]) * sm * c[n] + b[n];
+      } else {
+        for (int64_t n = 0; n < N; ++n) om[n] = static_cast<float>(am[n]) * sm * c[n];
+      }
+    }
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rescale_int32", &rescale_int32, "int32 GEMM output times row and column scales (+ bias) as fp32");
   m.def("int8_linear", &int8_linear, "int activations x 8/4-bit weight codes, exact integer accumulation (AVX2)");
 }
