@@ -420,3 +420,20 @@ def test_int32_rescale_epilogue_equals_the_tensor_expression():
     torch.testing.assert_close(got, want + bias.double(), rtol=1e-6, atol=1e-5)
     with pytest.raises(RuntimeError, match="row_scale"):
         ext.rescale_int32(acc, rows[:5], cols, None)
+
+
+def test_token_codes_in_cpp_equal_the_reference_quantizer():
+    ext = int8_kernel.extension()
+    if ext is None:
+        pytest.skip("lowbit's AVX2 int8 kernel is not available here")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(19, 70, generator=g) * torch.rand(19, 1, generator=g) * 5
+    x[3] = 0.0  # an all-zero row: the 1e-8 floor
+    shift, premul = torch.randn(70, generator=g), torch.rand(70, generator=g) + 0.5
+    fmt = ActFormat(8)
+    for sh, pm in ((None, None), (shift, premul)):
+        v = x if sh is None else (x - sh) * pm
+        scale, zero = A.dynamic_params(v, fmt)
+        want = A.codes(v, scale, zero, fmt)
+        codes, s = ext.quantize_tokens_int8(x, sh, pm)
+        assert torch.equal(s, scale.reshape(-1)) and torch.equal(codes.float(), want)

@@ -194,6 +194,15 @@ class W8A8Linear(QLinear):
 
     def _run_int_mm(self, flat, shift, premul) -> torch.Tensor:
         w_t, w_scale, offset, w_sum = self._prepare("int_mm", flat.device)
+        a = self.act
+        ext = int8_kernel.extension() if flat.device.type == "cpu" else None
+        if ext is not None and a.dynamic and a.symmetric and a.granularity == "token" and offset is None:
+            # the usual W8A8 (per-token symmetric): codes and epilogue each one pass in C++
+            xq, s = ext.quantize_tokens_int8(
+                flat.contiguous(), None if shift is None else shift.float(), None if premul is None else premul.float()
+            )
+            bias = None if self.bias is None else self.bias.detach().float()
+            return ext.rescale_int32(int8_matmul(xq, w_t).contiguous(), s, w_scale, bias)
         v = self._transform(flat, shift, premul)
         if self.act.dynamic:
             s, _ = A.dynamic_params(v, self.act)

@@ -627,6 +627,51 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor codes, int64_t bits, in
   return run<4, int16_t>(x, act, segs, kblocks, cc, N, row_bytes, zc, sc, ngroups, pb);
 }
 
+// Per-token symmetric 8-bit codes of v = (x - shift) * premul (each optional), as the Python
+// reference computes them (ActFormat: scale = max(|min|, |max|, 1e-8) / 127 over the row with 0
+// included, q = round-half-even(v / scale) clamped to [-128, 127]), for an int8 GEMM run elsewhere
+// (torch._int_mm): one pass per row instead of eight tensor operations over the whole input.
+std::vector<torch::Tensor> quantize_tokens_int8(torch::Tensor x, c10::optional<torch::Tensor> shift,
+                                                c10::optional<torch::Tensor> premul) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat, "x: fp32 [M, K]");
+  x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  torch::Tensor sh, pm;
+  if (shift.has_value()) {
+    sh = shift->contiguous();
+    TORCH_CHECK(sh.scalar_type() == torch::kFloat && sh.numel() == K, "shift: fp32 [K]");
+  }
+  if (premul.has_value()) {
+    pm = premul->contiguous();
+    TORCH_CHECK(pm.scalar_type() == torch::kFloat && pm.numel() == K, "premul: fp32 [K]");
+  }
+  auto codes = torch::empty({M, K}, x.options().dtype(torch::kChar));
+  auto scales = torch::empty({M}, x.options());
+  const float* px = x.data_ptr<float>();
+  const float* ps = shift.has_value() ? sh.data_ptr<float>() : nullptr;
+  const float* pp = premul.has_value() ? pm.data_ptr<float>() : nullptr;
+  int8_t* pc = codes.data_ptr<int8_t>();
+  float* pscale = scales.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    std::vector<float> v(K);
+    std::vector<int32_t> q(K);
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* row = px + m * K;
+      for (int64_t k = 0; k < K; ++k) {
+        float t = ps ? row[k] - ps[k] : row[k];
+        v[k] = pp ? t * pp[k] : t;
+      }
+      float lo, hi;
+      range_of(v.data(), K, lo, hi);
+      const float scale = std::max(std::max(std::fabs(lo), std::fabs(hi)), 1e-8f) / 127.f;
+      quantize_span(v.data(), q.data(), 0, K, scale, 0.f, -128.f, 127.f);
+      narrow(q.data(), pc + m * K, K);
+      pscale[m] = scale;
+    }
+  });
+  return {codes, scales};
+}
+
 // y[m, n] = acc[m, n] * row_scale[m] * col_scale[n] (+ bias[n]) in one pass: the epilogue of an
 // int8 GEMM done elsewhere (torch._int_mm), which as separate tensor operations costs four
 // passes over the output and fresh allocations, more than the GEMM itself at large batches.
@@ -660,6 +705,7 @@ torch::Tensor rescale_int32(torch::Tensor acc, torch::Tensor row_scale, torch::T
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("quantize_tokens_int8", &quantize_tokens_int8, "per-token symmetric int8 codes and scales of an fp32 input");
   m.def("rescale_int32", &rescale_int32, "int32 GEMM output times row and column scales (+ bias) as fp32");
   m.def("int8_linear", &int8_linear, "int activations x 8/4-bit weight codes, exact integer accumulation (AVX2)");
 }
