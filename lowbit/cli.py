@@ -425,6 +425,9 @@ def generate(
     prompt: str = typer.Option("Once upon a time", "--prompt", help="text to continue"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="tokens to generate (greedy)"),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: torch's)"),
+    fused: bool = typer.Option(
+        True, "--fused/--no-fused", help="lowbit's fused decoder step for Llama-family models (else transformers')"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
 ):
     """Greedy-decode a continuation of --prompt and print it with the decode speed.
@@ -444,7 +447,7 @@ def generate(
         net, tokenizer = _load_any(model)
         if tokenizer is None:
             raise ValueError(f"{model} has no tokenizer; generation needs one")
-        text, r = run(net, tokenizer, prompt, max_new_tokens)
+        text, r = run(net, tokenizer, prompt, max_new_tokens, fused=None if fused else False)
     except USER_ERRORS as e:
         _fail(e)
     result = {
@@ -454,12 +457,13 @@ def generate(
         "prefill_ms": r.prefill_s * 1e3,
         "tokens_per_s": r.tokens_per_s,
         "threads": torch.get_num_threads(),
+        "decoder_step": r.path,
     }
     _emit(
         result,
         as_json,
         f"{text}\n\n{r.new_tokens} new tokens, prefill {r.prompt_tokens} tokens in {r.prefill_s * 1e3:.1f} ms, "
-        f"decode {r.tokens_per_s:.1f} tokens/s ({torch.get_num_threads()} threads)",
+        f"decode {r.tokens_per_s:.1f} tokens/s ({torch.get_num_threads()} threads, {r.path} decoder step)",
     )
 
 

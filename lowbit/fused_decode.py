@@ -98,9 +98,11 @@ class Projection:
         parts = [m.bias.detach() if m.bias is not None else torch.zeros(m.out_features, device=device) for m in modules]
         return torch.cat(parts).to(dtype)
 
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def __call__(self, x: torch.Tensor, split: bool = True) -> list[torch.Tensor] | torch.Tensor:
+        """The outputs of the linears, one each, or (``split=False``) side by side in one tensor."""
         if self.modules is not None:
-            return [m(x) for m in self.modules]
+            outs = [m(x) for m in self.modules]
+            return outs if split else torch.cat(outs, dim=-1)
         if self.packed is not None:
             if self.perm is not None:
                 x = x.index_select(-1, self.perm)
@@ -110,7 +112,10 @@ class Projection:
             else:
                 y = self.packed._forward(x, None, self.bias)
         else:
-            return [F.linear(x, w, b) for w, b in self.weight]
+            outs = [F.linear(x, w, b) for w, b in self.weight]
+            return outs if split else torch.cat(outs, dim=-1)
+        if not split:
+            return y
         return list(y.split(self.sizes, dim=-1)) if len(self.sizes) > 1 else [y]
 
 
@@ -167,6 +172,7 @@ class FusedLlama:
         self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.values = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.batch, self.max_len, self.pos = batch, max_len, 0
+        self.native = wq.extension() if self.device.type == "cpu" else None
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -182,13 +188,15 @@ class FusedLlama:
         mask = None
         if t > 1 and p > 0:  # a chunk after earlier tokens: causal within the chunk, all earlier visible
             mask = torch.ones(t, p + t, dtype=torch.bool, device=self.device).tril(p)
+        nq, nk = self.heads, self.kv_heads
+        cos, sin = cos[:, None], sin[:, None]  # [t, 1, head_dim]: over the heads of [b, t, heads, head_dim]
         for i, layer in enumerate(self.layers):
-            x = F.rms_norm(h, h.shape[-1:], layer.norm1[0], layer.norm1[1])
-            q, k, v = layer.qkv(x)
-            q = _rotate(q.view(b, t, self.heads, self.head_dim).transpose(1, 2), cos, sin)
-            k = _rotate(k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
-            self.keys[i, :, :, p : p + t] = k
-            self.values[i, :, :, p : p + t] = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            x = self._norm(h, layer.norm1)
+            qkv = layer.qkv(x, split=False).view(b, t, nq + 2 * nk, self.head_dim)
+            qk = _rotate(qkv[:, :, : nq + nk], cos, sin)  # q and k rotated in one pass
+            q = qk[:, :, :nq].transpose(1, 2)
+            self.keys[i, :, :, p : p + t] = qk[:, :, nq:].transpose(1, 2)
+            self.values[i, :, :, p : p + t] = qkv[:, :, nq + nk :].transpose(1, 2)
             a = F.scaled_dot_product_attention(
                 q,
                 self.keys[i, :, :, : p + t],
@@ -199,12 +207,17 @@ class FusedLlama:
                 enable_gqa=self.kv_heads != self.heads,
             )
             h = h + layer.o(a.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))[0]
-            x = F.rms_norm(h, h.shape[-1:], layer.norm2[0], layer.norm2[1])
+            x = self._norm(h, layer.norm2)
             gate, up = layer.gate_up(x)
             h = h + layer.down(F.silu(gate) * up)[0]
         self.pos = p + t
-        last = F.rms_norm(h[:, -1], h.shape[-1:], self.final_norm[0], self.final_norm[1])
-        return self.head(last)[0]
+        return self.head(self._norm(h[:, -1], self.final_norm))[0]
+
+    def _norm(self, h: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
+        weight, eps = norm
+        if self.native is not None and h.dtype == torch.float32 and h.device.type == "cpu":
+            return self.native.rms_norm(h, weight, eps)  # one pass; PyTorch's CPU rms_norm is eight ops
+        return F.rms_norm(h, h.shape[-1:], weight, eps)
 
     def next_token(self, ids: torch.Tensor) -> torch.Tensor:
         """The greedy next token ``[batch, 1]`` after feeding ``ids``."""

@@ -131,3 +131,13 @@ def test_fused_state_refuses_more_positions_than_its_cache_and_the_wrong_batch()
         state.forward(torch.zeros(2, 1, dtype=torch.long))
     with pytest.raises(ValueError, match="sliding window"):
         FusedLlama(_tiny("mistral"), max_len=65)
+
+
+def test_native_rms_norm_equals_transformers_llama_norm():
+    _native()
+    norm = tf.models.llama.modeling_llama.LlamaRMSNorm(96, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(96) + 0.5)
+    x = torch.randn(3, 5, 96) * 4
+    got = wq.extension().rms_norm(x, norm.weight.detach(), 1e-5)
+    torch.testing.assert_close(got, norm(x).detach(), rtol=2e-6, atol=2e-6)

@@ -59,5 +59,11 @@ def test_generate_command_prints_text_and_speed(stories_dir):
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["text"].startswith("Once upon a time") and out["new_tokens"] == 8 and out["tokens_per_s"] > 0
+    assert out["decoder_step"] == "fused"
+    plain = CliRunner().invoke(
+        app, ["generate", str(stories_dir), "--max-new-tokens", "8", "--no-fused", "--json"]
+    )
+    assert plain.exit_code == 0 and json.loads(plain.stdout)["decoder_step"] == "transformers"
+    assert json.loads(plain.stdout)["text"] == out["text"]
     bad = CliRunner().invoke(app, ["generate", str(stories_dir), "--threads", "0"])
     assert bad.exit_code != 0 and "--threads" in bad.output

@@ -21,6 +21,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -734,6 +735,30 @@ torch::Tensor wq_gemm_tiled(torch::Tensor x, torch::Tensor codes, torch::Tensor 
   return y;
 }
 
+// RMSNorm of the rows of x [M, K] as transformers' Llama computes it in fp32:
+// x * rsqrt(mean(x^2) + eps) * weight, the mean accumulated in double. One pass per row: a
+// decode step normalizes two rows per layer, where the eight-operation tensor expression costs
+// more than its arithmetic.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && weight.scalar_type() == torch::kFloat, "rms_norm: fp32 tensors");
+  const int64_t K = x.size(-1);
+  TORCH_CHECK(weight.numel() == K, "rms_norm: weight has ", weight.numel(), " entries, rows have ", K);
+  auto xc = x.contiguous(), wc = weight.contiguous();
+  auto y = torch::empty_like(xc);
+  const int64_t M = K ? xc.numel() / K : 0;
+  const float* px = xc.data_ptr<float>();
+  const float* pw = wc.data_ptr<float>();
+  float* py = y.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    const float* r = px + m * K;
+    double ss = 0.0;
+    for (int64_t k = 0; k < K; ++k) ss += static_cast<double>(r[k]) * r[k];
+    const float inv = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(K) + eps));
+    for (int64_t k = 0; k < K; ++k) py[m * K + k] = pw[k] * (r[k] * inv);
+  }
+  return y;
+}
+
 std::vector<std::string> available_isas() {
   std::vector<std::string> out{"portable"};
   if (isa_available(kAvx2)) out.push_back("avx2");
@@ -745,5 +770,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wq_gemv", &wq_gemv, "weight-only 4/8-bit matmul for small batches (fp32 activations)");
   m.def("wq_dequant", &wq_dequant, "dequantize rows of a 4/8-bit weight to fp32");
   m.def("wq_gemm_tiled", &wq_gemm_tiled, "weight-only matmul for large batches: dequantized tiles + BLAS GEMM");
+  m.def("rms_norm", &rms_norm, "RMSNorm of fp32 rows (a decode step's norms)");
   m.def("available_isas", &available_isas, "instruction sets this CPU runs the kernels with");
 }
