@@ -67,14 +67,14 @@ class Projection:
     def __init__(self, modules: list[nn.Module]):
         self.sizes = [m.out_features for m in modules]
         self.modules = modules
-        self.packed = self.weight = self.bias = self.perm = None
+        self.packed = self.linears = self.bias = self.perm = None
         if all(isinstance(m, QLinear) for m in modules):
             self._fuse_quantized(modules)
         elif all(type(m) is nn.Linear for m in modules):
             # float weights are called one by one (no Python module call each); concatenating
             # them would copy the model's largest tensors for one call saved per layer
-            self.weight = [(m.weight.detach(), None if m.bias is None else m.bias.detach()) for m in modules]
-        if self.packed is not None or self.weight is not None:
+            self.linears = [(m.weight.detach(), None if m.bias is None else m.bias.detach()) for m in modules]
+        if self.packed is not None or self.linears is not None:
             self.modules = None
 
     def _fuse_quantized(self, modules: list[QLinear]) -> None:
@@ -112,7 +112,7 @@ class Projection:
             else:
                 y = self.packed._forward(x, None, self.bias)
         else:
-            outs = [F.linear(x, w, b) for w, b in self.weight]
+            outs = [F.linear(x, w, b) for w, b in self.linears]
             return outs if split else torch.cat(outs, dim=-1)
         if not split:
             return y

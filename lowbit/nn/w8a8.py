@@ -196,34 +196,30 @@ class W8A8Linear(QLinear):
         w_t, w_scale, offset, w_sum = self._prepare("int_mm", flat.device)
         a = self.act
         ext = int8_kernel.extension() if flat.device.type == "cpu" else None
-        if ext is not None and a.dynamic and a.symmetric and a.granularity == "token" and offset is None:
-            # the usual W8A8 (per-token symmetric): codes and epilogue each one pass in C++
-            xq, s = ext.quantize_tokens_int8(
-                flat.contiguous(), None if shift is None else shift.float(), None if premul is None else premul.float()
-            )
-            bias = None if self.bias is None else self.bias.detach().float()
-            return ext.rescale_int32(int8_matmul(xq, w_t).contiguous(), s, w_scale, bias)
-        v = self._transform(flat, shift, premul)
-        if self.act.dynamic:
-            s, _ = A.dynamic_params(v, self.act)
-        else:
-            s = self.act_scale.to(v.device).reshape(1, 1)
         # the integer input is q - z; as int8 it is q' = q - 128 (asymmetric) or q (symmetric), so
         # (q - z) = q' + c with c = 128 - z or 0, and sum (q' + c)(w - o) = q'w - o sum q' + c sum(w - o)
         c = 0
-        if not self.act.symmetric:
-            z = self.act_zero.to(v.device).reshape(1, 1)
-            q = (torch.round(v / s) + z).clamp(*self.act.code_range)
-            xq = (q - 128).to(torch.int8)
-            c = 128 - int(self.act_zero.reshape(-1)[0])
+        if ext is not None and a.dynamic and a.symmetric and a.granularity == "token":
+            # the usual W8A8: the codes in one C++ pass over x instead of eight tensor operations
+            xq, s = ext.quantize_tokens_int8(
+                flat.contiguous(), None if shift is None else shift.float(), None if premul is None else premul.float()
+            )
+            s = s.reshape(-1, 1)
         else:
-            xq = A.codes(v, s, torch.zeros_like(s), self.act).to(torch.int8)
+            v = self._transform(flat, shift, premul)
+            s = A.dynamic_params(v, a)[0] if a.dynamic else self.act_scale.to(v.device).reshape(1, 1)
+            if not a.symmetric:
+                z = self.act_zero.to(v.device).reshape(1, 1)
+                q = (torch.round(v / s) + z).clamp(*a.code_range)
+                xq = (q - 128).to(torch.int8)
+                c = 128 - int(self.act_zero.reshape(-1)[0])
+            else:
+                xq = A.codes(v, s, torch.zeros_like(s), a).to(torch.int8)
         acc = int8_matmul(xq, w_t)
         if offset is not None:
             acc = acc - xq.sum(-1, keepdim=True, dtype=torch.int32) * offset
         if c:
             acc = acc + c * (w_sum - (w_t.shape[0] * offset if offset is not None else 0))
-        ext = int8_kernel.extension() if acc.device.type == "cpu" else None
         if ext is not None:  # one pass over the output instead of four
             rows = s.float().reshape(-1).expand(acc.shape[0]).contiguous()
             bias = None if self.bias is None else self.bias.detach().float()
