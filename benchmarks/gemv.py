@@ -64,14 +64,17 @@ def l3_bytes() -> int:
 
 
 class OnPath(torch.nn.Module):
-    """A QLinear run on one instruction-set path of lowbit's native kernel."""
+    """A QLinear run on one instruction-set path of lowbit's native kernel (``digits=False``: with
+    fp32 products instead of the integer-digit GEMV)."""
 
-    def __init__(self, q: QLinear, isa: str):
+    def __init__(self, q: QLinear, isa: str, digits: bool = True):
         super().__init__()
-        self.q, self.isa = q, isa
+        self.q, self.isa, self.digits = q, isa, digits
 
     def forward(self, x):
-        y = self.q._prepare("native", x.device).matmul(x, self.isa)
+        packed = self.q._prepare("native", x.device)
+        packed.digits = self.digits
+        y = packed.matmul(x, self.isa)
         return y + self.q.bias if self.q.bias is not None else y
 
 
@@ -81,8 +84,11 @@ def make_layers(k: int, n: int) -> dict[str, torch.nn.Module]:
     q4s = QLinear.from_linear(fp32, WeightFormat("int", 4, 32, True))
     q8 = QLinear.from_linear(fp32, WeightFormat("int", 8, -1))
     layers = {"fp32 nn.Linear": fp32, "bf16 nn.Linear": torch.nn.Linear(k, n).to(torch.bfloat16)}
-    for isa in reversed(wq.available_isas()):
+    isas = list(reversed(wq.available_isas()))
+    for isa in isas:
         layers[f"int4 g128 {isa}"] = OnPath(q4, isa)
+    if isas:
+        layers[f"int4 g128 {isas[0]} fp32 products"] = OnPath(q4, isas[0], digits=False)
     layers["int4 g32 sym"] = q4s
     layers["int8 per-channel"] = q8
     layers["int4 g128 aten bf16"] = QLinear(q4.quantized_weight, fp32.bias, kernel="int4_cpu")
@@ -155,7 +161,7 @@ def _copy(layer: torch.nn.Module) -> torch.nn.Module:
     if isinstance(layer, torch.nn.Linear):
         return torch.nn.Linear(layer.in_features, layer.out_features, dtype=layer.weight.dtype)
     if isinstance(layer, OnPath):
-        return OnPath(_copy(layer.q), layer.isa)
+        return OnPath(_copy(layer.q), layer.isa, layer.digits)
     qw = layer.quantized_weight
     fresh = type(qw)(
         qw.packed.clone(), qw.scale.clone(), None if qw.zero is None else qw.zero.clone(), qw.fmt, qw.shape

@@ -258,3 +258,108 @@ def test_native_kernel_with_a_fused_bias_leaves_the_bias_alone():
             torch.testing.assert_close(q(x), first, rtol=0, atol=0)
     assert torch.equal(q.bias.detach(), bias)
     torch.testing.assert_close(first, _reference(q, x), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- the integer-digit GEMV
+# 4-bit codes in groups of a multiple of 64 meet the activations as three signed byte digits
+# per block of 128 columns (wq_gemm.cpp): exact integer dot products, one float stage per block.
+
+DIGIT_CASES = [  # (group, K): one group per block, split blocks (64, 192), ragged K, short last block
+    (128, 576),
+    (128, 300),
+    (64, 576),
+    (64, 300),
+    (192, 576),
+    (256, 1000),
+    (128, 4096),
+]
+
+
+def _wide_range_input(rows, k, g):
+    """Activations whose 128-column blocks differ by up to 10^6 in magnitude, with an all-zero block."""
+    x = torch.randn(rows, k, generator=g)
+    blocks = (k + 127) // 128
+    scale = 10.0 ** torch.randint(-3, 4, (rows, blocks), generator=g).double()
+    x = x * scale.repeat_interleave(128, 1)[:, :k].float()
+    if k > 256:
+        x[:, 128:256] = 0
+    return x
+
+
+@pytest.mark.parametrize("group,k", DIGIT_CASES)
+def test_digit_gemv_equals_dequantize_then_matmul_on_every_path(group, k):
+    _need_native()
+    g = torch.Generator().manual_seed(1)
+    for n in (37, 8):  # 37: groups of four weight rows and a remainder
+        qw = QuantizedWeight.quantize(torch.randn(n, k, generator=g), WeightFormat("int", 4, group))
+        packed = wq.Packed(qw, torch.device("cpu"))
+        ref = qw.dequantize().double()
+        for rows in (1, 2, 3, 4, 7, 16):  # up to Packed.gemv_rows on every path
+            x = _wide_range_input(rows, k, g)
+            want = x.double() @ ref.t()
+            for isa in wq.available_isas():
+                for digits in (True, False):
+                    packed.digits = digits
+                    y = packed.matmul(x, isa).double()
+                    rel = float((y - want).abs().max() / want.abs().max())
+                    assert rel < 1e-5, (group, k, n, rows, isa, digits, rel)
+                    # per output, against the size of its own terms: no row loses precision
+                    terms = x.double().abs() @ ref.abs().t()
+                    assert float(((y - want).abs() / terms).max()) < 1e-5, (group, k, n, rows, isa, digits)
+
+
+def test_digit_gemv_is_used_and_agrees_across_paths():
+    """The digit path differs from the fp32-products path only in rounding, on every instruction set;
+    it takes more rows than the fp32 GEMV before the tiled BLAS path."""
+    _need_native()
+    g = torch.Generator().manual_seed(2)
+    qw = QuantizedWeight.quantize(torch.randn(64, 512, generator=g), WeightFormat("int", 4, 128))
+    packed = wq.Packed(qw, torch.device("cpu"))
+    x = torch.randn(1, 512, generator=g)
+    outs = {}
+    for isa in wq.available_isas():
+        for digits in (True, False):
+            packed.digits = digits
+            outs[isa, digits] = packed.matmul(x, isa)
+    first = next(iter(outs.values()))
+    for key, y in outs.items():
+        torch.testing.assert_close(y, first, rtol=1e-5, atol=1e-5, msg=str(key))
+    simd = [isa for isa in wq.available_isas() if isa != "portable"]
+    if simd:  # the two arithmetic paths really are different code: their roundings differ somewhere
+        assert any(not torch.equal(outs[isa, True], outs[isa, False]) for isa in simd)
+    for isa in wq.available_isas():
+        packed.digits = True
+        digit_rows = packed.gemv_rows(wq.isa_code(isa))
+        packed.digits = False
+        assert packed.gemv_rows(wq.isa_code(isa)) == 4
+        assert digit_rows == (4 if isa == "portable" else 8 if isa == "avx2" else digit_rows)
+        assert digit_rows in (4, 8, 16)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_digit_gemv_propagates_nan_and_inf(bad):
+    _need_native()
+    qw = QuantizedWeight.quantize(torch.randn(16, 256), WeightFormat("int", 4, 128))
+    packed = wq.Packed(qw, torch.device("cpu"))
+    x = torch.randn(2, 256)
+    x[0, 5] = bad
+    want = x @ qw.dequantize().t()
+    for isa in wq.available_isas():
+        y = packed.matmul(x, isa)
+        # the row that holds it is non-finite throughout, as the reference's (an Inf meets the
+        # zero-point term as Inf - Inf, so it may read NaN where the reference reads Inf)
+        assert not torch.isfinite(want[0]).any() and not torch.isfinite(y[0]).any(), isa
+        torch.testing.assert_close(y[1], want[1], rtol=1e-5, atol=1e-5)
+
+
+def test_digit_gemv_keeps_precision_for_tiny_activations():
+    """Blocks far below fp32's normal range take the fp32-products path instead of losing their digits."""
+    _need_native()
+    qw = QuantizedWeight.quantize(torch.randn(8, 256), WeightFormat("int", 4, 64))
+    packed = wq.Packed(qw, torch.device("cpu"))
+    for magnitude in (1e-35, 1e-20, 1e20, 1e30):
+        x = torch.randn(1, 256) * magnitude
+        want = x.double() @ qw.dequantize().double().t()
+        for isa in wq.available_isas():
+            y = packed.matmul(x, isa).double()
+            assert float((y - want).abs().max() / want.abs().max()) < 1e-5, (magnitude, isa)

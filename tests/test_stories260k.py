@@ -141,3 +141,48 @@ def test_gptq_same_seed_gives_bit_identical_weights(stories_dir, stories_calib, 
         lowbit.save(model, tmp_path / str(i))
         outs.append((tmp_path / str(i) / "model.safetensors").read_bytes())
     assert outs[0] == outs[1]
+
+
+def _reset_kernel_caches(model):
+    from lowbit.nn import QLinear
+
+    for m in model.modules():
+        if isinstance(m, QLinear):
+            m._cache = {}
+
+
+def test_perplexity_and_greedy_decode_do_not_depend_on_the_kernel_path(stories, tinystories_halves, monkeypatch):
+    """The same w4 g128 checkpoint on every instruction-set path, with and without the integer-digit
+    GEMV, and on the dequantize kernel: perplexity equal to 4 decimals, the same greedy tokens."""
+    from lowbit.generate import greedy_decode
+    from lowbit.kernels import wq
+
+    model, tok = stories
+    _, test = tinystories_halves
+    lowbit.quantize(model, "rtn", bits=4, group_size=128, progress=False)
+    text = test[:6000]
+    prompt = tok("Once upon a time", return_tensors="pt").input_ids
+    results = {}
+    for isa in wq.available_isas():
+        for digits in ("1", "0"):
+            monkeypatch.setenv("LOWBIT_ISA", isa)
+            monkeypatch.setenv("LOWBIT_WQ_DIGITS", digits)
+            _reset_kernel_caches(model)
+            ppl = perplexity(model, tok, text, seqlen=256, progress=False)["ppl"]
+            tokens = greedy_decode(model, prompt, 24, fused=False).tokens
+            results[isa, digits] = (round(ppl, 4), tokens)
+    monkeypatch.delenv("LOWBIT_ISA")
+    monkeypatch.delenv("LOWBIT_WQ_DIGITS")
+    for m in model.modules():
+        if isinstance(m, lowbit.QLinear):
+            m.kernel = "dequant"
+    _reset_kernel_caches(model)
+    results["dequant"] = (
+        round(perplexity(model, tok, text, seqlen=256, progress=False)["ppl"], 4),
+        greedy_decode(model, prompt, 24, fused=False).tokens,
+    )
+    ppls = {key: r[0] for key, r in results.items()}
+    assert len(set(ppls.values())) == 1, ppls
+    first = results["dequant"][1]
+    for key, (_, tokens) in results.items():
+        assert torch.equal(tokens, first), key

@@ -7,9 +7,10 @@ argument) forces one, which is how the tests check every path on one machine.
 
 Activations stay fp32 and products accumulate in fp32, so every path agrees with
 dequantize-then-matmul to fp32 rounding, and a model's outputs (a perplexity, a
-top-1) do not depend on which CPU ran them. Up to ``GEMV_ROWS`` rows run the
-GEMV kernel, which reads the packed codes as ``QuantizedWeight`` stores them;
-more rows dequantize tiles of weight rows (in cache) and call the BLAS GEMM.
+top-1) do not depend on which CPU ran them. Up to ``Packed.gemv_rows`` rows (4; 4-bit
+codes in groups of a multiple of 64 on the AVX2 / AVX-512 paths: 8 / 16, the integer-digit
+GEMV) run the GEMV kernel, which reads the packed codes as ``QuantizedWeight`` stores
+them; more rows dequantize tiles of weight rows (in cache) and call the BLAS GEMM.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from lowbit.kernels.build import build_extension
 from lowbit.quantized_weight import QuantizedWeight
 
 ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
-GEMV_ROWS = 4
 TILE_BYTES = 8 * 2**20  # one dequantized fp32 tile: a few MiB, so it stays in cache
 
 
@@ -95,7 +95,20 @@ class Packed:
         self.zeros = None if qw.zero is None else _per_group(qw.zero.to(device), n, ngroups)
         self.tile = max(16, TILE_BYTES // (4 * self.k) // 16 * 16)
         self.isa = isa_code()  # LOWBIT_ISA as it is when the layer first runs
+        # the integer-digit GEMV for 4-bit codes in groups of a multiple of 64 (see wq_gemm.cpp);
+        # False: fp32 products on every path (LOWBIT_WQ_DIGITS=0)
+        self.digits = os.environ.get("LOWBIT_WQ_DIGITS", "1") != "0"
         self.ext = extension()
+        self._rows: dict[tuple[int, bool], int] = {}
+
+    def gemv_rows(self, code: int | None = None) -> int:
+        """The most rows the GEMV kernel takes on path ``code`` (default: this layer's); more
+        rows take dequantized tiles and the BLAS GEMM."""
+        key = (self.isa if code is None else code, self.digits)
+        rows = self._rows.get(key)
+        if rows is None:
+            rows = self._rows[key] = self.ext.gemv_rows(self.bits, self.group, key[0], self.digits)
+        return rows
 
     @classmethod
     def concat(cls, parts: list[Packed]) -> Packed:
@@ -132,8 +145,10 @@ class Packed:
         flat = x.detach().reshape(-1, x.shape[-1])
         if flat.dtype != torch.float32:
             flat = flat.float()
-        if flat.shape[0] <= GEMV_ROWS:
-            y = self.ext.wq_gemv(flat, self.codes, self.scales, self.zeros, bias, self.n, self.bits, self.group, code)
+        if flat.shape[0] <= self.gemv_rows(code):
+            y = self.ext.wq_gemv(
+                flat, self.codes, self.scales, self.zeros, bias, self.n, self.bits, self.group, code, self.digits
+            )
         else:
             y = self.ext.wq_gemm_tiled(
                 flat, self.codes, self.scales, self.zeros, bias, self.n, self.bits, self.group, self.tile, code
@@ -144,9 +159,11 @@ class Packed:
     def gemv(self, flat: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``flat @ W.T (+ bias)`` for a contiguous fp32 ``flat: [M, K]`` outside autograd: the
         kernel called with nothing around it (a decode step makes over a hundred such calls)."""
-        if flat.shape[0] > GEMV_ROWS:
+        if flat.shape[0] > self.gemv_rows():
             return self._forward(flat, None, bias)
-        return self.ext.wq_gemv(flat, self.codes, self.scales, self.zeros, bias, self.n, self.bits, self.group, self.isa)
+        return self.ext.wq_gemv(
+            flat, self.codes, self.scales, self.zeros, bias, self.n, self.bits, self.group, self.isa, self.digits
+        )
 
     def dequantize(self, isa: str | None = None) -> torch.Tensor:
         """The whole weight as fp32 ``[N, K]`` (bit-identical to ``QuantizedWeight.dequantize``)."""
