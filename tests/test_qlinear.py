@@ -333,7 +333,7 @@ def test_digit_gemv_is_used_and_agrees_across_paths():
         packed.digits = False
         assert packed.gemv_rows(wq.isa_code(isa)) == 4
         assert digit_rows == (4 if isa == "portable" else 8 if isa == "avx2" else digit_rows)
-        assert digit_rows in (4, 8, 16)
+        assert digit_rows in (4, 8, 16, 64)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
@@ -363,3 +363,23 @@ def test_digit_gemv_keeps_precision_for_tiny_activations():
         for isa in wq.available_isas():
             y = packed.matmul(x, isa).double()
             assert float((y - want).abs().max() / want.abs().max()) < 1e-5, (magnitude, isa)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_digit_gemm_for_small_batches_equals_dequantize_then_matmul(bias):
+    """Up to Packed.gemv_rows rows (64 for g128 with AVX-512 VNNI: the register-tiled digit GEMM,
+    its zero-point terms as one GEMM), with weight rows beyond the last group of four."""
+    _need_native()
+    g = torch.Generator().manual_seed(3)
+    for n, k in ((37, 576), (40, 300)):
+        qw = QuantizedWeight.quantize(torch.randn(n, k, generator=g), WeightFormat("int", 4, 128))
+        packed = wq.Packed(qw, torch.device("cpu"))
+        b = torch.randn(n, generator=g) if bias else None
+        ref = qw.dequantize().double()
+        for rows in (5, 6, 33, 64, 65):
+            x = _wide_range_input(rows, k, g)
+            want = x.double() @ ref.t() + (0 if b is None else b.double())
+            for isa in wq.available_isas():
+                y = packed.matmul(x, isa, bias=b).double()
+                rel = float((y - want).abs().max() / want.abs().max())
+                assert rel < 1e-5, (n, k, rows, isa, rel)

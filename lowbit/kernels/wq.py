@@ -9,7 +9,7 @@ Activations stay fp32 and products accumulate in fp32, so every path agrees with
 dequantize-then-matmul to fp32 rounding, and a model's outputs (a perplexity, a
 top-1) do not depend on which CPU ran them. Up to ``Packed.gemv_rows`` rows (4; 4-bit
 codes in groups of a multiple of 64 on the AVX2 / AVX-512 paths: 8 / 16, the integer-digit
-GEMV) run the GEMV kernel, which reads the packed codes as ``QuantizedWeight`` stores
+GEMV; 64 for groups of 128 with AVX-512 VNNI) run the GEMV kernel, which reads the packed codes as ``QuantizedWeight`` stores
 them; more rows dequantize tiles of weight rows (in cache) and call the BLAS GEMM.
 """
 
