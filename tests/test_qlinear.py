@@ -286,8 +286,19 @@ def _wide_range_input(rows, k, g):
     return x
 
 
+@pytest.fixture(params=[True, False], ids=["avx-vnni-if-present", "vpmaddubsw"])
+def avx_vnni(request):
+    """Both batch-1 digit kernels of the AVX2 path: AVX-VNNI where the CPU has it, and vpmaddubsw."""
+    ext = wq.extension()
+    if ext is None:
+        pytest.skip("lowbit's CPU kernels could not be built here (no compiler?)")
+    before = ext.allow_avx_vnni(request.param)
+    yield request.param
+    ext.allow_avx_vnni(before)
+
+
 @pytest.mark.parametrize("group,k", DIGIT_CASES)
-def test_digit_gemv_equals_dequantize_then_matmul_on_every_path(group, k):
+def test_digit_gemv_equals_dequantize_then_matmul_on_every_path(group, k, avx_vnni):
     _need_native()
     g = torch.Generator().manual_seed(1)
     for n in (37, 8):  # 37: groups of four weight rows and a remainder

@@ -638,7 +638,43 @@ LOWBIT_AVX2 inline void digits_block_avx2(const uint8_t* row, int64_t hk, int64_
   }
 }
 
+// AVX-VNNI (the VEX vpdpbusd of AVX2-only Intel cores since Alder Lake): the AVX-512 rows
+// kernel's Horner chain on each 32-byte half of a block, one instruction per 32 byte products
+// where vpmaddubsw needs an add and a widening.
+#define LOWBIT_AVXVNNI __attribute__((target("avx2,fma,f16c,avxvnni")))
+
 template <int NR, bool SPLIT>
+LOWBIT_AVXVNNI inline void digits_block_avxvnni(const uint8_t* row, int64_t hk, int64_t j0, const int8_t* d,
+                                                int64_t hp, const float (*sa)[kChunkBlocks],
+                                                const float (*sb)[kChunkBlocks], int64_t i, int64_t near,
+                                                int64_t far, __m256* total) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const int64_t step = hp / 32;  // one digit plane, in vectors
+  for (int h = 0; h < 2; ++h) {  // each half's six digit vectors load once for the NR rows
+    const __m256i* dh = reinterpret_cast<const __m256i*>(d + 32 * h);
+    const __m256i d0e = _mm256_loadu_si256(dh), d0o = _mm256_loadu_si256(dh + step);
+    const __m256i d1e = _mm256_loadu_si256(dh + 2 * step), d1o = _mm256_loadu_si256(dh + 3 * step);
+    const __m256i d2e = _mm256_loadu_si256(dh + 4 * step), d2o = _mm256_loadu_si256(dh + 5 * step);
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      const uint8_t* src = row + r * hk + j0;
+      if (h == 0) {
+        _mm_prefetch(reinterpret_cast<const char*>(src + near), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(src + far), _MM_HINT_T1);
+      }
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32 * h));
+      const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+      // (D2 * 256 + D1) * 256 + D0 per int32 lane of 8 columns: below 2^29
+      __m256i t = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), lo, d2e), hi, d2o);
+      t = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_slli_epi32(t, 8), lo, d1e), hi, d1o);
+      t = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_slli_epi32(t, 8), lo, d0e), hi, d0o);
+      const float* sc = SPLIT && h == 1 ? &sb[r][i] : &sa[r][i];
+      total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_broadcast_ss(sc), total[r]);
+    }
+  }
+}
+
+template <int NR, bool SPLIT, bool VNNI = false>
 LOWBIT_AVX2 void int4_digits_avx2_rows(const Problem& p, int64_t n, int64_t b0, int64_t b1) {
   const int64_t hk = p.K / 2, hp = p.hp;
   const bool g128 = p.group == 128;
@@ -667,13 +703,14 @@ LOWBIT_AVX2 void int4_digits_avx2_rows(const Problem& p, int64_t n, int64_t b0, 
       walk = w;
     }
     const int64_t cw = std::max<int64_t>(0, std::min(cn, whole - c0));
+    const auto block = VNNI ? digits_block_avxvnni<NR, SPLIT> : digits_block_avx2<NR, SPLIT>;
     for (int64_t i = 0; i < cw; ++i)
-      digits_block_avx2<NR, SPLIT>(row, hk, 64 * (c0 + i), p.digits + 64 * (c0 + i), hp, sa, sb, i, near, far, total);
+      block(row, hk, 64 * (c0 + i), p.digits + 64 * (c0 + i), hp, sa, sb, i, near, far, total);
     for (int64_t i = cw; i < cn; ++i) {
       const int64_t j0 = 64 * (c0 + i);
       std::memset(tails, 0, sizeof(tails));
       for (int r = 0; r < NR; ++r) std::memcpy(tails + 64 * r, row + r * hk + j0, static_cast<size_t>(hk - j0));
-      digits_block_avx2<NR, SPLIT>(tails, 64, 0, p.digits + j0, hp, sa, sb, i, 0, 0, total);
+      block(tails, 64, 0, p.digits + j0, hp, sa, sb, i, 0, 0, total);
     }
   }
   for (int r = 0; r < NR; ++r) p.y[n + r] += hsum256(total[r]) + (extra[r] - hsum256(ex[r]));
@@ -915,6 +952,27 @@ bool has_avx512_vnni() {
 
 // The digit kernels exist for the x86 SIMD paths only (prepare_digits declines elsewhere):
 // written in portable C++ the byte products cost more than the fp32 loop they replace.
+// AVX-VNNI for the AVX2 path's batch-1 digit kernel; tests turn it off to check the
+// vpmaddubsw kernel that AVX2 CPUs without it run.
+bool avx_vnni_allowed = true;
+
+bool has_avx_vnni() {
+#ifdef LOWBIT_X86
+  __builtin_cpu_init();
+  static const bool vnni = __builtin_cpu_supports("avxvnni");
+  return vnni && avx_vnni_allowed;
+#else
+  return false;
+#endif
+}
+
+// Whether the AVX2 path may use AVX-VNNI (where the CPU has it); returns the previous setting.
+bool allow_avx_vnni(bool allow) {
+  const bool before = avx_vnni_allowed;
+  avx_vnni_allowed = allow;
+  return before;
+}
+
 template <int MB>
 RowFn digits_fn(int64_t isa) {
 #ifdef LOWBIT_X86
@@ -935,6 +993,8 @@ RowsFn digits_rows_fn(int64_t isa, int64_t group) {
 #ifdef LOWBIT_X86
   if (isa == kAvx512 && has_avx512_vnni())
     return split ? int4_digits_avx512_rows<kRows, true> : int4_digits_avx512_rows<kRows, false>;
+  if (isa == kAvx2 && has_avx_vnni())
+    return split ? int4_digits_avx2_rows<kRows, true, true> : int4_digits_avx2_rows<kRows, false, true>;
   if (isa == kAvx512 || isa == kAvx2)
     return split ? int4_digits_avx2_rows<kRows, true> : int4_digits_avx2_rows<kRows, false>;
 #endif
@@ -1462,6 +1522,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wq_gemv", &wq_gemv, "weight-only 4/8-bit matmul for small batches (fp32 activations)", py::arg("x"),
         py::arg("codes"), py::arg("scales"), py::arg("zeros"), py::arg("bias"), py::arg("N"), py::arg("bits"),
         py::arg("group"), py::arg("isa"), py::arg("allow_digits") = true);
+  m.def("allow_avx_vnni", &allow_avx_vnni, "let the AVX2 path use AVX-VNNI where the CPU has it (for tests)");
   m.def("gemv_rows", &gemv_rows, "the most rows wq_gemv should take for this layout and path");
   m.def("wq_dequant", &wq_dequant, "dequantize rows of a 4/8-bit weight to fp32");
   m.def("wq_gemm_tiled", &wq_gemm_tiled, "weight-only matmul for large batches: dequantized tiles + BLAS GEMM");
