@@ -18,6 +18,12 @@ Two regimes:
 
     python benchmarks/gemv.py [--repeats 15] [--shapes 4096x4096] [--batches 1,4,16,32,512] [--json [PATH]]
 
+The ``avx2`` rows run lowbit's AVX2 code, but fp32 ``nn.Linear`` still runs the BLAS's
+AVX-512 code on an AVX-512 machine. For the baseline an AVX2-only CPU would have, hold the
+BLAS to AVX2 as well:
+
+    MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/gemv.py
+
 ``--cuda`` measures lowbit's Triton W4A16 kernel (``kernels/triton_w4a16.py``,
 int4 g128 asymmetric, autotuned during warm-up) against fp16 ``x @ W.T`` on the
 GPU instead: CUDA events around single calls, the two interleaved round by
@@ -65,16 +71,21 @@ def l3_bytes() -> int:
 
 class OnPath(torch.nn.Module):
     """A QLinear run on one instruction-set path of lowbit's native kernel (``digits=False``: with
-    fp32 products instead of the integer-digit GEMV)."""
+    fp32 products instead of the integer-digit GEMV; ``avx_vnni=False``: the AVX2 path's
+    vpmaddubsw kernel even where the CPU has AVX-VNNI, as AVX2 CPUs without it run)."""
 
-    def __init__(self, q: QLinear, isa: str, digits: bool = True):
+    def __init__(self, q: QLinear, isa: str, digits: bool = True, avx_vnni: bool = True):
         super().__init__()
-        self.q, self.isa, self.digits = q, isa, digits
+        self.q, self.isa, self.digits, self.avx_vnni = q, isa, digits, avx_vnni
 
     def forward(self, x):
         packed = self.q._prepare("native", x.device)
         packed.digits = self.digits
-        y = packed.matmul(x, self.isa)
+        before = packed.ext.allow_avx_vnni(self.avx_vnni)
+        try:
+            y = packed.matmul(x, self.isa)
+        finally:
+            packed.ext.allow_avx_vnni(before)
         return y + self.q.bias if self.q.bias is not None else y
 
 
@@ -89,6 +100,8 @@ def make_layers(k: int, n: int) -> dict[str, torch.nn.Module]:
         layers[f"int4 g128 {isa}"] = OnPath(q4, isa)
     if isas:
         layers[f"int4 g128 {isas[0]} fp32 products"] = OnPath(q4, isas[0], digits=False)
+    if "avx2" in isas and wq.extension().has_avx_vnni():
+        layers["int4 g128 avx2 vpmaddubsw"] = OnPath(q4, "avx2", avx_vnni=False)
     layers["int4 g32 sym"] = q4s
     layers["int8 per-channel"] = q8
     layers["int4 g128 aten bf16"] = QLinear(q4.quantized_weight, fp32.bias, kernel="int4_cpu")
@@ -161,7 +174,7 @@ def _copy(layer: torch.nn.Module) -> torch.nn.Module:
     if isinstance(layer, torch.nn.Linear):
         return torch.nn.Linear(layer.in_features, layer.out_features, dtype=layer.weight.dtype)
     if isinstance(layer, OnPath):
-        return OnPath(_copy(layer.q), layer.isa, layer.digits)
+        return OnPath(_copy(layer.q), layer.isa, layer.digits, layer.avx_vnni)
     qw = layer.quantized_weight
     fresh = type(qw)(
         qw.packed.clone(), qw.scale.clone(), None if qw.zero is None else qw.zero.clone(), qw.fmt, qw.shape

@@ -343,8 +343,7 @@ def test_digit_gemv_is_used_and_agrees_across_paths():
         digit_rows = packed.gemv_rows(wq.isa_code(isa))
         packed.digits = False
         assert packed.gemv_rows(wq.isa_code(isa)) == 4
-        assert digit_rows == (4 if isa == "portable" else 8 if isa == "avx2" else digit_rows)
-        assert digit_rows in (4, 8, 16, 64)
+        assert digit_rows == (16 if isa == "avx512" and digit_rows != 4 else 4)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
@@ -378,8 +377,9 @@ def test_digit_gemv_keeps_precision_for_tiny_activations():
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_digit_gemm_for_small_batches_equals_dequantize_then_matmul(bias):
-    """Up to Packed.gemv_rows rows (64 for g128 with AVX-512 VNNI: the register-tiled digit GEMM,
-    its zero-point terms as one GEMM), with weight rows beyond the last group of four."""
+    """Up to Packed.gemv_rows rows (16 for g128 with AVX-512 VNNI: the register-tiled digit GEMM,
+    its zero-point terms as one GEMM), with weight rows beyond the last group of four; past them
+    the fused dequantize-GEMM and the tiled BLAS path."""
     _need_native()
     g = torch.Generator().manual_seed(3)
     for n, k in ((37, 576), (40, 300)):
@@ -387,10 +387,73 @@ def test_digit_gemm_for_small_batches_equals_dequantize_then_matmul(bias):
         packed = wq.Packed(qw, torch.device("cpu"))
         b = torch.randn(n, generator=g) if bias else None
         ref = qw.dequantize().double()
-        for rows in (5, 6, 33, 64, 65):
+        for rows in (5, 6, 16, 17, 33, 65):
             x = _wide_range_input(rows, k, g)
             want = x.double() @ ref.t() + (0 if b is None else b.double())
             for isa in wq.available_isas():
                 y = packed.matmul(x, isa, bias=b).double()
                 rel = float((y - want).abs().max() / want.abs().max())
                 assert rel < 1e-5, (n, k, rows, isa, rel)
+
+
+FUSED_FORMATS = [
+    WeightFormat("int", 4, 128),
+    WeightFormat("int", 4, 32, True),
+    WeightFormat("int", 4, 96),  # groups that straddle the kernel's 1024-column weight blocks
+    WeightFormat("int", 4, -1),
+    WeightFormat("int", 8, -1, True),
+    WeightFormat("int", 8, 64),
+]
+
+
+@pytest.mark.parametrize("fmt", FUSED_FORMATS, ids=lambda f: f.describe())
+@pytest.mark.parametrize("half_scales", [True, False], ids=["fp16 scales", "fp32 scales"])
+def test_fused_gemm_equals_dequantize_then_matmul(fmt, half_scales):
+    """The fused dequantize-GEMM on every SIMD path: weight blocks past 96 rows and 1024 columns
+    (ragged in both), tiles of fewer than six weight rows, activation panels of every width
+    (1 to 4 vectors) and padding, with a bias; the same values as the tiled BLAS path."""
+    _need_native()
+    simd = [isa for isa in wq.available_isas() if isa != "portable"]
+    if not simd:
+        pytest.skip("the fused GEMM runs on the x86 SIMD paths only")
+    g = torch.Generator().manual_seed(4)
+    n, k = 100, 1100
+    qw = QuantizedWeight.quantize(torch.randn(n, k, generator=g), fmt)
+    if not half_scales:
+        qw = QuantizedWeight(qw.packed, qw.scale.float(), qw.zero, qw.fmt, qw.shape)
+    packed = wq.Packed(qw, torch.device("cpu"))
+    bias = torch.randn(n, generator=g)
+    ref = qw.dequantize().double()
+    for rows in (5, 9, 17, 40, 64, 65, 130):
+        x = _wide_range_input(rows, k, g)
+        want = x.double() @ ref.t() + bias.double()
+        terms = x.double().abs() @ ref.abs().t() + bias.double().abs()
+        for isa in simd:
+            packed.fused = 1
+            y = packed.matmul(x, isa, bias=bias).double()
+            assert float(((y - want).abs() / terms).max()) < 1e-5, (fmt.describe(), rows, isa)
+            packed.fused = 0
+            tiled = packed.matmul(x, isa, bias=bias).double()
+            torch.testing.assert_close(y, tiled, rtol=1e-5, atol=1e-5 * float(terms.max()))
+
+
+def test_fused_gemm_takes_the_rows_between_the_gemv_and_blas_and_propagates_nan():
+    _need_native()
+    ext = wq.extension()
+    assert ext.fused_rows(wq.isa_code("portable")) == 0
+    for isa in wq.available_isas():
+        if isa != "portable":
+            assert ext.fused_rows(wq.isa_code(isa)) > wq.Packed(
+                QuantizedWeight.quantize(torch.randn(8, 256), WeightFormat("int", 4, 128)), torch.device("cpu")
+            ).gemv_rows(wq.isa_code(isa))
+    qw = QuantizedWeight.quantize(torch.randn(16, 256), WeightFormat("int", 4, 128))
+    packed = wq.Packed(qw, torch.device("cpu"))
+    packed.fused = 1
+    x = torch.randn(20, 256)
+    x[3, 7] = float("nan")
+    want = x @ qw.dequantize().t()
+    for isa in wq.available_isas():
+        y = packed.matmul(x, isa)
+        assert torch.isnan(y[3]).all(), isa
+        keep = torch.arange(20) != 3
+        torch.testing.assert_close(y[keep], want[keep], rtol=1e-5, atol=1e-5)

@@ -7,10 +7,11 @@ argument) forces one, which is how the tests check every path on one machine.
 
 Activations stay fp32 and products accumulate in fp32, so every path agrees with
 dequantize-then-matmul to fp32 rounding, and a model's outputs (a perplexity, a
-top-1) do not depend on which CPU ran them. Up to ``Packed.gemv_rows`` rows (4; 4-bit
-codes in groups of a multiple of 64 on the AVX2 / AVX-512 paths: 8 / 16, the integer-digit
-GEMV; 64 for groups of 128 with AVX-512 VNNI) run the GEMV kernel, which reads the packed codes as ``QuantizedWeight`` stores
-them; more rows dequantize tiles of weight rows (in cache) and call the BLAS GEMM.
+top-1) do not depend on which CPU ran them. Up to ``Packed.gemv_rows`` rows (4; 16 for 4-bit
+codes in groups of a multiple of 64 with AVX-512 VNNI) run the GEMV kernels, which read the
+packed codes as ``QuantizedWeight`` stores them; up to ``fused_rows`` more (48 on AVX2, 192 on
+AVX-512) the fused dequantize-GEMM (weight blocks dequantized in L2 and met by a register-tiled
+FMA kernel); more rows dequantize tiles of weight rows and call the BLAS GEMM.
 """
 
 from __future__ import annotations
@@ -98,6 +99,8 @@ class Packed:
         # the integer-digit GEMV for 4-bit codes in groups of a multiple of 64 (see wq_gemm.cpp);
         # False: fp32 products on every path (LOWBIT_WQ_DIGITS=0)
         self.digits = os.environ.get("LOWBIT_WQ_DIGITS", "1") != "0"
+        # the fused dequantize-GEMM past the GEMV rows: -1 up to fused_rows (auto), 1 always, 0 never
+        self.fused = -1
         self.ext = extension()
         self._rows: dict[tuple[int, bool], int] = {}
 
@@ -151,7 +154,8 @@ class Packed:
             )
         else:
             y = self.ext.wq_gemm_tiled(
-                flat, self.codes, self.scales, self.zeros, bias, self.n, self.bits, self.group, self.tile, code
+                flat, self.codes, self.scales, self.zeros, bias, self.n, self.bits, self.group, self.tile, code,
+                self.fused,
             )
         y = y.view(*x.shape[:-1], self.n)
         return y if y.dtype == x.dtype else y.to(x.dtype)

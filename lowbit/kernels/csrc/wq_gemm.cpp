@@ -1064,95 +1064,100 @@ Problem weights_problem(const torch::Tensor& codes, const torch::Tensor& scales,
 // ------------------------------------------------------------------ dequantized tiles
 // (q - z) * s, the same float operations as QuantizedWeight.dequantize, so the
 // values are bit-identical to it, in the weight's own column order (the nibbles'
-// even and odd columns interleaved in registers).
+// even and odd columns interleaved in registers). A block is rows [n0, n1) by columns
+// [k0, k1) (k0, k1 even for 4-bit), written to out with row stride ld; each row walks
+// the groups the column range meets, the first and last possibly in part.
 
-void dequant_rows_portable(const Problem& p, int64_t bits, int64_t n0, int64_t n1, float* out) {
+void dequant_block_portable(const Problem& p, int64_t bits, int64_t n0, int64_t n1, int64_t k0, int64_t k1,
+                            float* out, int64_t ld) {
   const int64_t hk = p.K / 2;
   for (int64_t n = n0; n < n1; ++n) {
-    float* o = out + (n - n0) * p.K;
-    for (int64_t g = 0; g < p.G; ++g) {
-      const int64_t k0 = g * p.group, k1 = std::min(p.K, k0 + p.group);
+    float* o = out + (n - n0) * ld - k0;
+    for (int64_t g = k0 / p.group; g * p.group < k1; ++g) {
+      const int64_t a = std::max(k0, g * p.group), e = std::min(k1, (g + 1) * p.group);
       const float s = scale_of(p, n * p.G + g), z = zero_of(p, n * p.G + g);
       if (bits == 4) {
         const uint8_t* b = p.codes + n * hk;
-        for (int64_t j = k0 / 2; j < k1 / 2; ++j) {
+        for (int64_t j = a / 2; j < e / 2; ++j) {
           o[2 * j] = (static_cast<float>(b[j] & 15) - z) * s;
           o[2 * j + 1] = (static_cast<float>(b[j] >> 4) - z) * s;
         }
       } else {
         const uint8_t* b = p.codes + n * p.K;
-        for (int64_t k = k0; k < k1; ++k) o[k] = (static_cast<float>(b[k]) - z) * s;
+        for (int64_t k = a; k < e; ++k) o[k] = (static_cast<float>(b[k]) - z) * s;
       }
     }
   }
 }
 
 #ifdef LOWBIT_X86
-LOWBIT_AVX2 void dequant_rows_avx2(const Problem& p, int64_t bits, int64_t n0, int64_t n1, float* out) {
+LOWBIT_AVX2 void dequant_block_avx2(const Problem& p, int64_t bits, int64_t n0, int64_t n1, int64_t k0, int64_t k1,
+                                    float* out, int64_t ld) {
   const int64_t hk = p.K / 2;
   const __m256i low = _mm256_set1_epi32(0x0F);
   for (int64_t n = n0; n < n1; ++n) {
-    float* o = out + (n - n0) * p.K;
-    for (int64_t g = 0; g < p.G; ++g) {
-      const int64_t k0 = g * p.group, k1 = std::min(p.K, k0 + p.group);
+    float* o = out + (n - n0) * ld - k0;
+    for (int64_t g = k0 / p.group; g * p.group < k1; ++g) {
+      const int64_t a = std::max(k0, g * p.group), e = std::min(k1, (g + 1) * p.group);
       const float s = scale_f16c(p, n * p.G + g), z = zero_of(p, n * p.G + g);
       const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z);
       if (bits == 4) {
         const uint8_t* b = p.codes + n * hk;
-        int64_t j = k0 / 2;
-        for (; j + 8 <= k1 / 2; j += 8) {
+        int64_t j = a / 2;
+        for (; j + 8 <= e / 2; j += 8) {
           const __m256i v = load8_u8(b + j);
           const __m256 l = _mm256_cvtepi32_ps(_mm256_and_si256(v, low));
           const __m256 h = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
           const __m256 wl = _mm256_mul_ps(_mm256_sub_ps(l, vz), vs), wh = _mm256_mul_ps(_mm256_sub_ps(h, vz), vs);
-          const __m256 a = _mm256_unpacklo_ps(wl, wh), c = _mm256_unpackhi_ps(wl, wh);  // columns interleaved
-          _mm256_storeu_ps(o + 2 * j, _mm256_permute2f128_ps(a, c, 0x20));
-          _mm256_storeu_ps(o + 2 * j + 8, _mm256_permute2f128_ps(a, c, 0x31));
+          const __m256 lo = _mm256_unpacklo_ps(wl, wh), hi = _mm256_unpackhi_ps(wl, wh);  // columns interleaved
+          _mm256_storeu_ps(o + 2 * j, _mm256_permute2f128_ps(lo, hi, 0x20));
+          _mm256_storeu_ps(o + 2 * j + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
         }
-        for (; j < k1 / 2; ++j) {
+        for (; j < e / 2; ++j) {
           o[2 * j] = (static_cast<float>(b[j] & 15) - z) * s;
           o[2 * j + 1] = (static_cast<float>(b[j] >> 4) - z) * s;
         }
       } else {
         const uint8_t* b = p.codes + n * p.K;
-        int64_t k = k0;
-        for (; k + 8 <= k1; k += 8)
+        int64_t k = a;
+        for (; k + 8 <= e; k += 8)
           _mm256_storeu_ps(o + k, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(load8_u8(b + k)), vz), vs));
-        for (; k < k1; ++k) o[k] = (static_cast<float>(b[k]) - z) * s;
+        for (; k < e; ++k) o[k] = (static_cast<float>(b[k]) - z) * s;
       }
     }
   }
 }
 
-LOWBIT_AVX512 void dequant_rows_avx512(const Problem& p, int64_t bits, int64_t n0, int64_t n1, float* out) {
+LOWBIT_AVX512 void dequant_block_avx512(const Problem& p, int64_t bits, int64_t n0, int64_t n1, int64_t k0,
+                                        int64_t k1, float* out, int64_t ld) {
   const int64_t hk = p.K / 2;
   const __m512i low = _mm512_set1_epi32(0x0F);
+  const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
   for (int64_t n = n0; n < n1; ++n) {
-    float* o = out + (n - n0) * p.K;
-    for (int64_t g = 0; g < p.G; ++g) {
-      const int64_t k0 = g * p.group, k1 = std::min(p.K, k0 + p.group);
+    float* o = out + (n - n0) * ld - k0;
+    for (int64_t g = k0 / p.group; g * p.group < k1; ++g) {
+      const int64_t a = std::max(k0, g * p.group), e = std::min(k1, (g + 1) * p.group);
       const float s = scale_f16c(p, n * p.G + g), z = zero_of(p, n * p.G + g);
       const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z);
       if (bits == 4) {
         const uint8_t* b = p.codes + n * hk;
-        const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-        const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-        int64_t j = k0 / 2;
-        for (; j + 16 <= k1 / 2; j += 16) {
+        int64_t j = a / 2;
+        for (; j + 16 <= e / 2; j += 16) {
           const __m512i v = load16_u8(b + j);
           const __m512 wl = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low)), vz), vs);
           const __m512 wh = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), vz), vs);
           _mm512_storeu_ps(o + 2 * j, _mm512_permutex2var_ps(wl, lo_idx, wh));  // columns interleaved
           _mm512_storeu_ps(o + 2 * j + 16, _mm512_permutex2var_ps(wl, hi_idx, wh));
         }
-        for (; j < k1 / 2; ++j) {
+        for (; j < e / 2; ++j) {
           o[2 * j] = (static_cast<float>(b[j] & 15) - z) * s;
           o[2 * j + 1] = (static_cast<float>(b[j] >> 4) - z) * s;
         }
       } else {
         const uint8_t* b = p.codes + n * p.K;
-        for (int64_t k = k0; k < k1; k += 16) {
-          const __mmask16 mk = static_cast<__mmask16>((1u << std::min<int64_t>(16, k1 - k)) - 1);
+        for (int64_t k = a; k < e; k += 16) {
+          const __mmask16 mk = static_cast<__mmask16>((1u << std::min<int64_t>(16, e - k)) - 1);
           const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, b + k)));
           _mm512_mask_storeu_ps(o + k, mk, _mm512_mul_ps(_mm512_sub_ps(w, vz), vs));
         }
@@ -1162,18 +1167,21 @@ LOWBIT_AVX512 void dequant_rows_avx512(const Problem& p, int64_t bits, int64_t n
 }
 #endif
 
-void dequant_rows(const Problem& p, int64_t bits, int64_t isa, int64_t n0, int64_t n1, float* out) {
+void dequant_block(const Problem& p, int64_t bits, int64_t isa, int64_t n0, int64_t n1, int64_t k0, int64_t k1,
+                   float* out, int64_t ld) {
 #ifdef LOWBIT_X86
-  if (isa == kAvx512) return dequant_rows_avx512(p, bits, n0, n1, out);
-  if (isa == kAvx2) return dequant_rows_avx2(p, bits, n0, n1, out);
+  if (isa == kAvx512) return dequant_block_avx512(p, bits, n0, n1, k0, k1, out, ld);
+  if (isa == kAvx2) return dequant_block_avx2(p, bits, n0, n1, k0, k1, out, ld);
 #endif
-  dequant_rows_portable(p, bits, n0, n1, out);
+  dequant_block_portable(p, bits, n0, n1, k0, k1, out, ld);
 }
 
 // Rows [n0, n1) dequantized into out (contiguous [n1 - n0, K], written in place).
 void dequant_into(const Problem& p, int64_t bits, int64_t isa, int64_t n0, int64_t n1, torch::Tensor& out) {
   float* o = out.data_ptr<float>();
-  at::parallel_for(n0, n1, 8, [&](int64_t a, int64_t b) { dequant_rows(p, bits, isa, a, b, o + (a - n0) * p.K); });
+  at::parallel_for(n0, n1, 8, [&](int64_t a, int64_t b) {
+    dequant_block(p, bits, isa, a, b, 0, p.K, o + (a - n0) * p.K, p.K);
+  });
 }
 
 }  // namespace
@@ -1343,17 +1351,187 @@ void digit_gemm_avx512(const Problem& p, const torch::Tensor& scales, const c10:
 }
 #endif
 
-// The most batch rows for which wq_gemv beats dequantized tiles + BLAS (measured on
-// 4096 x 4096 g128, one thread): 64 for groups of 128 on AVX-512 VNNI (the register-tiled
-// digit GEMM: 2.7x fp32 at 8 rows, 1.2x at 32, even at 64), 16 for other groups there, 8 on
-// the AVX2 digit path, else 4.
-constexpr int64_t kDigitGemmRows = 64;
+// ------------------------------------------------------------------ fused dequantize-GEMM
+// Batches past the GEMV kernels, on the x86 SIMD paths: blocks of kFusedN weight rows by
+// kFusedK columns are dequantized (bit-identical to QuantizedWeight.dequantize) into a
+// buffer that stays in L2, and a register-tiled FMA kernel multiplies them by the
+// activations, packed once per call as panels of W columns of x (k-major, 16 V rows of x per
+// k on AVX-512, 8 V on AVX2). A tile holds R weight rows by W activation rows of y^T in
+// registers: per k, V vector loads of x, R broadcasts of a weight and R * V FMAs. The
+// weight never exists whole in fp32 and is read as stored (4 or 8 bits), where
+// dequantize-then-BLAS writes every fp32 tile out and the BLAS packs it again. Products
+// and sums are fp32, as in any GEMM.
+constexpr int64_t kFusedN = 96, kFusedK = 1024;  // a dequantized block of weights: 384 KiB, in L2
+constexpr int64_t kFusedLd = kFusedK + 16;       // its row stride: rows 4 KiB apart would share L1 sets
+constexpr int64_t kFusedSteps = 128;             // columns per tile pass: a panel's x (32 KiB) stays in L1
+
+#ifdef LOWBIT_X86
+template <int R, int V>
+LOWBIT_AVX512 void fused_tile_avx512(const float* w, int64_t ldw, const float* xt, int64_t kc, float* c, int64_t ldc,
+                                     bool first) {
+  __m512 acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + r * ldc + 16 * v);
+  const float* wr[R];
+  for (int r = 0; r < R; ++r) wr[r] = w + r * ldw;
+  for (int64_t k = 0; k < kc; ++k) {
+    __m512 a[V];
+    for (int v = 0; v < V; ++v) a[v] = _mm512_loadu_ps(xt + (16 * V) * k + 16 * v);
+    for (int r = 0; r < R; ++r) {
+      const __m512 b = _mm512_set1_ps(wr[r][k]);
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(b, a[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(c + r * ldc + 16 * v, acc[r][v]);
+}
+
+template <int R, int V>
+LOWBIT_AVX2 void fused_tile_avx2(const float* w, int64_t ldw, const float* xt, int64_t kc, float* c, int64_t ldc,
+                                 bool first) {
+  __m256 acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(c + r * ldc + 8 * v);
+  const float* wr[R];
+  for (int r = 0; r < R; ++r) wr[r] = w + r * ldw;
+  for (int64_t k = 0; k < kc; ++k) {
+    __m256 a[V];
+    for (int v = 0; v < V; ++v) a[v] = _mm256_loadu_ps(xt + (8 * V) * k + 8 * v);
+    for (int r = 0; r < R; ++r) {
+      const __m256 b = _mm256_broadcast_ss(wr[r] + k);
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm256_fmadd_ps(b, a[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) _mm256_storeu_ps(c + r * ldc + 8 * v, acc[r][v]);
+}
+
+using TileFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, bool);
+constexpr int kTileRows = 6;  // R: 6 x 4 zmm (AVX-512) or 6 x 2 ymm (AVX2) accumulators
+
+template <int V>
+TileFn tile_fn_avx512(int r) {
+  switch (r) {
+    case 1: return fused_tile_avx512<1, V>;
+    case 2: return fused_tile_avx512<2, V>;
+    case 3: return fused_tile_avx512<3, V>;
+    case 4: return fused_tile_avx512<4, V>;
+    case 5: return fused_tile_avx512<5, V>;
+    default: return fused_tile_avx512<6, V>;
+  }
+}
+
+template <int V>
+TileFn tile_fn_avx2(int r) {
+  switch (r) {
+    case 1: return fused_tile_avx2<1, V>;
+    case 2: return fused_tile_avx2<2, V>;
+    case 3: return fused_tile_avx2<3, V>;
+    case 4: return fused_tile_avx2<4, V>;
+    case 5: return fused_tile_avx2<5, V>;
+    default: return fused_tile_avx2<6, V>;
+  }
+}
+
+// The tile kernel for r weight rows and v vectors of activation rows.
+TileFn tile_fn(int64_t isa, int r, int v) {
+  if (isa == kAvx512) {
+    switch (v) {
+      case 1: return tile_fn_avx512<1>(r);
+      case 2: return tile_fn_avx512<2>(r);
+      case 3: return tile_fn_avx512<3>(r);
+      default: return tile_fn_avx512<4>(r);
+    }
+  }
+  return v == 1 ? tile_fn_avx2<1>(r) : tile_fn_avx2<2>(r);
+}
+
+// y = x @ W^T (+ bias) for x fp32 [M, K], on the AVX2 or AVX-512 path.
+void fused_gemm(const Problem& p, int64_t bits, int64_t isa, const float* x, const float* bias, float* y) {
+  const int64_t M = p.M, N = p.N, K = p.K;
+  const int64_t lanes = isa == kAvx512 ? 16 : 8, vmax = isa == kAvx512 ? 4 : 2;
+  const int64_t width = lanes * vmax;  // activation rows per panel
+  const int64_t panels = (M + width - 1) / width;
+  // the panels of x: panel i holds rows [i * width, ...) as [K][lanes * v], zero beyond M
+  thread_local std::vector<float> packed;
+  std::vector<int64_t> start(static_cast<size_t>(panels) + 1, 0), vecs(static_cast<size_t>(panels));
+  for (int64_t i = 0; i < panels; ++i) {
+    const int64_t rows = std::min(width, M - i * width);
+    vecs[i] = (rows + lanes - 1) / lanes;
+    start[i + 1] = start[i] + K * lanes * vecs[i];
+  }
+  packed.resize(static_cast<size_t>(start[panels]));
+  float* xt = packed.data();
+  constexpr int64_t kStrip = 64;  // columns per pass: the strip's panel rows stay in L1
+  at::parallel_for(0, panels * ((K + kStrip - 1) / kStrip), 1, [&](int64_t a, int64_t b) {
+    const int64_t strips = (K + kStrip - 1) / kStrip;
+    for (int64_t t = a; t < b; ++t) {
+      const int64_t i = t / strips, k0 = (t % strips) * kStrip, k1 = std::min(K, k0 + kStrip);
+      const int64_t w = lanes * vecs[i], m0 = i * width, rows = std::min(width, M - m0);
+      float* dst = xt + start[i];
+      for (int64_t j = 0; j < w; ++j) {
+        if (j < rows) {
+          const float* src = x + (m0 + j) * K;
+          for (int64_t k = k0; k < k1; ++k) dst[k * w + j] = src[k];
+        } else {
+          for (int64_t k = k0; k < k1; ++k) dst[k * w + j] = 0.f;
+        }
+      }
+    }
+  });
+  const int64_t mpad = start[panels] / K;  // activation rows with the padding
+  const int64_t blocks = (N + kFusedN - 1) / kFusedN;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    thread_local std::vector<float> wbuf, ct;
+    wbuf.resize(static_cast<size_t>(kFusedN * kFusedLd));
+    ct.resize(static_cast<size_t>(kFusedN * mpad));  // y^T of the block's weight rows
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t n0 = blk * kFusedN, nr = std::min(kFusedN, N - n0);
+      for (int64_t k0 = 0; k0 < K; k0 += kFusedK) {
+        const int64_t kc = std::min(kFusedK, K - k0);
+        dequant_block(p, bits, isa, n0, n0 + nr, k0, k0 + kc, wbuf.data(), kFusedLd);
+        for (int64_t s0 = 0; s0 < kc; s0 += kFusedSteps) {
+          const int64_t sc = std::min(kFusedSteps, kc - s0);
+          for (int64_t i = 0; i < panels; ++i) {
+            const int v = static_cast<int>(vecs[i]);
+            const float* xp = xt + start[i] + (k0 + s0) * lanes * v;
+            float* cp = ct.data() + start[i] / K;
+            for (int64_t r0 = 0; r0 < nr; r0 += kTileRows) {
+              const int r = static_cast<int>(std::min<int64_t>(kTileRows, nr - r0));
+              tile_fn(isa, r, v)(wbuf.data() + r0 * kFusedLd + s0, kFusedLd, xp, sc, cp + r0 * mpad, mpad,
+                                 k0 + s0 == 0);
+            }
+          }
+        }
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        float* out = y + m * N + n0;
+        for (int64_t r = 0; r < nr; ++r) out[r] = ct[r * mpad + m] + (bias ? bias[n0 + r] : 0.f);
+      }
+    }
+  });
+}
+#endif
+
+// Which kernel takes how many batch rows, measured on 4096 x 4096 g128, one thread
+// (benchmarks/gemv.py; for the AVX2 path with MKL held to AVX2, as on a CPU without AVX-512):
+// - up to gemv_rows, wq_gemv: 16 for 4-bit groups of a multiple of 64 on AVX-512 VNNI (groups
+//   of 128: the register-tiled digit GEMM, 2.7x fp32 at 8 rows, 1.9x at 16), else 4 (the AVX2
+//   digit kernel gives 3.4x at 4 rows but 1.3x at 8, where the fused GEMM gives 1.6x);
+// - up to fused_rows, the fused dequantize-GEMM: 192 on AVX-512 (1.5x fp32 at 32 rows, 1.1x
+//   at 128, 1.0x at 192), 48 on AVX2 (1.2x at 32, 0.9x at 64);
+// - beyond, dequantized tiles + BLAS (0.9x to 1.0x: the BLAS's own work plus the dequantization).
+constexpr int64_t kDigitGemmRows = 16;
 
 int64_t gemv_rows(int64_t bits, int64_t group, int64_t isa, bool allow_digits) {
   isa = resolve_isa(isa);
-  if (!allow_digits || bits != 4 || group % 64 != 0 || isa == kPortable) return 4;
-  if (isa == kAvx512 && has_avx512_vnni()) return group == 128 ? kDigitGemmRows : 16;
-  return 8;
+  if (allow_digits && bits == 4 && group % 64 == 0 && isa == kAvx512 && has_avx512_vnni()) return kDigitGemmRows;
+  return 4;
+}
+
+int64_t fused_rows(int64_t isa) {
+  isa = resolve_isa(isa);
+  return isa == kAvx512 ? 192 : isa == kAvx2 ? 48 : 0;
 }
 
 // y = x @ W^T for x: fp32 [M, K] (any M; meant for a few rows, where the weight
@@ -1454,11 +1632,12 @@ torch::Tensor wq_dequant(torch::Tensor codes, torch::Tensor scales, c10::optiona
   return out;
 }
 
-// y = x @ W^T for larger batches: tiles of `tile` weight rows are dequantized
-// (in cache) and multiplied by the BLAS GEMM, so the fp32 weight never exists whole.
+// y = x @ W^T for larger batches: the fused dequantize-GEMM (see fused_rows), or tiles of
+// `tile` weight rows dequantized and multiplied by the BLAS GEMM, so the fp32 weight never
+// exists whole.
 torch::Tensor wq_gemm_tiled(torch::Tensor x, torch::Tensor codes, torch::Tensor scales,
                             c10::optional<torch::Tensor> zeros, c10::optional<torch::Tensor> bias, int64_t N,
-                            int64_t bits, int64_t group, int64_t tile, int64_t isa) {
+                            int64_t bits, int64_t group, int64_t tile, int64_t isa, int64_t fused) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat, "x must be fp32 [M, K]");
   TORCH_CHECK(tile > 0, "tile must be positive");
   const int64_t M = x.size(0), K = x.size(1);
@@ -1466,6 +1645,17 @@ torch::Tensor wq_gemm_tiled(torch::Tensor x, torch::Tensor codes, torch::Tensor 
   isa = resolve_isa(isa);
   Problem p = weights_problem(codes, scales, zeros, N, K, bits, group);
   x = x.contiguous();
+  if (bias.has_value()) TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->numel() == N, "bias must be fp32 [N]");
+#ifdef LOWBIT_X86
+  // fused: 1 always (on the x86 SIMD paths), 0 never, -1 up to fused_rows
+  if (isa != kPortable && (fused == 1 || (fused == -1 && M <= fused_rows(isa))) && M > 0 && N > 0 && K > 0) {
+    auto y = torch::empty({M, N}, x.options());
+    p.M = M;
+    auto b = bias.has_value() ? bias->contiguous() : torch::Tensor();
+    fused_gemm(p, bits, isa, x.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
+    return y;
+  }
+#endif
   // one tile buffer per thread, kept between calls: a fresh one would cost page faults every call
   thread_local torch::Tensor buffer;
   const int64_t rows = std::min(N, tile);
@@ -1522,10 +1712,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wq_gemv", &wq_gemv, "weight-only 4/8-bit matmul for small batches (fp32 activations)", py::arg("x"),
         py::arg("codes"), py::arg("scales"), py::arg("zeros"), py::arg("bias"), py::arg("N"), py::arg("bits"),
         py::arg("group"), py::arg("isa"), py::arg("allow_digits") = true);
+  m.def("has_avx_vnni", &has_avx_vnni, "whether the AVX2 path uses AVX-VNNI here");
   m.def("allow_avx_vnni", &allow_avx_vnni, "let the AVX2 path use AVX-VNNI where the CPU has it (for tests)");
   m.def("gemv_rows", &gemv_rows, "the most rows wq_gemv should take for this layout and path");
   m.def("wq_dequant", &wq_dequant, "dequantize rows of a 4/8-bit weight to fp32");
-  m.def("wq_gemm_tiled", &wq_gemm_tiled, "weight-only matmul for large batches: dequantized tiles + BLAS GEMM");
+  m.def("wq_gemm_tiled", &wq_gemm_tiled,
+        "weight-only matmul for large batches: a fused dequantize-GEMM (x86 SIMD) or dequantized tiles + BLAS",
+        py::arg("x"), py::arg("codes"), py::arg("scales"), py::arg("zeros"), py::arg("bias"), py::arg("N"),
+        py::arg("bits"), py::arg("group"), py::arg("tile"), py::arg("isa"), py::arg("fused") = -1);
+  m.def("fused_rows", &fused_rows, "the most rows the fused dequantize-GEMM takes on a path (auto)");
   m.def("rms_norm", &rms_norm, "RMSNorm of fp32 rows (a decode step's norms)");
   m.def("available_isas", &available_isas, "instruction sets this CPU runs the kernels with");
 }
