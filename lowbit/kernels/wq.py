@@ -1,9 +1,10 @@
 """lowbit's weight-only 4- and 8-bit kernels for CPUs (``csrc/wq_gemm.cpp``).
 
-One compiled module holds three code paths for each kernel: AVX-512, AVX2 + FMA,
-and portable C++ (no intrinsics; ARM and anything else). The best path the CPU
-runs is chosen at run time; ``LOWBIT_ISA=portable|avx2|avx512`` (or the ``isa``
-argument) forces one, which is how the tests check every path on one machine.
+One compiled module holds the code paths for each kernel: AVX-512 and AVX2 + FMA on
+x86, NEON on AArch64, and portable C++ (no intrinsics) everywhere. The best path the
+CPU runs is chosen at run time; ``LOWBIT_ISA=portable|avx2|avx512|neon`` (or the ``isa``
+argument) forces one, which is how the tests check every path on one machine (the NEON
+path is checked under qemu-aarch64 by ``tests/native/wq_check.cpp``).
 
 Activations stay fp32 and products accumulate in fp32, so every path agrees with
 dequantize-then-matmul to fp32 rounding, and a model's outputs (a perplexity, a
@@ -25,7 +26,7 @@ from lowbit.formats import integer
 from lowbit.kernels.build import build_extension
 from lowbit.quantized_weight import QuantizedWeight
 
-ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
+ISAS = {"portable": 0, "avx2": 1, "avx512": 2, "neon": 3}
 TILE_BYTES = 8 * 2**20  # one dequantized fp32 tile: a few MiB, so it stays in cache
 
 

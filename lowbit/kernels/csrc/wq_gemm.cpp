@@ -24,13 +24,58 @@
 // block below 2^-100, take the float path. A single activation row (decode) runs four
 // weight rows at once, so their dependency chains overlap and the digits load once.
 //
-// The instruction set is chosen at run time (AVX-512, AVX2 + FMA, or portable
-// C++ that compiles anywhere, ARM included) and can be forced, so that tests
-// check every path on one machine. Larger batches dequantize tiles of rows with
+// The instruction set is chosen at run time (AVX-512, AVX2 + FMA, NEON on AArch64, or
+// portable C++ that compiles anywhere) and can be forced, so that tests check every path on
+// one machine; LOWBIT_NO_TORCH builds the kernels without PyTorch for the standalone check
+// (tests/native/wq_check.cpp), which runs the NEON path under qemu-aarch64. Larger batches dequantize tiles of rows with
 // the same code and hand them to the BLAS GEMM (wq_dequant below).
 
+#ifndef LOWBIT_NO_TORCH
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#else
+// Built without PyTorch (LOWBIT_NO_TORCH: tests/native/wq_check.cpp includes this file to check
+// the kernels on their own, e.g. the NEON path under qemu-aarch64): the few pieces of ATen the
+// kernels use, minimal and serial.
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+namespace at {
+struct Half {  // IEEE binary16 bits
+  uint16_t x;
+  operator float() const {
+    const uint32_t sign = static_cast<uint32_t>(x & 0x8000) << 16;
+    const int exp = (x >> 10) & 0x1F;
+    uint32_t man = x & 0x3FF, bits;
+    if (exp == 0x1F) {
+      bits = sign | 0x7F800000u | (man << 13);
+    } else if (exp != 0) {
+      bits = sign | (static_cast<uint32_t>(exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: normalize
+      int e = 113;
+      while (!(man & 0x400)) {
+        man <<= 1;
+        --e;
+      }
+      bits = sign | (static_cast<uint32_t>(e) << 23) | ((man & 0x3FF) << 13);
+    }
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  }
+};
+template <class F>
+void parallel_for(int64_t begin, int64_t end, int64_t, const F& f) {
+  if (begin < end) f(begin, end);
+}
+}  // namespace at
+#define TORCH_CHECK(cond, ...) \
+  do {                         \
+    if (!(cond)) throw std::runtime_error("lowbit kernel check failed: " #cond); \
+  } while (0)
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -44,10 +89,14 @@
 #define LOWBIT_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define LOWBIT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 #endif
+#if defined(__aarch64__)
+#include <arm_neon.h>
+#define LOWBIT_NEON 1  // Advanced SIMD: part of every AArch64 CPU
+#endif
 
 namespace {
 
-enum Isa : int64_t { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+enum Isa : int64_t { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kNeon = 3 };
 constexpr int kChunk = 4;  // batch rows that share one pass over a weight row
 constexpr int64_t kAhead = 4096;  // bytes of codes prefetched ahead of the row being read
 
@@ -445,6 +494,89 @@ LOWBIT_AVX512 void int8_row_avx512(const Problem& p, int64_t n, int64_t m0, int6
   for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.N + n] += _mm512_reduce_add_ps(total[m]) + extra[m];
 }
 #endif  // LOWBIT_X86
+
+#ifdef LOWBIT_NEON
+// ------------------------------------------------------------------ NEON (AArch64)
+// The same loops at four lanes: per 32 weights (16 bytes) the low nibbles and the high
+// nibbles in place (16 q, against x / 16), each widened to four float32x4, and eight FMAs per
+// batch row into two accumulators.
+
+inline void widen_u8(uint8x16_t b, float32x4_t* f) {
+  const uint16x8_t a = vmovl_u8(vget_low_u8(b)), c = vmovl_high_u8(b);
+  f[0] = vcvtq_f32_u32(vmovl_u16(vget_low_u16(a)));
+  f[1] = vcvtq_f32_u32(vmovl_high_u16(a));
+  f[2] = vcvtq_f32_u32(vmovl_u16(vget_low_u16(c)));
+  f[3] = vcvtq_f32_u32(vmovl_high_u16(c));
+}
+
+template <int MB>
+void int4_row_neon(const Problem& p, int64_t n, int64_t m0, int64_t g0, int64_t g1) {
+  const int64_t hk = p.K / 2;
+  const uint8_t* row = p.codes + n * hk;
+  const uint8x16_t low = vdupq_n_u8(0x0F), high = vdupq_n_u8(0xF0);
+  float total[MB] = {};
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t j0 = g * (p.group / 2), j1 = std::min(hk, j0 + p.group / 2);
+    float32x4_t acc[MB][2];
+    float tail[MB] = {};
+    for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = vdupq_n_f32(0.f);
+    int64_t j = j0;
+    for (; j + 16 <= j1; j += 16) {
+      const uint8x16_t b = vld1q_u8(row + j);
+      float32x4_t l[4], h[4];
+      widen_u8(vandq_u8(b, low), l);
+      widen_u8(vandq_u8(b, high), h);
+      for (int m = 0; m < MB; ++m) {
+        const float* e = p.xa + (m0 + m) * hk + j;
+        const float* o = p.xb + (m0 + m) * hk + j;
+        for (int u = 0; u < 4; ++u) {
+          acc[m][0] = vfmaq_f32(acc[m][0], l[u], vld1q_f32(e + 4 * u));
+          acc[m][1] = vfmaq_f32(acc[m][1], h[u], vld1q_f32(o + 4 * u));
+        }
+      }
+    }
+    for (; j < j1; ++j)
+      for (int m = 0; m < MB; ++m)
+        tail[m] += static_cast<float>(row[j] & 0x0F) * p.xa[(m0 + m) * hk + j] +
+                   static_cast<float>(row[j] & 0xF0) * p.xb[(m0 + m) * hk + j];
+    const float s = scale_of(p, n * p.G + g), z = zero_of(p, n * p.G + g);
+    for (int m = 0; m < MB; ++m) {
+      const float dot = vaddvq_f32(vaddq_f32(acc[m][0], acc[m][1])) + tail[m];
+      total[m] += s * (dot - z * p.xsum[(m0 + m) * p.G + g]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.N + n] += total[m];
+}
+
+template <int MB>
+void int8_row_neon(const Problem& p, int64_t n, int64_t m0, int64_t g0, int64_t g1) {
+  const uint8_t* row = p.codes + n * p.K;
+  float total[MB] = {};
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t k0 = g * p.group, k1 = std::min(p.K, k0 + p.group);
+    float32x4_t acc[MB][2];
+    float tail[MB] = {};
+    for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = vdupq_n_f32(0.f);
+    int64_t k = k0;
+    for (; k + 16 <= k1; k += 16) {
+      float32x4_t w[4];
+      widen_u8(vld1q_u8(row + k), w);
+      for (int m = 0; m < MB; ++m) {
+        const float* x = p.xa + (m0 + m) * p.K + k;
+        for (int u = 0; u < 4; ++u) acc[m][u & 1] = vfmaq_f32(acc[m][u & 1], w[u], vld1q_f32(x + 4 * u));
+      }
+    }
+    for (; k < k1; ++k)
+      for (int m = 0; m < MB; ++m) tail[m] += static_cast<float>(row[k]) * p.xa[(m0 + m) * p.K + k];
+    const float s = scale_of(p, n * p.G + g), z = zero_of(p, n * p.G + g);
+    for (int m = 0; m < MB; ++m) {
+      const float dot = vaddvq_f32(vaddq_f32(acc[m][0], acc[m][1])) + tail[m];
+      total[m] += s * (dot - z * p.xsum[(m0 + m) * p.G + g]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.N + n] += total[m];
+}
+#endif  // LOWBIT_NEON
 
 // ------------------------------------------------------------------ integer-digit path
 // 4-bit codes, groups a multiple of 64: per block of 128 columns (64 code bytes) the
@@ -921,11 +1053,17 @@ bool isa_available(int64_t isa) {
     return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 #endif
+#ifdef LOWBIT_NEON
+  if (isa == kNeon) return true;
+#endif
   return false;
 }
 
 int64_t best_isa() {
-  static const int64_t best = isa_available(kAvx512) ? kAvx512 : isa_available(kAvx2) ? kAvx2 : kPortable;
+  static const int64_t best = isa_available(kAvx512) ? kAvx512
+                              : isa_available(kAvx2)   ? kAvx2
+                              : isa_available(kNeon)   ? kNeon
+                                                       : kPortable;
   return best;
 }
 
@@ -936,6 +1074,9 @@ RowFn row_fn(int64_t bits, int64_t isa) {
 #ifdef LOWBIT_X86
   if (isa == kAvx512) return bits == 4 ? int4_row_avx512<MB> : int8_row_avx512<MB>;
   if (isa == kAvx2) return bits == 4 ? int4_row_avx2<MB> : int8_row_avx2<MB>;
+#endif
+#ifdef LOWBIT_NEON
+  if (isa == kNeon) return bits == 4 ? int4_row_neon<MB> : int8_row_neon<MB>;
 #endif
   return bits == 4 ? int4_row_portable<MB> : int8_row_portable<MB>;
 }
@@ -967,7 +1108,7 @@ bool has_avx_vnni() {
 }
 
 // Whether the AVX2 path may use AVX-VNNI (where the CPU has it); returns the previous setting.
-bool allow_avx_vnni(bool allow) {
+[[maybe_unused]] bool allow_avx_vnni(bool allow) {
   const bool before = avx_vnni_allowed;
   avx_vnni_allowed = allow;
   return before;
@@ -988,7 +1129,7 @@ RowFn digits_fn(int64_t isa) {
 using RowsFn = void (*)(const Problem&, int64_t, int64_t, int64_t);
 constexpr int kRows = 4;
 
-RowsFn digits_rows_fn(int64_t isa, int64_t group) {
+[[maybe_unused]] RowsFn digits_rows_fn(int64_t isa, int64_t group) {
   const bool split = group % 128 != 0;
 #ifdef LOWBIT_X86
   if (isa == kAvx512 && has_avx512_vnni())
@@ -1023,12 +1164,13 @@ RowFn row_fn_for(int64_t rows, int64_t bits, int64_t isa) {
 
 int64_t resolve_isa(int64_t isa) {
   if (isa < 0) return best_isa();
-  TORCH_CHECK(isa <= kAvx512, "unknown instruction set ", isa);
+  TORCH_CHECK(isa <= kNeon, "unknown instruction set ", isa);
   TORCH_CHECK(isa_available(isa), "this CPU lacks the instructions of the requested kernel path (",
-              isa == kAvx512 ? "avx512" : "avx2", ")");
+              isa == kAvx512 ? "avx512" : isa == kAvx2 ? "avx2" : "neon", ")");
   return isa;
 }
 
+#ifndef LOWBIT_NO_TORCH
 void check_weights(const torch::Tensor& codes, const torch::Tensor& scales, const c10::optional<torch::Tensor>& zeros,
                    int64_t N, int64_t K, int64_t bits, int64_t group) {
   TORCH_CHECK(bits == 4 || bits == 8, "the weight-only kernel runs 4- and 8-bit codes, not ", bits);
@@ -1060,6 +1202,7 @@ Problem weights_problem(const torch::Tensor& codes, const torch::Tensor& scales,
   p.G = (K + group - 1) / group;
   return p;
 }
+#endif  // LOWBIT_NO_TORCH
 
 // ------------------------------------------------------------------ dequantized tiles
 // (q - z) * s, the same float operations as QuantizedWeight.dequantize, so the
@@ -1167,15 +1310,63 @@ LOWBIT_AVX512 void dequant_block_avx512(const Problem& p, int64_t bits, int64_t 
 }
 #endif
 
+#ifdef LOWBIT_NEON
+void dequant_block_neon(const Problem& p, int64_t bits, int64_t n0, int64_t n1, int64_t k0, int64_t k1, float* out,
+                        int64_t ld) {
+  const int64_t hk = p.K / 2;
+  const uint8x16_t low = vdupq_n_u8(0x0F);
+  for (int64_t n = n0; n < n1; ++n) {
+    float* o = out + (n - n0) * ld - k0;
+    for (int64_t g = k0 / p.group; g * p.group < k1; ++g) {
+      const int64_t a = std::max(k0, g * p.group), e = std::min(k1, (g + 1) * p.group);
+      const float s = scale_of(p, n * p.G + g), z = zero_of(p, n * p.G + g);
+      const float32x4_t vs = vdupq_n_f32(s), vz = vdupq_n_f32(z);
+      if (bits == 4) {
+        const uint8_t* b = p.codes + n * hk;
+        int64_t j = a / 2;
+        for (; j + 16 <= e / 2; j += 16) {
+          const uint8x16_t v = vld1q_u8(b + j);
+          float32x4_t l[4], h[4];
+          widen_u8(vandq_u8(v, low), l);
+          widen_u8(vshrq_n_u8(v, 4), h);
+          for (int u = 0; u < 4; ++u) {  // (q - z) * s, then the even and odd columns interleaved
+            const float32x4_t wl = vmulq_f32(vsubq_f32(l[u], vz), vs), wh = vmulq_f32(vsubq_f32(h[u], vz), vs);
+            vst1q_f32(o + 2 * (j + 4 * u), vzip1q_f32(wl, wh));
+            vst1q_f32(o + 2 * (j + 4 * u) + 4, vzip2q_f32(wl, wh));
+          }
+        }
+        for (; j < e / 2; ++j) {
+          o[2 * j] = (static_cast<float>(b[j] & 15) - z) * s;
+          o[2 * j + 1] = (static_cast<float>(b[j] >> 4) - z) * s;
+        }
+      } else {
+        const uint8_t* b = p.codes + n * p.K;
+        int64_t k = a;
+        for (; k + 16 <= e; k += 16) {
+          float32x4_t w[4];
+          widen_u8(vld1q_u8(b + k), w);
+          for (int u = 0; u < 4; ++u) vst1q_f32(o + k + 4 * u, vmulq_f32(vsubq_f32(w[u], vz), vs));
+        }
+        for (; k < e; ++k) o[k] = (static_cast<float>(b[k]) - z) * s;
+      }
+    }
+  }
+}
+#endif
+
 void dequant_block(const Problem& p, int64_t bits, int64_t isa, int64_t n0, int64_t n1, int64_t k0, int64_t k1,
                    float* out, int64_t ld) {
 #ifdef LOWBIT_X86
   if (isa == kAvx512) return dequant_block_avx512(p, bits, n0, n1, k0, k1, out, ld);
   if (isa == kAvx2) return dequant_block_avx2(p, bits, n0, n1, k0, k1, out, ld);
 #endif
+#ifdef LOWBIT_NEON
+  if (isa == kNeon) return dequant_block_neon(p, bits, n0, n1, k0, k1, out, ld);
+#endif
   dequant_block_portable(p, bits, n0, n1, k0, k1, out, ld);
 }
 
+#ifndef LOWBIT_NO_TORCH
 // Rows [n0, n1) dequantized into out (contiguous [n1 - n0, K], written in place).
 void dequant_into(const Problem& p, int64_t bits, int64_t isa, int64_t n0, int64_t n1, torch::Tensor& out) {
   float* o = out.data_ptr<float>();
@@ -1183,8 +1374,38 @@ void dequant_into(const Problem& p, int64_t bits, int64_t isa, int64_t n0, int64
     dequant_block(p, bits, isa, a, b, 0, p.K, o + (a - n0) * p.K, p.K);
   });
 }
+#endif
 
 }  // namespace
+
+// The activations of the fp32-products kernels: per-group sums of x ([M, G] at the start of
+// scratch) and, for 4-bit codes, the even columns and the odd columns / 16 (exact: they meet the
+// high nibble in place); p.xa / p.xb point into scratch (8-bit: p.xa is x itself).
+void prepare_floats(Problem& p, const float* px, int64_t bits, std::vector<float>& scratch) {
+  const int64_t M = p.M, K = p.K, G = p.G, group = p.group;
+  const int64_t half = bits == 4 ? M * (K / 2) : 0;
+  scratch.resize(static_cast<size_t>(M * G + 2 * half));
+  float* xsum = scratch.data();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      double acc = 0.0;  // the zero-point term's sum, kept accurate: it can cancel against the codes' sum
+      for (int64_t k = g * group, k1 = std::min(K, (g + 1) * group); k < k1; ++k) acc += px[m * K + k];
+      xsum[m * G + g] = static_cast<float>(acc);
+    }
+  if (bits == 4) {
+    float* xe = xsum + M * G;
+    float* xo = xe + half;
+    for (int64_t i = 0; i < half; ++i) {
+      xe[i] = px[2 * i];
+      xo[i] = px[2 * i + 1] * 0.0625f;
+    }
+    p.xa = xe;
+    p.xb = xo;
+  } else {
+    p.xa = px;
+  }
+  p.xsum = xsum;
+}
 
 // A block's exponent: the e with max |x| < 2^(e + 22); false for a block too small for the
 // scale 2^-e to be a float (max |x| < 2^-100; such rows take the float path).
@@ -1287,7 +1508,7 @@ bool prepare_digits(Problem& p, const float* px, int64_t isa, std::vector<int8_t
     int8_t* d = digits.data() + m * 6 * p.hp;
     float* bs = block_scale.data() + m * p.NB;
 #ifdef LOWBIT_X86
-    if (isa == kPortable || !row_digits_avx2(p, px + m * K, d, bs, gsum.data())) return false;
+    if ((isa != kAvx2 && isa != kAvx512) || !row_digits_avx2(p, px + m * K, d, bs, gsum.data())) return false;
 #else
     (void)isa;
     (void)d;
@@ -1301,7 +1522,7 @@ bool prepare_digits(Problem& p, const float* px, int64_t isa, std::vector<int8_t
   return true;
 }
 
-#ifdef LOWBIT_X86
+#if defined(LOWBIT_X86) && !defined(LOWBIT_NO_TORCH)
 // The digit path for more than four activation rows in groups of 128 (AVX-512 VNNI): tiles of
 // four weight rows by two activation rows over blocks of 16 x 128 columns, rows of the batch
 // in slabs whose digits stay in L2; then y -= xsum @ (s * z)^T, the zero-point terms of every
@@ -1534,6 +1755,7 @@ int64_t fused_rows(int64_t isa) {
   return isa == kAvx512 ? 192 : isa == kAvx2 ? 48 : 0;
 }
 
+#ifndef LOWBIT_NO_TORCH
 // y = x @ W^T for x: fp32 [M, K] (any M; meant for a few rows, where the weight
 // bytes dominate). isa: -1 for the best this CPU has, 0 portable, 1 AVX2, 2 AVX-512.
 torch::Tensor wq_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
@@ -1552,36 +1774,12 @@ torch::Tensor wq_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales
   thread_local std::vector<float> scratch;
   thread_local std::vector<int8_t> digits;
   thread_local std::vector<float> block_scale;
-  const bool use_digits = allow_digits && bits == 4 && group % 64 == 0 && M > 0 && isa != kPortable &&
+  const bool use_digits = allow_digits && bits == 4 && group % 64 == 0 && M > 0 && (isa == kAvx2 || isa == kAvx512) &&
                           [&] {
                             scratch.resize(static_cast<size_t>(M * G));
                             return prepare_digits(p, px, isa, digits, block_scale, scratch.data());
                           }();
-  if (!use_digits) {
-    // per-group sums of x, and for 4-bit the even columns and the odd columns / 16 (exact,
-    // to meet the high nibble in place)
-    const int64_t half = bits == 4 ? M * (K / 2) : 0;
-    scratch.resize(static_cast<size_t>(M * G + 2 * half));
-    float* xsum = scratch.data();
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t g = 0; g < G; ++g) {
-        double acc = 0.0;  // the zero-point term's sum, kept accurate: it can cancel against the codes' sum
-        for (int64_t k = g * group, k1 = std::min(K, (g + 1) * group); k < k1; ++k) acc += px[m * K + k];
-        xsum[m * G + g] = static_cast<float>(acc);
-      }
-    if (bits == 4) {
-      float* xe = xsum + M * G;
-      float* xo = xe + half;
-      for (int64_t i = 0; i < half; ++i) {
-        xe[i] = px[2 * i];
-        xo[i] = px[2 * i + 1] * 0.0625f;
-      }
-      p.xa = xe;
-      p.xb = xo;
-    } else {
-      p.xa = px;
-    }
-  }
+  if (!use_digits) prepare_floats(p, px, bits, scratch);
   p.xsum = scratch.data();
   torch::Tensor y;
   if (bias.has_value()) {  // the kernel adds into y: starting from the bias fuses it
@@ -1648,7 +1846,8 @@ torch::Tensor wq_gemm_tiled(torch::Tensor x, torch::Tensor codes, torch::Tensor 
   if (bias.has_value()) TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->numel() == N, "bias must be fp32 [N]");
 #ifdef LOWBIT_X86
   // fused: 1 always (on the x86 SIMD paths), 0 never, -1 up to fused_rows
-  if (isa != kPortable && (fused == 1 || (fused == -1 && M <= fused_rows(isa))) && M > 0 && N > 0 && K > 0) {
+  if ((isa == kAvx2 || isa == kAvx512) && (fused == 1 || (fused == -1 && M <= fused_rows(isa))) && M > 0 && N > 0 &&
+      K > 0) {
     auto y = torch::empty({M, N}, x.options());
     p.M = M;
     auto b = bias.has_value() ? bias->contiguous() : torch::Tensor();
@@ -1705,6 +1904,7 @@ std::vector<std::string> available_isas() {
   std::vector<std::string> out{"portable"};
   if (isa_available(kAvx2)) out.push_back("avx2");
   if (isa_available(kAvx512)) out.push_back("avx512");
+  if (isa_available(kNeon)) out.push_back("neon");
   return out;
 }
 
@@ -1724,3 +1924,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of fp32 rows (a decode step's norms)");
   m.def("available_isas", &available_isas, "instruction sets this CPU runs the kernels with");
 }
+#endif  // LOWBIT_NO_TORCH
