@@ -72,15 +72,17 @@ def l3_bytes() -> int:
 class OnPath(torch.nn.Module):
     """A QLinear run on one instruction-set path of lowbit's native kernel (``digits=False``: with
     fp32 products instead of the integer-digit GEMV; ``avx_vnni=False``: the AVX2 path's
-    vpmaddubsw kernel even where the CPU has AVX-VNNI, as AVX2 CPUs without it run)."""
+    vpmaddubsw kernel even where the CPU has AVX-VNNI, as AVX2 CPUs without it run; ``amx=False``:
+    the AVX-512 path without the AMX digit GEMM, as CPUs without AMX run it)."""
 
-    def __init__(self, q: QLinear, isa: str, digits: bool = True, avx_vnni: bool = True):
+    def __init__(self, q: QLinear, isa: str, digits: bool = True, avx_vnni: bool = True, amx: bool = True):
         super().__init__()
-        self.q, self.isa, self.digits, self.avx_vnni = q, isa, digits, avx_vnni
+        self.q, self.isa, self.digits, self.avx_vnni, self.amx = q, isa, digits, avx_vnni, amx
 
     def forward(self, x):
         packed = self.q._prepare("native", x.device)
         packed.digits = self.digits
+        packed.amx = -1 if self.amx else 0
         before = packed.ext.allow_avx_vnni(self.avx_vnni)
         try:
             y = packed.matmul(x, self.isa)
@@ -100,6 +102,8 @@ def make_layers(k: int, n: int) -> dict[str, torch.nn.Module]:
         layers[f"int4 g128 {isa}"] = OnPath(q4, isa)
     if isas:
         layers[f"int4 g128 {isas[0]} fp32 products"] = OnPath(q4, isas[0], digits=False)
+    if "avx512" in isas and wq.extension().amx_usable():
+        layers["int4 g128 avx512 no AMX"] = OnPath(q4, "avx512", amx=False)
     if "avx2" in isas and wq.extension().has_avx_vnni():
         layers["int4 g128 avx2 vpmaddubsw"] = OnPath(q4, "avx2", avx_vnni=False)
     layers["int4 g32 sym"] = q4s
@@ -174,7 +178,7 @@ def _copy(layer: torch.nn.Module) -> torch.nn.Module:
     if isinstance(layer, torch.nn.Linear):
         return torch.nn.Linear(layer.in_features, layer.out_features, dtype=layer.weight.dtype)
     if isinstance(layer, OnPath):
-        return OnPath(_copy(layer.q), layer.isa, layer.digits, layer.avx_vnni)
+        return OnPath(_copy(layer.q), layer.isa, layer.digits, layer.avx_vnni, layer.amx)
     qw = layer.quantized_weight
     fresh = type(qw)(
         qw.packed.clone(), qw.scale.clone(), None if qw.zero is None else qw.zero.clone(), qw.fmt, qw.shape

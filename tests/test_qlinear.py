@@ -429,7 +429,7 @@ def test_fused_gemm_equals_dequantize_then_matmul(fmt, half_scales):
         want = x.double() @ ref.t() + bias.double()
         terms = x.double().abs() @ ref.abs().t() + bias.double().abs()
         for isa in simd:
-            packed.fused = 1
+            packed.fused, packed.amx = 1, 0
             y = packed.matmul(x, isa, bias=bias).double()
             assert float(((y - want).abs() / terms).max()) < 1e-5, (fmt.describe(), rows, isa)
             packed.fused = 0
@@ -448,7 +448,7 @@ def test_fused_gemm_takes_the_rows_between_the_gemv_and_blas_and_propagates_nan(
             ).gemv_rows(wq.isa_code(isa))
     qw = QuantizedWeight.quantize(torch.randn(16, 256), WeightFormat("int", 4, 128))
     packed = wq.Packed(qw, torch.device("cpu"))
-    packed.fused = 1
+    packed.fused, packed.amx = 1, 0
     x = torch.randn(20, 256)
     x[3, 7] = float("nan")
     want = x @ qw.dequantize().t()
@@ -457,3 +457,48 @@ def test_fused_gemm_takes_the_rows_between_the_gemv_and_blas_and_propagates_nan(
         assert torch.isnan(y[3]).all(), isa
         keep = torch.arange(20) != 3
         torch.testing.assert_close(y[keep], want[keep], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", [WeightFormat("int", 4, 128), WeightFormat("int", 4, 256, True)], ids=lambda f: f.describe())
+def test_amx_digit_gemm_equals_dequantize_then_matmul(fmt):
+    """The digit GEMM on AMX tiles (CPUs with AMX-INT8 whose kernel grants the tile state): rows past
+    the GEMV kernels, weight rows off the 16-row tiles, a short last block, a bias; NaN rows fall
+    back to the fused path; turned off, the other paths give the same values to fp32 rounding."""
+    _need_native()
+    ext = wq.extension()
+    if not ext.amx_usable():
+        pytest.skip("no AMX-INT8 here (or the kernel does not grant the tile state)")
+    g = torch.Generator().manual_seed(5)
+    n, k = 37, 1100
+    qw = QuantizedWeight.quantize(torch.randn(n, k, generator=g), fmt)
+    packed = wq.Packed(qw, torch.device("cpu"))
+    bias = torch.randn(n, generator=g)
+    ref = qw.dequantize().double()
+    for rows in (17, 40, 100):
+        x = _wide_range_input(rows, k, g)
+        want = x.double() @ ref.t() + bias.double()
+        terms = x.double().abs() @ ref.abs().t() + bias.double().abs()
+        y = packed.matmul(x, "avx512", bias=bias).double()
+        assert float(((y - want).abs() / terms).max()) < 1e-5, rows
+        before = ext.allow_amx(False)
+        try:
+            other = packed.matmul(x, "avx512", bias=bias).double()
+        finally:
+            ext.allow_amx(before)
+        assert not torch.equal(y, other)  # really two different kernels
+        torch.testing.assert_close(y, other, rtol=1e-5, atol=1e-5 * float(terms.max()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the row blocks and weight blocks split across threads
+    try:
+        x = _wide_range_input(300, k, g)
+        y = packed.matmul(x, "avx512").double()
+        want = x.double() @ ref.t()
+        assert float(((y - want).abs() / (x.double().abs() @ ref.abs().t())).max()) < 1e-5
+    finally:
+        torch.set_num_threads(before)
+    x = torch.randn(20, k, generator=g)
+    x[3, 7] = float("nan")
+    y = packed.matmul(x, "avx512")
+    assert torch.isnan(y[3]).all()
+    keep = torch.arange(20) != 3
+    torch.testing.assert_close(y[keep], (x[keep] @ qw.dequantize().t()), rtol=1e-5, atol=1e-4)

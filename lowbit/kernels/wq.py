@@ -102,6 +102,9 @@ class Packed:
         self.digits = os.environ.get("LOWBIT_WQ_DIGITS", "1") != "0"
         # the fused dequantize-GEMM past the GEMV rows: -1 up to fused_rows (auto), 1 always, 0 never
         self.fused = -1
+        # the digit GEMM on AMX tiles for large batches (4-bit, groups of a multiple of 128, where the
+        # CPU and kernel allow AMX): -1 from 32 rows on, 1 always, 0 never
+        self.amx = -1
         self.ext = extension()
         self._rows: dict[tuple[int, bool], int] = {}
 
@@ -156,7 +159,7 @@ class Packed:
         else:
             y = self.ext.wq_gemm_tiled(
                 flat, self.codes, self.scales, self.zeros, bias, self.n, self.bits, self.group, self.tile, code,
-                self.fused,
+                self.fused, self.amx if self.digits else 0,
             )
         y = y.view(*x.shape[:-1], self.n)
         return y if y.dtype == x.dtype else y.to(x.dtype)

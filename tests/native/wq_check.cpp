@@ -87,7 +87,7 @@ void check_case(const Case& c, std::mt19937& rng) {
       for (int64_t k = k0; k < k1; ++k) same &= part[(n - 1) * ld + (k - k0)] == w[n * K + k];
     expect(same, at_isa + ": dequantized column range");
     // the GEMV kernels, then (x86) the digit kernels and the fused GEMM
-    for (int64_t M : {1, 2, 3, 4, 5, 9}) {
+    for (int64_t M : {1, 2, 3, 4, 5, 9, 40}) {
       std::vector<float> x(static_cast<size_t>(M * K));
       for (auto& v : x) v = normal(rng);
       std::vector<double> ref(static_cast<size_t>(M * N)), mag(ref.size());
@@ -139,6 +139,14 @@ void check_case(const Case& c, std::mt19937& rng) {
         const double ed = worst(yd);
         expect(ed < 1e-5, at_isa + rows + ": digit GEMV error " + std::to_string(ed));
       }
+      if (isa == kAvx512 && c.bits == 4 && c.group % 128 == 0 && amx_usable()) {  // the digit GEMM on AMX tiles
+        std::vector<float> ya(static_cast<size_t>(M * N), -7.f);
+        Problem a = p;
+        a.M = M;
+        expect(amx_digit_gemm(a, x.data(), ya.data()), at_isa + rows + ": AMX digits prepared");
+        const double ea = worst(ya);
+        expect(ea < 1e-5, at_isa + rows + ": AMX digit GEMM error " + std::to_string(ea));
+      }
       std::vector<float> yf(static_cast<size_t>(M * N));
       Problem f = p;
       f.M = M;
@@ -156,10 +164,13 @@ int main() {
   std::printf("paths:");
   for (int64_t isa : {kPortable, kAvx2, kAvx512, kNeon})
     if (isa_available(isa)) std::printf(" %s", name(isa).c_str());
+#ifdef LOWBIT_X86
+  if (amx_usable()) std::printf(" +amx");
+#endif
   std::printf("\n");
   std::mt19937 rng(7);
   const Case cases[] = {
-      {4, 128, 300, 13, false, true},  {4, 128, 1100, 7, false, false}, {4, 64, 288, 9, true, true},
+      {4, 128, 300, 13, false, true},  {4, 128, 1100, 37, false, false}, {4, 256, 1024, 19, true, true}, {4, 64, 288, 9, true, true},
       {4, 32, 300, 13, true, false},   {4, 96, 300, 6, false, true},    {4, 8, 64, 5, true, true},
       {4, 300, 300, 4, false, false},  {8, 64, 300, 13, false, true},   {8, 300, 300, 7, true, false},
       {8, 24, 100, 5, true, true},

@@ -78,6 +78,7 @@ void parallel_for(int64_t begin, int64_t end, int64_t, const F& f) {
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -85,6 +86,10 @@ void parallel_for(int64_t begin, int64_t end, int64_t, const F& f) {
 
 #if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
 #include <immintrin.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #define LOWBIT_X86 1
 #define LOWBIT_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define LOWBIT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
@@ -1495,31 +1500,36 @@ LOWBIT_AVX2 bool row_digits_avx2(const Problem& p, const float* x, int8_t* d, fl
 bool prepare_digits(Problem& p, const float* px, int64_t isa, std::vector<int8_t>& digits,
                     std::vector<float>& block_scale, float* xsum) {
   const int64_t M = p.M, K = p.K;
-  bool finite = true;
-  for (int64_t i = 0; i < M * K; ++i) finite &= std::isfinite(px[i]);
-  if (!finite) return false;
+#ifdef LOWBIT_X86
+  if (isa != kAvx2 && isa != kAvx512) return false;
   p.NB = (K + 127) / 128;
   p.hp = 64 * p.NB;
   digits.resize(static_cast<size_t>(M * 6 * p.hp));
   block_scale.resize(static_cast<size_t>(M * p.NB));
-  thread_local std::vector<double> gsum;
-  for (int64_t m = 0; m < M; ++m) {
-    gsum.assign(static_cast<size_t>(p.G), 0.0);  // the groups' sums of the rounded values
-    int8_t* d = digits.data() + m * 6 * p.hp;
-    float* bs = block_scale.data() + m * p.NB;
-#ifdef LOWBIT_X86
-    if ((isa != kAvx2 && isa != kAvx512) || !row_digits_avx2(p, px + m * K, d, bs, gsum.data())) return false;
-#else
-    (void)isa;
-    (void)d;
-    (void)bs;
-    return false;
-#endif
-    for (int64_t g = 0; g < p.G; ++g) xsum[m * p.G + g] = static_cast<float>(gsum[g]);
-  }
+  std::atomic<bool> ok{true};
+  // rows in parallel from 32 on (a large batch for the AMX digit GEMM); each writes its own rows
+  at::parallel_for(0, M, 32, [&](int64_t m0, int64_t m1) {
+    thread_local std::vector<double> gsum;
+    for (int64_t m = m0; m < m1 && ok.load(std::memory_order_relaxed); ++m) {
+      const float* x = px + m * K;
+      bool finite = true;
+      for (int64_t k = 0; k < K; ++k) finite &= std::isfinite(x[k]);
+      gsum.assign(static_cast<size_t>(p.G), 0.0);  // the groups' sums of the rounded values
+      if (!finite || !row_digits_avx2(p, x, digits.data() + m * 6 * p.hp, block_scale.data() + m * p.NB, gsum.data())) {
+        ok = false;
+        return;
+      }
+      for (int64_t g = 0; g < p.G; ++g) xsum[m * p.G + g] = static_cast<float>(gsum[g]);
+    }
+  });
+  if (!ok) return false;
   p.digits = digits.data();
   p.block_scale = block_scale.data();
   return true;
+#else
+  (void)p, (void)px, (void)isa, (void)digits, (void)block_scale, (void)xsum, (void)M, (void)K;
+  return false;
+#endif
 }
 
 #if defined(LOWBIT_X86) && !defined(LOWBIT_NO_TORCH)
@@ -1734,6 +1744,221 @@ void fused_gemm(const Problem& p, int64_t bits, int64_t isa, const float* x, con
 }
 #endif
 
+#ifdef LOWBIT_X86
+// ------------------------------------------------------------------ AMX: the digit GEMM on tiles
+// Large batches on CPUs with AMX-INT8 (Intel since Sapphire Rapids), 4-bit codes in groups of a
+// multiple of 128: the integer-digit arithmetic of the GEMV kernels on the tile unit. Per block
+// of 128 columns, each activation digit plane (16 activation rows x 64 signed bytes, read in
+// place from prepare_digits' layout) meets the codes' nibble plane of 16 weight rows (unsigned,
+// rearranged so that each 4-byte group of columns of a weight row is one column of the tile:
+// a 16 x 16 transpose of 32-bit words) in tdpbsud, which sums 64 exact byte products into int32
+// per output. Three digits each get their own accumulator tile (a digit's block sum stays below
+// 2^18; their Horner sum would not fit int32), two activation tiles of 16 rows share each weight
+// tile: six accumulators, one activation tile, one weight tile. After each block the six tiles
+// are combined in fp32 ((C2 * 256 + C1) * 256 + C0, rounding once per block as fp32 does), times
+// scale * 2^e, into y; the zero-point terms s * z * (sum of the rounded activations of the group)
+// are subtracted where a group starts. The result is dequantize(W) @ x~ to fp32 rounding, x~ the
+// activations rounded to 23 bits against each block's largest |x|, as on the GEMV digit path.
+#define LOWBIT_AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+
+bool amx_allowed = true;  // tests and benchmarks turn it off to time the other paths
+
+// AMX-INT8 usable here: the CPU has it and Linux lets this process use the tile state
+// (ARCH_REQ_XCOMP_PERM for XTILEDATA; a VM whose kernel does not grant it gets the other paths).
+bool amx_usable() {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("amx-int8") || !__builtin_cpu_supports("amx-tile") || !isa_available(kAvx512))
+      return false;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+  }();
+  return ok && amx_allowed;
+#else
+  return false;
+#endif
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// 16 vectors of 16 dwords transposed in place (v[i][j] <- v[j][i]).
+LOWBIT_AMX inline void transpose16(__m512i* v) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    v[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    v[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    v[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    v[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // v[4q + c], lane L, now holds column 4L + c of rows 4q .. 4q + 3: a 4 x 4 transpose of lanes
+  for (int i = 0; i < 4; ++i) {
+    const __m512i a = v[i], b = v[4 + i], c = v[8 + i], d = v[12 + i];
+    const __m512i ab_lo = _mm512_shuffle_i32x4(a, b, 0x88), ab_hi = _mm512_shuffle_i32x4(a, b, 0xDD);
+    const __m512i cd_lo = _mm512_shuffle_i32x4(c, d, 0x88), cd_hi = _mm512_shuffle_i32x4(c, d, 0xDD);
+    t[i] = _mm512_shuffle_i32x4(ab_lo, cd_lo, 0x88);
+    t[8 + i] = _mm512_shuffle_i32x4(ab_lo, cd_lo, 0xDD);
+    t[4 + i] = _mm512_shuffle_i32x4(ab_hi, cd_hi, 0x88);
+    t[12 + i] = _mm512_shuffle_i32x4(ab_hi, cd_hi, 0xDD);
+  }
+  // t[4L + c] is output row 4L + c: lane L of rows 0-3, 4-7, 8-11, 12-15 of column 4L + c
+  for (int i = 0; i < 16; ++i) v[i] = t[i];
+}
+
+// Weight rows n0 .. n0 + 15 (zero beyond N) of block b as two weight tiles (low and high nibbles):
+// row r of a tile holds, for each weight row n, its codes of columns 4r .. 4r + 3 of the plane.
+LOWBIT_AMX void amx_weight_tiles(const Problem& p, int64_t n0, int64_t b, uint8_t* lo, uint8_t* hi) {
+  const int64_t hk = p.K / 2, j0 = 64 * b;
+  const __mmask64 keep = j0 + 64 <= hk ? ~0ULL : (~0ULL) >> (64 - (hk - j0));
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  __m512i l[16], h[16];
+  for (int n = 0; n < 16; ++n) {
+    const __m512i v = n0 + n < p.N ? _mm512_maskz_loadu_epi8(keep, p.codes + (n0 + n) * hk + j0) : _mm512_setzero_si512();
+    l[n] = _mm512_and_si512(v, m4);
+    h[n] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+  }
+  transpose16(l);
+  transpose16(h);
+  for (int r = 0; r < 16; ++r) {
+    _mm512_store_si512(lo + 64 * r, l[r]);
+    _mm512_store_si512(hi + 64 * r, h[r]);
+  }
+}
+
+// y[m0:m1, 16 nb0 : 16 nb1] (weight rows in blocks of 16; m0, m1 multiples of 32, digits and block
+// scales padded with zeros to m1 rows). y is [M, N] fp32, written (not added to).
+LOWBIT_AMX void amx_digit_gemm_rows(const Problem& p, const int8_t* tiles, int64_t m0, int64_t m1, int64_t nb0,
+                                    int64_t nb1, float* y) {
+  TileConfig cfg{};
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+  const int64_t M = p.M, N = p.N;
+  alignas(64) uint8_t wt[2][16 * 64];
+  alignas(64) int32_t cb[6][16 * 16];
+  for (int64_t nb = nb0; nb < nb1; ++nb) {
+    const int64_t n0 = 16 * nb;
+    const __mmask16 ncols = n0 + 16 <= N ? 0xFFFF : static_cast<__mmask16>((1u << (N - n0)) - 1);
+    {
+      const int64_t mc = m0, mend = m1;
+      for (int64_t m = mc; m < std::min(mend, M); ++m) _mm512_mask_storeu_ps(y + m * N + n0, ncols, _mm512_setzero_ps());
+      for (int64_t b = 0; b < p.NB; ++b) {
+        amx_weight_tiles(p, n0, b, wt[0], wt[1]);
+        const int64_t g = 128 * b / p.group;
+        const bool starts = 128 * b == g * p.group;
+        // the 16 weight rows' scale, and scale * zero, of group g
+        alignas(64) float sv[16], szv[16];
+        for (int n = 0; n < 16; ++n) {
+          const int64_t row = std::min(n0 + n, N - 1);
+          sv[n] = scale_f16c(p, row * p.G + g);
+          szv[n] = sv[n] * zero_of(p, row * p.G + g);
+        }
+        const __m512 s = _mm512_load_ps(sv), sz = _mm512_load_ps(szv);
+        for (int64_t mt = mc; mt < mend; mt += 32) {
+          _tile_zero(2);
+          _tile_zero(3);
+          _tile_zero(4);
+          _tile_zero(5);
+          _tile_zero(6);
+          _tile_zero(7);
+          for (int plane = 0; plane < 2; ++plane) {
+            _tile_loadd(1, wt[plane], 64);
+            // digit e of rows mt .. mt + 15 into tile 2 + e, of rows mt + 16 .. + 31 into tile 5 + e
+            const int8_t* a = tiles + ((mt / 16 * p.NB + b) * 6 + plane) * 1024;
+            const int64_t next = p.NB * 6 * 1024;  // the next 16 rows
+            _tile_loadd(0, a, 64);
+            _tile_dpbsud(2, 0, 1);
+            _tile_loadd(0, a + 2 * 1024, 64);
+            _tile_dpbsud(3, 0, 1);
+            _tile_loadd(0, a + 4 * 1024, 64);
+            _tile_dpbsud(4, 0, 1);
+            _tile_loadd(0, a + next, 64);
+            _tile_dpbsud(5, 0, 1);
+            _tile_loadd(0, a + next + 2 * 1024, 64);
+            _tile_dpbsud(6, 0, 1);
+            _tile_loadd(0, a + next + 4 * 1024, 64);
+            _tile_dpbsud(7, 0, 1);
+          }
+          _tile_stored(2, cb[0], 64);
+          _tile_stored(3, cb[1], 64);
+          _tile_stored(4, cb[2], 64);
+          _tile_stored(5, cb[3], 64);
+          _tile_stored(6, cb[4], 64);
+          _tile_stored(7, cb[5], 64);
+          for (int half = 0; half < 2; ++half)
+            for (int r = 0; r < 16; ++r) {
+              const int64_t m = mt + 16 * half + r;
+              if (m >= M) break;
+              const int32_t* c = cb[3 * half];
+              __m512 f = _mm512_cvtepi32_ps(_mm512_load_si512(cb[3 * half + 2] + 16 * r));
+              f = _mm512_fmadd_ps(f, _mm512_set1_ps(256.f), _mm512_cvtepi32_ps(_mm512_load_si512(cb[3 * half + 1] + 16 * r)));
+              f = _mm512_fmadd_ps(f, _mm512_set1_ps(256.f), _mm512_cvtepi32_ps(_mm512_load_si512(c + 16 * r)));
+              float* out = y + m * N + n0;
+              __m512 acc = _mm512_maskz_loadu_ps(ncols, out);
+              acc = _mm512_fmadd_ps(f, _mm512_mul_ps(s, _mm512_set1_ps(p.block_scale[m * p.NB + b])), acc);
+              if (starts) acc = _mm512_fnmadd_ps(sz, _mm512_set1_ps(p.xsum[m * p.G + g]), acc);
+              _mm512_mask_storeu_ps(out, ncols, acc);
+            }
+        }
+      }
+    }
+  }
+  _tile_release();
+}
+
+// y = x @ W^T on the tiles (fp32 [M, N], written); false where the activations hold a NaN or an
+// Inf, or a block too small to scale (the caller takes another path).
+bool amx_digit_gemm(Problem& p, const float* x, float* y) {
+  thread_local std::vector<int8_t> digits;
+  thread_local std::vector<float> block_scale, xsum;
+  xsum.resize(static_cast<size_t>(p.M * p.G));
+  if (!prepare_digits(p, x, kAvx512, digits, block_scale, xsum.data())) return false;
+  const int64_t mpad = (p.M + 31) / 32 * 32;  // whole pairs of 16-row tiles; the padding is zero
+  digits.resize(static_cast<size_t>(mpad * 6 * p.hp));
+  std::fill(digits.begin() + p.M * 6 * p.hp, digits.end(), 0);
+  block_scale.resize(static_cast<size_t>(mpad * p.NB));
+  std::fill(block_scale.begin() + p.M * p.NB, block_scale.end(), 0.f);
+  p.digits = digits.data();
+  p.block_scale = block_scale.data();
+  p.xsum = xsum.data();
+  // the digits as whole tiles, 1 KiB each and contiguous: [16-row block][block of 128][digit, plane]
+  // [16 rows][64 bytes] (read in place, a tile's rows would lie 6 K / 2 bytes apart, all in one L1 set)
+  thread_local std::vector<int8_t> tiles;
+  tiles.resize(static_cast<size_t>(mpad / 16 * p.NB * 6 * 1024));
+  // (thread_local buffers are named by pointer inside the parallel regions: there the name would
+  // be the worker thread's own)
+  int8_t* const tp = tiles.data();
+  const int8_t* const dp = digits.data();
+  at::parallel_for(0, mpad / 16, 1, [&](int64_t a, int64_t b) {
+    for (int64_t mb = a; mb < b; ++mb)
+      for (int64_t blk = 0; blk < p.NB; ++blk)
+        for (int64_t t = 0; t < 6; ++t)
+          for (int64_t r = 0; r < 16; ++r)
+            std::memcpy(tp + ((mb * p.NB + blk) * 6 + t) * 1024 + 64 * r,
+                        dp + (16 * mb + r) * 6 * p.hp + t * p.hp + 64 * blk, 64);
+  });
+  // chunks of activation rows whose digits (6 planes of K / 2 bytes a row) stay in L2 while every
+  // weight block passes: the codes are read once per chunk, the digits once
+  const int64_t chunk = std::max<int64_t>(32, (1 << 20) / (6 * p.hp) / 32 * 32);
+  for (int64_t m0 = 0; m0 < mpad; m0 += chunk) {
+    const int64_t m1 = std::min(mpad, m0 + chunk);
+    at::parallel_for(0, (p.N + 15) / 16, 4,
+                     [&](int64_t a, int64_t b) { amx_digit_gemm_rows(p, tp, m0, m1, a, b, y); });
+  }
+  return true;
+}
+#endif
+
 // Which kernel takes how many batch rows, measured on 4096 x 4096 g128, one thread
 // (benchmarks/gemv.py; for the AVX2 path with MKL held to AVX2, as on a CPU without AVX-512):
 // - up to gemv_rows, wq_gemv: 16 for 4-bit groups of a multiple of 64 on AVX-512 VNNI (groups
@@ -1742,7 +1967,11 @@ void fused_gemm(const Problem& p, int64_t bits, int64_t isa, const float* x, con
 // - up to fused_rows, the fused dequantize-GEMM: 192 on AVX-512 (1.5x fp32 at 32 rows, 1.1x
 //   at 128, 1.0x at 192), 48 on AVX2 (1.2x at 32, 0.9x at 64);
 // - beyond, dequantized tiles + BLAS (0.9x to 1.0x: the BLAS's own work plus the dequantization).
+// Where AMX-INT8 runs (and for 4-bit groups of a multiple of 128), every batch past the GEMV
+// kernels takes the digit GEMM on AMX tiles instead: 2.2x fp32 at 16 rows, 2.6x at 32, 1.9x at
+// 64, 1.0-2.5x from 128 to 2048 (this VM's AMX timings vary run to run).
 constexpr int64_t kDigitGemmRows = 16;
+constexpr int64_t kAmxRows = kDigitGemmRows + 1;  // the AMX digit GEMM past the GEMV kernels, where it runs
 
 int64_t gemv_rows(int64_t bits, int64_t group, int64_t isa, bool allow_digits) {
   isa = resolve_isa(isa);
@@ -1835,7 +2064,7 @@ torch::Tensor wq_dequant(torch::Tensor codes, torch::Tensor scales, c10::optiona
 // exists whole.
 torch::Tensor wq_gemm_tiled(torch::Tensor x, torch::Tensor codes, torch::Tensor scales,
                             c10::optional<torch::Tensor> zeros, c10::optional<torch::Tensor> bias, int64_t N,
-                            int64_t bits, int64_t group, int64_t tile, int64_t isa, int64_t fused) {
+                            int64_t bits, int64_t group, int64_t tile, int64_t isa, int64_t fused, int64_t amx) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat, "x must be fp32 [M, K]");
   TORCH_CHECK(tile > 0, "tile must be positive");
   const int64_t M = x.size(0), K = x.size(1);
@@ -1845,6 +2074,14 @@ torch::Tensor wq_gemm_tiled(torch::Tensor x, torch::Tensor codes, torch::Tensor 
   x = x.contiguous();
   if (bias.has_value()) TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->numel() == N, "bias must be fp32 [N]");
 #ifdef LOWBIT_X86
+  // amx: the digit GEMM on AMX tiles (4-bit, groups of a multiple of 128, the AVX-512 path, a CPU
+  // and kernel that allow AMX): 1 always, 0 never, -1 from amx_rows on
+  if (amx != 0 && isa == kAvx512 && bits == 4 && group % 128 == 0 && M > 0 && N > 0 && (amx == 1 || M >= kAmxRows) &&
+      amx_usable()) {
+    auto y = torch::empty({M, N}, x.options());
+    p.M = M;
+    if (amx_digit_gemm(p, x.data_ptr<float>(), y.data_ptr<float>())) return bias.has_value() ? y.add_(*bias) : y;
+  }
   // fused: 1 always (on the x86 SIMD paths), 0 never, -1 up to fused_rows
   if ((isa == kAvx2 || isa == kAvx512) && (fused == 1 || (fused == -1 && M <= fused_rows(isa))) && M > 0 && N > 0 &&
       K > 0) {
@@ -1900,6 +2137,25 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   return y;
 }
 
+bool amx_usable_py() {
+#ifdef LOWBIT_X86
+  return amx_usable();
+#else
+  return false;
+#endif
+}
+
+bool allow_amx(bool allow) {
+#ifdef LOWBIT_X86
+  const bool before = amx_allowed;
+  amx_allowed = allow;
+  return before;
+#else
+  (void)allow;
+  return false;
+#endif
+}
+
 std::vector<std::string> available_isas() {
   std::vector<std::string> out{"portable"};
   if (isa_available(kAvx2)) out.push_back("avx2");
@@ -1919,7 +2175,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wq_gemm_tiled", &wq_gemm_tiled,
         "weight-only matmul for large batches: a fused dequantize-GEMM (x86 SIMD) or dequantized tiles + BLAS",
         py::arg("x"), py::arg("codes"), py::arg("scales"), py::arg("zeros"), py::arg("bias"), py::arg("N"),
-        py::arg("bits"), py::arg("group"), py::arg("tile"), py::arg("isa"), py::arg("fused") = -1);
+        py::arg("bits"), py::arg("group"), py::arg("tile"), py::arg("isa"), py::arg("fused") = -1, py::arg("amx") = -1);
+  m.def("amx_usable", &amx_usable_py, "whether the AMX digit GEMM runs here (and is allowed)");
+  m.def("allow_amx", &allow_amx, "let large batches use the AMX digit GEMM where the CPU has it (for tests)");
   m.def("fused_rows", &fused_rows, "the most rows the fused dequantize-GEMM takes on a path (auto)");
   m.def("rms_norm", &rms_norm, "RMSNorm of fp32 rows (a decode step's norms)");
   m.def("available_isas", &available_isas, "instruction sets this CPU runs the kernels with");
