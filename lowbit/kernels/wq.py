@@ -12,7 +12,9 @@ top-1) do not depend on which CPU ran them. Up to ``Packed.gemv_rows`` rows (4; 
 codes in groups of a multiple of 64 with AVX-512 VNNI) run the GEMV kernels, which read the
 packed codes as ``QuantizedWeight`` stores them; up to ``fused_rows`` more (48 on AVX2, 192 on
 AVX-512) the fused dequantize-GEMM (weight blocks dequantized in L2 and met by a register-tiled
-FMA kernel); more rows dequantize tiles of weight rows and call the BLAS GEMM.
+FMA kernel); more rows dequantize tiles of weight rows and call the BLAS GEMM. Where AMX-INT8
+runs, 4-bit groups of a multiple of 128 take the integer-digit GEMM on AMX tiles past the GEMV
+rows instead (``Packed.amx``).
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ class Packed:
         # the fused dequantize-GEMM past the GEMV rows: -1 up to fused_rows (auto), 1 always, 0 never
         self.fused = -1
         # the digit GEMM on AMX tiles for large batches (4-bit, groups of a multiple of 128, where the
-        # CPU and kernel allow AMX): -1 from 32 rows on, 1 always, 0 never
+        # CPU and kernel allow AMX): -1 past the GEMV rows (17 on), 1 always, 0 never
         self.amx = -1
         self.ext = extension()
         self._rows: dict[tuple[int, bool], int] = {}
