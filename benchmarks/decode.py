@@ -97,15 +97,10 @@ def tinyllama(seed: int = 0) -> torch.nn.Module:
 def load(name: str):
     if name == "tinyllama":
         return tinyllama()
-    if name == "smollm2":
-        from transformers import AutoModelForCausalLM
-
+    if name == "smollm2":  # lowbit's GGUF reader: the same weights transformers' converter gives
         from lowbit.assets import asset
 
-        path = asset("smollm2-135m")
-        return AutoModelForCausalLM.from_pretrained(
-            str(path), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32
-        ).eval()
+        name = str(asset("smollm2-135m"))
     model, _ = lowbit.models.loading.load_pretrained(name)
     return model
 

@@ -53,8 +53,8 @@ from lowbit.io.native import WEIGHTS, atomic_directory, copy_tokenizer, hf_confi
 from lowbit.models.adapters import is_linear, set_module
 from lowbit.nn.qconv import QConv
 from lowbit.nn.qlinear import QLinear
-from lowbit.nn.w8a8conv import W8A8Conv
 from lowbit.nn.w8a8 import W8A8Linear
+from lowbit.nn.w8a8conv import W8A8Conv
 from lowbit.quantized_weight import QuantizedWeight
 
 READABLE = ("pack-quantized", "int-quantized", "mixed-precision")
@@ -115,6 +115,10 @@ def _act_problem(name: str, m: W8A8Linear) -> str | None:
     return None
 
 
+# transformers architectures whose linears are GPT-2's Conv1D
+HF_CONV1D_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
+
+
 def check_exportable(model: nn.Module) -> list[tuple[str, QLinear]]:
     convs = [n for n, m in model.named_modules() if isinstance(m, (QConv, W8A8Conv))]
     if convs:
@@ -123,6 +127,11 @@ def check_exportable(model: nn.Module) -> list[tuple[str, QLinear]]:
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QLinear)]
     if not layers:
         raise ValueError("the model has no quantized layers; quantize it before exporting")
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    if kind in HF_CONV1D_TYPES:
+        raise ValueError(f"compressed-tensors cannot carry {kind}'s linears: transformers stores them as Conv1D "
+                         "([in, out]) and its compressed-tensors loader replaces nn.Linear only, so they would load "
+                         "with random weights; keep lowbit's native format (lowbit.save / lowbit.load)")  # fmt: skip
     problems = []
     permuted = [name for name, m in layers if m.in_perm is not None]
     if permuted:
@@ -265,7 +274,12 @@ def load_compressed_tensors(path: str | os.PathLike, model: nn.Module | None = N
     tensors = {}
     for f in sorted(path.glob("*.safetensors")):
         tensors.update(load_file(str(f)))
-    model = model or _skeleton(path)
+    if model is None:
+        model = _skeleton(path)
+        if any(re.search(r"\.experts\.\d+\.", k) for k in tensors):  # per-expert layers: transformers fuses them
+            from lowbit.models.moe import unfuse_experts
+
+            unfuse_experts(model)
     names = sorted(
         {k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight_scale")}
         & {k.rsplit(".", 1)[0] for k in tensors if k.endswith((".weight_packed", ".weight"))}

@@ -114,12 +114,14 @@ def _structure(model: nn.Module) -> dict:
     what preparation replaced (folded BatchNorms, explicit attention)."""
     from lowbit.models.attention import ExplicitEncoderLayer, ExplicitMultiheadAttention
     from lowbit.models.hf_vit import ExplicitHFAttention, ExplicitHFLayer
+    from lowbit.models.moe import Experts, expert_names
 
     explicit = (ExplicitEncoderLayer, ExplicitMultiheadAttention, ExplicitHFAttention, ExplicitHFLayer)
     return {
         "sites": {n: m.to_config() for n, m in model.named_modules() if isinstance(m, QSite)},
         "identity": [n for n, m in model.named_modules() if isinstance(m, nn.Identity) and n],
         "explicit_attention": any(isinstance(m, explicit) for m in model.modules()),
+        "unfused_experts": {n: expert_names(m) for n, m in model.named_modules() if isinstance(m, Experts)},
     }
 
 
@@ -214,6 +216,11 @@ def _restore_structure(model: nn.Module, structure: dict, tensors: dict) -> set[
 
     if structure.get("explicit_attention"):
         make_explicit(model)
+    if structure.get("unfused_experts"):
+        from lowbit.models.moe import unfuse
+
+        for name, names in structure["unfused_experts"].items():
+            set_module(model, name, unfuse(model.get_submodule(name), names))
     for name in structure.get("identity", []):
         set_module(model, name, nn.Identity())
     for name, cfg in structure.get("sites", {}).items():

@@ -90,9 +90,13 @@ class Adapter:
         """Rewrite ``model`` in place into a quantizable form; returns what was done."""
         from lowbit.models.attention import make_explicit
         from lowbit.models.cnn import fold_all_batchnorms
+        from lowbit.models.moe import unfuse_experts
 
         n = make_explicit(model)
         notes = [f"split {n} attention layers into explicit q/k/v/out linears"] if n else []
+        moe = unfuse_experts(model)
+        if moe:
+            notes.append(f"split the fused experts of {len(moe)} MoE layers into one linear per expert projection")
         return notes + fold_all_batchnorms(model, example)
 
     def block_prefix(self, model: nn.Module) -> str | None:
@@ -163,6 +167,8 @@ class Adapter:
                 + (": kept in full precision by default")
             )
         if op_kind(module) is None:
+            if type(module).__name__.lower().endswith("router"):
+                return "MoE router: kept in full precision by default (it picks the experts; tiny)"
             return f"{type(module).__name__}: no quantized module for this layer type yet"
         return None
 

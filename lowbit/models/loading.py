@@ -60,22 +60,20 @@ def is_causal_lm(config) -> bool:
     return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in ENCODER_TYPES
 
 
-def _gguf_source(path: str) -> dict:
-    """``{"gguf_file": name}`` for a directory whose only weights are one GGUF file (transformers
-    dequantizes it on load; needs the gguf package), else ``{}``."""
-    d = Path(path)
-    if not d.is_dir() or any(d.glob("*.safetensors")) or any(d.glob("*.bin")):
-        return {}
-    found = sorted(d.glob("*.gguf"))
-    if len(found) > 1:
-        raise ValueError(f"{path} holds several GGUF files ({', '.join(f.name for f in found)}); keep one")
-    return {"gguf_file": found[0].name} if found else {}
-
-
 def load_pretrained(name: str) -> tuple[nn.Module, object | None]:
-    """``(model, tokenizer)`` in fp32 and eval mode; the tokenizer is ``None`` if there is none."""
+    """``(model, tokenizer)`` in fp32 and eval mode; the tokenizer is ``None`` if there is none.
+
+    A GGUF file, or a directory whose only weights are one GGUF file, is read by lowbit's own
+    reader (``lowbit.io.gguf_read``: memory-mapped, dequantized exactly as the ``gguf`` package
+    does) for Llama-architecture files; other architectures go through transformers' converter."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    from lowbit.io.gguf_read import SUPPORTED_ARCHS, find_gguf, load_gguf_model
+
+    if name.endswith(".gguf") and Path(name).expanduser().is_file():
+        model = load_gguf_model(Path(name).expanduser())
+        model.lowbit_source = str(Path(name).expanduser())
+        return model, _gguf_tokenizer(Path(name).expanduser())
     path = resolve_model_path(name)
     try:
         config = AutoConfig.from_pretrained(path)
@@ -83,15 +81,29 @@ def load_pretrained(name: str) -> tuple[nn.Module, object | None]:
         raise FileNotFoundError(
             f"could not load {name}: not a local model directory and the hub is unreachable ({e})"
         ) from None
-    cls = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
-    model = cls.from_pretrained(path, dtype=torch.float32, **_gguf_source(path))
+    gguf = find_gguf(path)
+    if gguf is not None and config.model_type in SUPPORTED_ARCHS:
+        model = load_gguf_model(gguf, config)
+    else:
+        cls = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
+        model = cls.from_pretrained(path, dtype=torch.float32, **({"gguf_file": gguf.name} if gguf else {}))
     model.eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):
-        tokenizer = None
+        tokenizer = _gguf_tokenizer(gguf) if gguf is not None else None
     model.lowbit_source = path
     return model, tokenizer
+
+
+def _gguf_tokenizer(file: Path):
+    """The tokenizer stored in a GGUF file (transformers builds it; needs the gguf package), else ``None``."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+    except (OSError, ValueError, ImportError):
+        return None
 
 
 VISION_ALIASES = {
