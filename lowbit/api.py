@@ -4,6 +4,7 @@ model family."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import asdict
 
@@ -39,6 +40,8 @@ def quantize(
     first_last_bits: int | None | str = "auto",
     kernel: str = "auto",
     progress: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
     **config,
 ) -> nn.Module:
     """Quantize ``model`` in place and return it: any ``nn.Module`` (a language model, an encoder,
@@ -58,6 +61,11 @@ def quantize(
     vision models, as their papers keep them; ``None``: like the rest). Every parameter of
     two or more dimensions ends up in ``model.lowbit_coverage``, quantized (by the method
     that really decided its codes) or skipped with a reason.
+
+    ``checkpoint_dir``: record each finished unit there (atomically); with ``resume=True`` a
+    run interrupted at any moment continues from its last finished unit and ends bit-identical
+    to an uninterrupted one. The record stays until ``model.lowbit_progress.finish()`` (the CLI
+    calls it once the checkpoint is written).
     """
     start = time.perf_counter()
     adapter = adapter_for(model)
@@ -90,8 +98,26 @@ def quantize(
             check_finite(t.module.weight.detach(), f"{t.name}.weight")
     if first_last_bits == "auto":
         first_last_bits = FAMILY_FIRST_LAST_BITS.get(adapter.family)
-    coverage = run(model, adapter, methods, targets, batches, _default_device(device), first_last_bits, progress,
-                   kernel)  # fmt: skip
+    progress_record = None
+    if checkpoint_dir is not None:
+        from lowbit.engine.checkpoint import Progress, fingerprint_batches
+
+        fingerprint = {"model": str(getattr(model, "lowbit_source", type(model).__name__)),
+                       "recipe": [{"method": m.name, **asdict(m)} for m in methods],
+                       "calibration_sha256": fingerprint_batches(batches), "skip": list(skip),
+                       "include_lm_head": include_lm_head, "first_last_bits": first_last_bits, "kernel": kernel,
+                       "torch": torch.__version__}  # fmt: skip
+        progress_record = Progress(checkpoint_dir, fingerprint, resume)
+        if progress and progress_record.done:
+            print(f"lowbit: resuming after {progress_record.done} finished units ({checkpoint_dir})", file=sys.stderr)
+    try:
+        coverage = run(model, adapter, methods, targets, batches, _default_device(device), first_last_bits,
+                       progress, kernel, progress_record)  # fmt: skip
+    except BaseException:
+        if progress_record is not None:
+            progress_record.release()  # the finished units stay for --resume
+        raise
+    model.lowbit_progress = progress_record
     model.lowbit_coverage = coverage
     model.lowbit_recipe = [{"method": m.name, **asdict(m)} for m in methods]
     model.lowbit_family = adapter.family

@@ -96,10 +96,13 @@ def quantize(
     seed: int = typer.Option(0, help="calibration sampling seed"),
     skip: list[str] = typer.Option([], "--skip", help="glob of module names to keep in full precision (repeatable; default: none)"),
     include_lm_head: bool = typer.Option(False, "--include-lm-head", help="quantize the output projection too (default: kept in full precision)"),
+    resume: bool = typer.Option(False, "--resume", help="continue a run that was interrupted (it records each "
+                                "finished unit beside --out until the checkpoint is written)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
 ):
     """Quantize MODEL (any family) and write a lowbit checkpoint to --out."""
     import lowbit
+    from lowbit.engine.checkpoint import progress_dir_for
     from lowbit.io.native import check_output_dir
     from lowbit.methods import check_recipe, load_recipe, parse_recipe
     from lowbit.models.adapters import adapter_for
@@ -132,8 +135,10 @@ def quantize(
         target, overrides = (recipe, {}) if recipe_file else (method, {k: v for k, v in config.items() if v is not None})
         flb = "auto" if first_last_bits is None else (first_last_bits or None)
         lowbit.quantize(net, target, calib=data, skip=skip, include_lm_head=include_lm_head,
-                        first_last_bits=flb, progress=not as_json, **overrides)  # fmt: skip
+                        first_last_bits=flb, progress=not as_json, checkpoint_dir=progress_dir_for(out),
+                        resume=resume, **overrides)  # fmt: skip
         lowbit.save(net, out, tokenizer=tokenizer)
+        net.lowbit_progress.finish()
     except USER_ERRORS as e:
         _fail(e)
     cov = net.lowbit_coverage
@@ -216,6 +221,28 @@ def _load_any(model: str):
             tokenizer = None
         return net, tokenizer
     return _load_model(model)
+
+
+@app.command()
+def plan(
+    model: str = typer.Argument(..., help="model directory (config.json and its weight files) or alias"),
+    method: str = typer.Option("rtn", help="method or recipe, as for quantize"),
+    bits: int = typer.Option(4, help="weight bits"),
+    group_size: int = typer.Option(128, help="group size; -1 for per-channel"),
+    nsamples: int = typer.Option(128, help="calibration windows"),
+    seqlen: int = typer.Option(512, help="tokens per calibration window"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
+):
+    """Before any work: the peak memory, disk and estimated time of quantizing MODEL, from its config and
+    the headers of its weight files (example: lowbit plan stories260K --method gptq)."""
+    from lowbit.plan import make_plan
+
+    try:
+        _quiet_transformers()
+        result = make_plan(model, method, bits, group_size, nsamples, seqlen)
+    except USER_ERRORS as e:
+        _fail(e)
+    _emit(result.to_dict(), as_json, result.describe())
 
 
 @app.command("eval")

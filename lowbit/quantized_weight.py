@@ -35,6 +35,17 @@ def check_finite(w: torch.Tensor, name: str = "weight") -> None:
         )
 
 
+def _check_scale_shape(scale: torch.Tensor, shape: tuple, fmt: WeightFormat, what: str) -> None:
+    """Integer scales are ``[out, ngroups]`` of the matrix view: anything else is a corrupted file."""
+    if fmt.kind != "int":
+        return
+    rows, k = matrix_shape_of(shape)
+    want = (rows, integer.num_groups(k, fmt.group_size))
+    if tuple(scale.shape) != want:
+        raise ValueError(f"{what} are {list(scale.shape)}; {list(want)} were expected for a weight of shape "
+                         f"{list(shape)} in groups of {fmt.group_size}")  # fmt: skip
+
+
 @dataclass
 class QuantizedWeight:
     """Packed codes + scales (+ integer zero points) + format + original shape.
@@ -87,6 +98,9 @@ class QuantizedWeight:
         storage = torch.float16 if fp16_ok else torch.float32
         if fmt.has_zero and zero is None:
             raise ValueError(f"{fmt.describe()} needs zero points")
+        _check_scale_shape(scale, shape, fmt, "the scales")
+        if zero is not None and fmt.has_zero and tuple(zero.shape) != tuple(scale.shape):
+            raise ValueError(f"zero points of shape {list(zero.shape)} do not match the scales' {list(scale.shape)}")
         return cls(
             packed=packing.pack(codes.cpu(), fmt.bits),
             scale=scale.detach().to(storage).cpu().contiguous(),
@@ -177,6 +191,7 @@ class QuantizedWeight:
         shape = tuple(int(d) for d in shape)
         matrix_shape_of(shape)  # refuses 0-D / 1-D shapes with a message
         scale = tensors[f"{prefix}.scales"]
+        _check_scale_shape(scale, shape, fmt, f"{prefix}.scales")
         zero = None
         if fmt.has_zero:
             zero = packing.unpack(tensors[f"{prefix}.qzeros"], fmt.bits, scale.numel())

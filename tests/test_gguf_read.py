@@ -10,8 +10,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lowbit.io.gguf_read import QTYPES, GGUFError, GGUFFile, dequantize, load_gguf_model
 from lowbit.models import load_pretrained
+from lowbit.models.gguf import QTYPES, GGUFError, GGUFFile, dequantize, load_gguf_model
 
 gguf = pytest.importorskip("gguf", reason="pip install gguf: the reference dequantization")
 FUZZ_EXAMPLES = int(os.environ.get("LOWBIT_FUZZ_EXAMPLES", "300"))  # raise it for a longer hunt

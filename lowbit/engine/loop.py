@@ -27,8 +27,12 @@ from lowbit.nn.quantizers import ActQuantizer
 
 
 def run(model: nn.Module, adapter: Adapter, methods: list, targets: list[Target], batches: list | None,
-        device: torch.device, first_last_bits: int | None, progress: bool, kernel: str = "auto") -> Coverage:  # fmt: skip
-    """Quantize ``model`` in place with the recipe ``methods`` (transforms, then the quantizer)."""
+        device: torch.device, first_last_bits: int | None, progress: bool, kernel: str = "auto",
+        checkpoint=None) -> Coverage:  # fmt: skip
+    """Quantize ``model`` in place with the recipe ``methods`` (transforms, then the quantizer).
+
+    ``checkpoint``: a ``lowbit.engine.checkpoint.Progress``; each finished unit is recorded there,
+    and the units it already holds are restored instead of recomputed."""
     quantizer = methods[-1]
     todo = [t for t in targets if t.skip is None]
     for m in methods:
@@ -46,6 +50,8 @@ def run(model: nn.Module, adapter: Adapter, methods: list, targets: list[Target]
         has_work = any(isinstance(m, (QModule, QSite)) for n in spec.modules for m in model.get_submodule(n).modules())
         if not has_work and not upcoming:
             prev_q = prev_fp = None
+            if checkpoint is not None and i >= checkpoint.done:
+                checkpoint.save(i, model, [], [])
             continue
         home = _device_of(model, spec)
         for n in spec.modules:
@@ -57,11 +63,18 @@ def run(model: nn.Module, adapter: Adapter, methods: list, targets: list[Target]
                 float_inputs = prev_fp if spec.follows and prev_fp is not None else _capture_float(model, spec,
                                                                                               batches, device)
         unit = Unit(model, spec, adapter, inputs, float_inputs)
-        if has_work:
+        if checkpoint is not None and i < checkpoint.done:
+            unit.log = checkpoint.restore(i, model)  # finished before the interruption
+            model.lowbit_log.extend({"unit": spec.name, **entry} for entry in unit.log)
+        elif has_work:
             for m in methods:
                 m.transform(unit, quantizer)
             quantizer.quantize(unit)
             model.lowbit_log.extend({"unit": spec.name, **entry} for entry in unit.log)
+            if checkpoint is not None:
+                checkpoint.save(i, model, spec.modules, unit.log)
+        elif checkpoint is not None:
+            checkpoint.save(i, model, [], [])
         if upcoming and inputs is not None:
             prev_q = advance(unit.outputs(), inputs)
             prev_fp = advance(unit.float_outputs(), float_inputs) if needs_float else None

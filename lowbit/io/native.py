@@ -135,9 +135,13 @@ def atomic_directory(out_dir: str | os.PathLike):
     try:
         yield tmp
         make_ordinary(tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
+        try:
+            if out.exists():
+                out.rmdir()
+            os.replace(tmp, out)
+        except OSError:  # another process put a directory there meanwhile: keep its, write nothing
+            raise FileExistsError(f"{out} was written by another process while this one ran; nothing of this "
+                                  "run was written") from None  # fmt: skip
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -194,11 +198,10 @@ def read_quantization_config(path: str | os.PathLike) -> dict:
 
 
 def _skeleton(path: Path) -> nn.Module:
+    import transformers
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     from lowbit.models.loading import is_causal_lm
-
-    import transformers
 
     config = AutoConfig.from_pretrained(str(path))
     # the class that wrote the checkpoint (a classification head included), else the auto class
@@ -238,12 +241,39 @@ def _restore_structure(model: nn.Module, structure: dict, tensors: dict) -> set[
     return used
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, with the directory and the problem."""
+
+
 def load(path: str | os.PathLike, model: nn.Module | None = None, kernel: str = "auto") -> nn.Module:
     """Load a lowbit checkpoint, or a GPTQ-layout or compressed-tensors one another toolkit wrote.
 
     Transformers models are rebuilt from ``config.json``; any other module needs
-    its unquantized skeleton passed as ``model``."""
+    its unquantized skeleton passed as ``model``. A broken checkpoint (a truncated or
+    corrupted file, a tensor missing or of the wrong shape, a config that is not JSON,
+    NaN, Inf or zero scales) raises one ``CheckpointError`` naming the directory and the problem."""
+    from safetensors import SafetensorError
+
     path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    try:
+        loaded = _load(path, model, kernel)
+    except (CheckpointError, FileNotFoundError, ImportError):
+        raise
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, RuntimeError, OSError, SafetensorError) as e:
+        what = str(e).replace(str(path), "").strip(" :") or type(e).__name__
+        raise CheckpointError(f"{path}: cannot read this checkpoint ({type(e).__name__}: {what})") from e
+    for name, m in loaded.named_modules():
+        qw = getattr(m, "quantized_weight", None)
+        if isinstance(qw, QuantizedWeight):
+            scale = qw.scale.float()
+            if not bool(torch.isfinite(scale).all()) or bool((scale == 0).any()):
+                raise CheckpointError(f"{path}: {name} holds NaN, Inf or zero scales; the file is corrupted")
+    return loaded
+
+
+def _load(path: Path, model: nn.Module | None, kernel: str) -> nn.Module:
     qc = read_quantization_config(path)
     if qc.get("quant_method") == "gptq":
         from lowbit.io.gptq_layout import load_gptq

@@ -64,11 +64,11 @@ def load_pretrained(name: str) -> tuple[nn.Module, object | None]:
     """``(model, tokenizer)`` in fp32 and eval mode; the tokenizer is ``None`` if there is none.
 
     A GGUF file, or a directory whose only weights are one GGUF file, is read by lowbit's own
-    reader (``lowbit.io.gguf_read``: memory-mapped, dequantized exactly as the ``gguf`` package
+    reader (``lowbit.models.gguf``: memory-mapped, dequantized exactly as the ``gguf`` package
     does) for Llama-architecture files; other architectures go through transformers' converter."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    from lowbit.io.gguf_read import SUPPORTED_ARCHS, find_gguf, load_gguf_model
+    from lowbit.models.gguf import SUPPORTED_ARCHS, find_gguf, load_gguf_model
 
     if name.endswith(".gguf") and Path(name).expanduser().is_file():
         model = load_gguf_model(Path(name).expanduser())

@@ -235,11 +235,20 @@ def load_resnet_cifar(path: str | os.PathLike, trust_pickle: bool = False) -> Re
         p = p / "model.safetensors"
         if not p.is_file():
             raise FileNotFoundError(f"{path} is a directory without model.safetensors; save with save_resnet_cifar")
-    if p.suffix == ".safetensors":
-        state = load_file(p)
-    else:
-        state = converted_pickle(p, trust_pickle)
-    model = model_from_state(state, depth)
+    try:
+        state = load_file(p) if p.suffix == ".safetensors" else converted_pickle(p, trust_pickle)
+    except (ValueError, FileNotFoundError) as e:
+        if str(p) in str(e):
+            raise
+        raise ValueError(f"{p}: {e}") from e
+    except Exception as e:  # whatever a corrupted zip / pickle / safetensors file makes the parsers raise
+        raise ValueError(f"{p}: cannot read this checkpoint, truncated or corrupted ({type(e).__name__}: {e})") from e
+    try:
+        model = model_from_state(state, depth)
+    except ValueError as e:
+        raise ValueError(f"{p}: {e}") from e
+    except (RuntimeError, KeyError, IndexError, TypeError, AttributeError) as e:
+        raise ValueError(f"{p}: its tensors do not make a CIFAR ResNet ({type(e).__name__}: {e})") from e
     model.lowbit_source = str(path)
     return model
 
