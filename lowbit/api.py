@@ -11,6 +11,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
+from lowbit.engine import distributed
 from lowbit.engine.loop import run
 from lowbit.methods import MethodConfig, check_recipe, parse_recipe
 from lowbit.models.adapters import adapter_for, plan
@@ -87,6 +88,9 @@ def quantize(
     if needs_data and given is None:
         _calibration_batches(None, tokenizer, nsamples, seqlen, seed, batch_size)  # says what to pass
     batches = given if needs_data else None
+    if distributed.active() and batches is not None:  # torchrun: this process's share of the calibration data
+        distributed.check_methods(methods)
+        batches = distributed.shard(batches)
     model.eval()
     notes = adapter.prepare(model, _example(given))  # calibration data, even unused, checks BatchNorm folding
     targets = plan(model, skip=skip, include_lm_head=include_lm_head, adapter=adapter)

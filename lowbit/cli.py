@@ -107,8 +107,14 @@ def quantize(
     from lowbit.methods import check_recipe, load_recipe, parse_recipe
     from lowbit.models.adapters import adapter_for
 
+    from lowbit.engine import distributed
+
     try:
-        check_output_dir(out)
+        rank, world_size = distributed.init_from_env()  # under torchrun: data-parallel calibration
+        if rank == 0:
+            check_output_dir(out)
+        if world_size > 1 and resume:
+            raise ValueError("--resume is for one process; data-parallel runs (torchrun) do not record progress yet")
         config = dict(bits=bits, group_size=group_size, symmetric=sym, format=fmt, mse=mse, act_bits=act_bits,
                       act_granularity=act_granularity, act_dynamic=act_dynamic, act_symmetric=act_sym,
                       act_observer=act_observer, iters=iters, seed=seed)  # fmt: skip
@@ -135,10 +141,16 @@ def quantize(
         target, overrides = (recipe, {}) if recipe_file else (method, {k: v for k, v in config.items() if v is not None})
         flb = "auto" if first_last_bits is None else (first_last_bits or None)
         lowbit.quantize(net, target, calib=data, skip=skip, include_lm_head=include_lm_head,
-                        first_last_bits=flb, progress=not as_json, checkpoint_dir=progress_dir_for(out),
-                        resume=resume, **overrides)  # fmt: skip
+                        first_last_bits=flb, progress=not as_json and rank == 0,
+                        checkpoint_dir=progress_dir_for(out) if world_size == 1 else None, resume=resume,
+                        **overrides)  # fmt: skip
+        if rank != 0:  # every rank holds the same decisions; rank 0 writes
+            distributed.barrier()
+            return
         lowbit.save(net, out, tokenizer=tokenizer)
-        net.lowbit_progress.finish()
+        if net.lowbit_progress is not None:
+            net.lowbit_progress.finish()
+        distributed.barrier()
     except USER_ERRORS as e:
         _fail(e)
     cov = net.lowbit_coverage

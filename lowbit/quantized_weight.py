@@ -41,7 +41,8 @@ def _check_scale_shape(scale: torch.Tensor, shape: tuple, fmt: WeightFormat, wha
         return
     rows, k = matrix_shape_of(shape)
     want = (rows, integer.num_groups(k, fmt.group_size))
-    if tuple(scale.shape) != want:
+    per_tensor = fmt.group_size is None and tuple(scale.shape) == (1, 1)  # one scale for the whole tensor
+    if tuple(scale.shape) != want and not per_tensor:
         raise ValueError(f"{what} are {list(scale.shape)}; {list(want)} were expected for a weight of shape "
                          f"{list(shape)} in groups of {fmt.group_size}")  # fmt: skip
 

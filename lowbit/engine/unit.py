@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from lowbit.engine import distributed
 from lowbit.engine.capture import ChildReplay, Inputs, StopForward, first_output
 from lowbit.models.adapters import Adapter, UnitSpec
 from lowbit.nn.qmodule import QModule, QSite, set_quantization
@@ -85,9 +86,7 @@ class Unit:
                 out = m(*args, **(kwargs or {}))
             else:
                 x = first_output(out)
-                if x.dim() > 2 and isinstance(m, QModule) and m.kind == "linear":
-                    x = torch.flatten(x, 1)
-                elif x.dim() > 2 and isinstance(m, nn.Linear):
+                if x.dim() > 2 and isinstance(m, QModule) and m.kind == "linear" or x.dim() > 2 and isinstance(m, nn.Linear):
                     x = torch.flatten(x, 1)
                 out = m(x)
         return first_output(out)
@@ -234,12 +233,31 @@ class Unit:
         finally:
             for h in hooks:
                 h.remove()
+        if distributed.active():  # data-parallel calibration: every rank's statistics, combined
+            distributed.reduce_stats(stats)
+            seen_acts = {f"{i}:{name}": q.stats for i, (name, q) in enumerate(observers) if q.stats is not None}
+            distributed.reduce_stats(seen_acts)
+            for i, (name, q) in enumerate(observers):
+                q.stats = seen_acts.get(f"{i}:{name}")
         for name, q in observers:
             try:
                 q.finish_observing()
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
         return stats
+
+    def owned(self, names: list[str]) -> set[str]:
+        """The quantized modules among ``names`` this process decides: all of them in one process;
+        under data-parallel calibration each rank takes a share (balanced by the layers' sizes) and
+        ``share_decisions`` hands every rank the others' codes."""
+        return distributed.owned(names, lambda n: self.get(n).weight.numel() * self.get(n).weight.shape[-1]
+                                 if hasattr(self.get(n), "weight_q") else 0)  # fmt: skip
+
+    def share_decisions(self, names: list[str]) -> None:
+        """Every rank receives the codes the owner of each module in ``names`` decided."""
+        if distributed.active():
+            distributed.share_weights({n: self.get(n) for n in names if hasattr(self.get(n), "weight_q")},
+                                      self.owned(names))  # fmt: skip
 
     def _site_hooks(self, name, site: QSite, observers, done, acts: bool):
         ins = [q for q in site.input_q if q.observes] if acts else []

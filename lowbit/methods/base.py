@@ -133,10 +133,12 @@ class MethodConfig:
         for group in groups:
             hessian = self.uses_hessian and unit.inputs is not None
             stats = unit.stats(group, hessian=hessian, weights=self.needs_calibration) if unit.inputs else {}
+            mine = unit.owned(group)  # all of them, but under data-parallel calibration
             for name in group:
                 m = unit.get(name)
-                if hasattr(m, "weight_q"):
+                if hasattr(m, "weight_q") and name in mine:
                     self.quantize_module(m, stats.get(name))
+            unit.share_decisions(group)
             unit.changed(group)
 
     def quantize_module(self, qm, stats) -> None:
