@@ -193,7 +193,7 @@ def restore_unit_state(model: nn.Module, tensors: dict[str, torch.Tensor], info:
                                                        tuple(fixed["shape"]))  # fmt: skip
     for key, t in tensors.items():
         owner, _, attr = key.rpartition(".")
-        if owner.endswith(".fixed") or owner in ("fixed",):
+        if owner.endswith(".fixed"):  # a quantizer's codes, restored with it above
             continue
         m = model.get_submodule(owner)
         current = getattr(m, attr, None)

@@ -77,7 +77,7 @@ def _gather(obj) -> list:
     return out
 
 
-def reduce_stats(stats: dict[str, InputStats], widths: dict[str, tuple[int, bool, int]] | None = None) -> None:
+def reduce_stats(stats: dict[str, InputStats]) -> None:
     """Combine every rank's ``stats`` in place (each name the same on every rank afterwards).
 
     A rank that saw no row of a layer (an MoE expert no token of its share reached)

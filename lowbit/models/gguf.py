@@ -416,12 +416,16 @@ def llama_config_from_gguf(g: GGUFFile):
     )
 
 
-def gguf_state_dict(g: GGUFFile, config) -> dict[str, torch.Tensor]:
-    """Every tensor of a Llama GGUF file dequantized under its transformers name."""
+def gguf_state_dict(g: GGUFFile, config, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Every tensor of a Llama GGUF file dequantized under its transformers name (with a progress
+    bar for files past 1 GiB)."""
+    from tqdm.auto import tqdm
+
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     out = {}
-    for name in g.tensors:
+    for name in tqdm(g.tensors, desc=f"reading {Path(g.path).name}", unit="tensor",
+                     disable=not progress or g.size < 1 << 30):  # fmt: skip
         hf = gguf_to_hf_name(name)
         if hf is None:
             raise GGUFError(f"{g.path}: tensor {name} has no place in a Llama model")
