@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _EXPORTS = {
     "quantize": "lowbit.api",
+    "quantize_to_disk": "lowbit.api",
     "Coverage": "lowbit.coverage",
     "WeightFormat": "lowbit.formats.spec",
     "load": "lowbit.io.native",

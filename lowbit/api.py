@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -43,6 +44,7 @@ def quantize(
     progress: bool = True,
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
+    onload=None,
     **config,
 ) -> nn.Module:
     """Quantize ``model`` in place and return it: any ``nn.Module`` (a language model, an encoder,
@@ -67,6 +69,8 @@ def quantize(
     run interrupted at any moment continues from its last finished unit and ends bit-identical
     to an uninterrupted one. The record stays until ``model.lowbit_progress.finish()`` (the CLI
     calls it once the checkpoint is written).
+
+    ``onload``: used by ``quantize_to_disk`` (a model larger than memory, read and written unit by unit).
     """
     start = time.perf_counter()
     adapter = adapter_for(model)
@@ -98,7 +102,7 @@ def quantize(
     if not todo and not any(t.skip == "already quantized" for t in targets):
         raise ValueError(f"{type(model).__name__} holds no layer lowbit can quantize (linears or convs)")
     for t in todo:
-        if op_kind(t.module) is not None:
+        if op_kind(t.module) is not None and onload is None:  # onloading checks each unit as it reads it
             check_finite(t.module.weight.detach(), f"{t.name}.weight")
     if first_last_bits == "auto":
         first_last_bits = FAMILY_FIRST_LAST_BITS.get(adapter.family)
@@ -114,9 +118,11 @@ def quantize(
         progress_record = Progress(checkpoint_dir, fingerprint, resume)
         if progress and progress_record.done:
             print(f"lowbit: resuming after {progress_record.done} finished units ({checkpoint_dir})", file=sys.stderr)
+    if onload is not None:
+        onload.device = _default_device(device)
     try:
         coverage = run(model, adapter, methods, targets, batches, _default_device(device), first_last_bits,
-                       progress, kernel, progress_record)  # fmt: skip
+                       progress, kernel, progress_record, onload)  # fmt: skip
     except BaseException:
         if progress_record is not None:
             progress_record.release()  # the finished units stay for --resume
@@ -128,6 +134,45 @@ def quantize(
     model.lowbit_notes = notes
     model.lowbit_seconds = time.perf_counter() - start
     return model
+
+
+def quantize_to_disk(
+    model: str | os.PathLike,
+    method_or_recipe: str | MethodConfig | list = "rtn",
+    *,
+    out: str | os.PathLike,
+    tokenizer=None,
+    spill_activations: bool = False,
+    device: str | torch.device | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Quantize the model in directory ``model`` (safetensors files) into the lowbit checkpoint
+    ``out`` without ever holding the whole model: each unit is read from the source shards when
+    the engine reaches it and written to its own output shard when finished (sequential
+    onloading, ``lowbit.engine.onload``). Peak memory is about the largest unit in fp32 plus the
+    calibration activations (one batch of them with ``spill_activations``, which keeps them in
+    files beside ``out``) plus a fixed overhead.
+
+    The checkpoint equals what ``quantize`` then ``save`` write for the same model and recipe
+    (``lowbit.load`` reads it). ``kwargs`` are ``quantize``'s (``calib``, ``checkpoint_dir`` and
+    ``resume`` included). Returns the model skeleton (parameters on ``meta``) carrying the
+    coverage report, recipe and timings."""
+    from lowbit.engine.onload import Onload, WeightSource, empty_model
+    from lowbit.io.native import atomic_directory
+    from lowbit.models.loading import resolve_model_path
+
+    model = resolve_model_path(str(model))
+    source = WeightSource(model)
+    net = empty_model(model)
+    out = Path(out)
+    with atomic_directory(out) as tmp:
+        onload = Onload(net, source, tmp, device, spill_dir=out.parent if spill_activations else None)
+        try:
+            quantize(net, method_or_recipe, tokenizer=tokenizer, device=device, onload=onload, **kwargs)
+            onload.close(net, tokenizer)
+        finally:
+            onload.cleanup()
+    return net
 
 
 def _example(batches):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -98,16 +99,20 @@ def quantize(
     include_lm_head: bool = typer.Option(False, "--include-lm-head", help="quantize the output projection too (default: kept in full precision)"),
     resume: bool = typer.Option(False, "--resume", help="continue a run that was interrupted (it records each "
                                 "finished unit beside --out until the checkpoint is written)"),
+    onload: bool = typer.Option(False, "--onload", help="a model larger than memory: read each unit from the "
+                                "safetensors files when reached, write it to its own output shard when done "
+                                "(lowbit plan says when it is needed)"),
+    spill_activations: bool = typer.Option(False, "--spill-activations", help="with --onload: keep the calibration "
+                                           "activations between units in files beside --out, one batch in memory"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
 ):
     """Quantize MODEL (any family) and write a lowbit checkpoint to --out."""
     import lowbit
+    from lowbit.engine import distributed
     from lowbit.engine.checkpoint import progress_dir_for
     from lowbit.io.native import check_output_dir
     from lowbit.methods import check_recipe, load_recipe, parse_recipe
     from lowbit.models.adapters import adapter_for
-
-    from lowbit.engine import distributed
 
     try:
         rank, world_size = distributed.init_from_env()  # under torchrun: data-parallel calibration
@@ -128,7 +133,11 @@ def quantize(
         if calib is not None and not calib.exists():
             raise FileNotFoundError(f"calibration data {calib} does not exist")
         _quiet_transformers()
-        net, tokenizer = _load_model(model)
+        if spill_activations and not onload:
+            raise ValueError("--spill-activations goes with --onload")
+        if onload and world_size > 1:
+            raise ValueError("--onload is for one process; data-parallel runs (torchrun) hold the model in memory")
+        net, tokenizer = _onload_skeleton(model) if onload else _load_model(model)
         family = adapter_for(net).family
         recipe = [m.for_family(family) for m in recipe]  # e.g. static activations for vision models
         needs_data = any(m.needs_calibration for m in recipe) or recipe[-1].static_activations
@@ -140,14 +149,19 @@ def quantize(
         # by name, so that the model family fills what the flags leave unset (as the Python API does)
         target, overrides = (recipe, {}) if recipe_file else (method, {k: v for k, v in config.items() if v is not None})
         flb = "auto" if first_last_bits is None else (first_last_bits or None)
-        lowbit.quantize(net, target, calib=data, skip=skip, include_lm_head=include_lm_head,
-                        first_last_bits=flb, progress=not as_json and rank == 0,
-                        checkpoint_dir=progress_dir_for(out) if world_size == 1 else None, resume=resume,
-                        **overrides)  # fmt: skip
+        common = dict(calib=data, skip=skip, include_lm_head=include_lm_head, first_last_bits=flb,
+                      progress=not as_json and rank == 0, resume=resume,
+                      checkpoint_dir=progress_dir_for(out) if world_size == 1 else None)  # fmt: skip
+        if onload:  # written unit by unit as it runs
+            net = lowbit.quantize_to_disk(model, target, out=out, tokenizer=tokenizer,
+                                          spill_activations=spill_activations, **common, **overrides)  # fmt: skip
+        else:
+            lowbit.quantize(net, target, **common, **overrides)
         if rank != 0:  # every rank holds the same decisions; rank 0 writes
             distributed.barrier()
             return
-        lowbit.save(net, out, tokenizer=tokenizer)
+        if not onload:
+            lowbit.save(net, out, tokenizer=tokenizer)
         if net.lowbit_progress is not None:
             net.lowbit_progress.finish()
         distributed.barrier()
@@ -185,9 +199,35 @@ def _load_model(model: str):
     return load_model(model)
 
 
+def _onload_skeleton(model: str):
+    """The model of directory ``model`` with its parameters on ``meta``, and its tokenizer (``--onload``)."""
+    from transformers import AutoTokenizer
+
+    from lowbit.engine.onload import empty_model
+    from lowbit.models.loading import resolve_model_path
+
+    path = resolve_model_path(model)
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"--onload reads a local model directory of safetensors files; {model} is not one")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        tokenizer = None
+    return empty_model(path), tokenizer
+
+
 def _calibration(net, tokenizer, path: Path, nsamples, seqlen: int, seed: int):
-    """Token windows from a text file for language models, images for vision models."""
+    """Token windows from a text file (or pre-tokenized ``input_ids [n, seqlen]`` in a safetensors
+    file) for language models, images for vision models."""
     from lowbit.models.adapters import adapter_for
+
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        ids = load_file(str(path)).get("input_ids")
+        if ids is None or ids.dim() != 2 or ids.is_floating_point():
+            raise ValueError(f"{path}: pre-tokenized calibration is an integer tensor input_ids [n, seqlen]")
+        return ids[: nsamples or len(ids)].long()
 
     if adapter_for(net).family in ("cnn", "vit") or _is_image_data(path):
         from lowbit.data.cifar10 import load_cifar10
@@ -267,6 +307,10 @@ def evaluate(
     limit: Optional[int] = typer.Option(None, "--limit", help="cifar10: a class-balanced subset of this many images"),
     seqlen: int = typer.Option(512, help="tokens per chunk"),
     batch_size: int = typer.Option(8, "--batch-size", help="chunks per forward pass"),
+    onload: bool = typer.Option(False, "--onload", help="perplexity of a model larger than memory: one block at "
+                                "a time from its safetensors files (the same number as without)"),
+    spill_activations: bool = typer.Option(False, "--spill-activations", help="with --onload: the hidden states "
+                                           "between blocks in temporary files"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
 ):
     """Evaluate MODEL: perplexity of a text file (non-overlapping --seqlen chunks) for a language
@@ -277,7 +321,24 @@ def evaluate(
     try:
         if ppl is None and cifar10 is None:
             raise ValueError("nothing to evaluate; pass --ppl TEXTFILE (language models) or --cifar10 PATH (vision)")
-        if cifar10 is not None:
+        if (onload or spill_activations) and (cifar10 is not None or not onload):
+            raise ValueError("--onload evaluates perplexity (--ppl); --spill-activations goes with --onload")
+        if onload:
+            from transformers import AutoTokenizer
+
+            from lowbit.eval.perplexity import streamed_perplexity
+            from lowbit.models.loading import resolve_model_path
+
+            _quiet_transformers()
+            text = read_text(ppl)
+            path = resolve_model_path(model)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(path)
+            except (OSError, ValueError):
+                raise ValueError(f"{model} has no tokenizer; perplexity needs one") from None
+            result = streamed_perplexity(path, tokenizer, text, seqlen, batch_size, progress=not as_json,
+                                         spill_dir=tempfile.gettempdir() if spill_activations else None)  # fmt: skip
+        elif cifar10 is not None:
             if not cifar10.exists():
                 raise FileNotFoundError(f"CIFAR-10 images {cifar10} do not exist")
             result = _eval_cifar(model, cifar10, limit, as_json)
@@ -396,6 +457,8 @@ def export(
     fmt: str = typer.Option(..., "--format", help="target layout: compressed-tensors, gptq, gguf or onnx"),
     out: Path = typer.Option(..., "--out", help="directory to write (a .gguf file for gguf); must not exist"),
     gguf_type: str = typer.Option("q4_0", "--type", help="gguf only: f32, q8_0, q4_0 or q4_1"),
+    onload: bool = typer.Option(False, "--onload", help="compressed-tensors only: a checkpoint larger than memory, "
+                                "converted one block at a time"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
 ):
     """Write a checkpoint in a layout other runtimes load."""
@@ -409,9 +472,15 @@ def export(
         if not path.is_dir():
             raise FileNotFoundError(f"{path} is not a directory")
         _quiet_transformers()
-        net, tokenizer = _load_any(str(path))
         report = None
-        if fmt == "gguf":
+        if onload and fmt != "compressed-tensors":
+            raise ValueError(f"--onload exports compressed-tensors; {fmt} export holds the model in memory")
+        net, tokenizer = (None, None) if onload else _load_any(str(path))
+        if onload:
+            from lowbit.io.compressed_tensors import export_compressed_tensors_streamed
+
+            export_compressed_tensors_streamed(path, out)
+        elif fmt == "gguf":
             from lowbit.io.gguf_export import export_gguf
 
             report = export_gguf(net, out, path, gguf_type)

@@ -53,6 +53,9 @@ class Plan:
     gflops: float = 0.0
     machine_memory_bytes: int | None = None
     fits: bool | None = None
+    onload_peak_memory_bytes: int = 0
+    onload_memory_parts: dict = field(default_factory=dict)
+    onload_fits: bool | None = None
     assumptions: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -69,12 +72,16 @@ class Plan:
             f"peak memory  ~{gib(self.peak_memory_bytes)}  ("
             + ", ".join(f"{k} {gib(v)}" for k, v in self.memory_parts.items()) + ")",
             (f"disk         checkpoint ~{gib(self.checkpoint_bytes)}; resume record up to "
-             f"~{gib(self.resume_record_bytes)} while it runs"),
+             f"~{gib(self.resume_record_bytes)} while it runs (with --onload about the checkpoint's size: "
+             "what was read unchanged is read again on resume)"),
             f"time         ~{_duration(self.estimated_seconds)} at {self.gflops:.0f} GFLOP/s (measured GEMM rate)",
         ]
+        lines.insert(2, f"with --onload ~{gib(self.onload_peak_memory_bytes)}  ("
+                     + ", ".join(f"{k} {gib(v)}" for k, v in self.onload_memory_parts.items()) + ")")
         if self.machine_memory_bytes:
             verdict = "fits" if self.fits else "does NOT fit"
-            lines.append(f"this machine {gib(self.machine_memory_bytes)} of memory: the run {verdict}")
+            lines.append(f"this machine {gib(self.machine_memory_bytes)} of memory: the run {verdict} in memory; "
+                         f"with --onload it {'fits' if self.onload_fits else 'does NOT fit'}")
         lines += [f"  assumed: {a}" for a in self.assumptions]
         return "\n".join(lines)
 
@@ -175,11 +182,23 @@ def make_plan(model: str, method: str = "rtn", bits: int = 4, group_size: int = 
     inter = getattr(cfg, "intermediate_size", None) or 4 * hidden
     heads = getattr(cfg, "num_attention_heads", 1) or 1
     work = batch_size * seqlen * (3 * inter + 6 * hidden) * 4 + batch_size * heads * seqlen * seqlen * 4
-    hess = max((sum(m.in_features**2 * 4 for m in unit_linears(u)) for u in units), default=0) if hessian else 0
+    hess = 0
+    if hessian:  # every linear's Hessian, and the solve of the widest: its copy, inverse and Cholesky factors + W
+        hess = max((sum(m.in_features**2 * 4 for m in unit_linears(u))
+                    + max((3 * m.in_features**2 * 4 + 2 * m.weight.numel() * 4 for m in unit_linears(u)), default=0)
+                    for u in units), default=0)  # fmt: skip
     acts = tokens * hidden * 4 * 2 * (2 if method.lower() in ("adaround", "brecq", "qdrop") else 1) if needs_data else 0
     parts = {"fp32 model": total * 4, "calibration activations": acts, "largest unit's work": work + hess,
              "overhead": OVERHEAD}  # fmt: skip
     peak = sum(parts.values())
+    quantizing = [t.name for t in targets if t.skip is None]
+    units_inside = tuple(n + "." for u in units for n in u.modules
+                         if any(q == n or q.startswith(n + ".") for q in quantizing))  # fmt: skip
+    outside = max((p.numel() for n, p in net.named_parameters() if not n.startswith(units_inside)), default=0)
+    batch_acts = batch_size * seqlen * hidden * 4 * 2 if needs_data else 0
+    onload_parts = {"largest unit in fp32": unit_params(largest) * 4, "embedding while capturing": outside * 4,
+                    "calibration activations": acts, "largest unit's work": work + hess, "overhead": OVERHEAD}
+    onload_spilled = {**onload_parts, "calibration activations": batch_acts}
 
     bpw = bits + (16 + bits) / group_size if group_size > 0 else bits + 32 / 4096
     checkpoint = int(quantized * bpw / 8 + (total - quantized) * 4)
@@ -202,7 +221,8 @@ def make_plan(model: str, method: str = "rtn", bits: int = 4, group_size: int = 
     assumptions = [
         f"{method}, {bits}-bit, group {group_size}; {nsamples} calibration windows of {seqlen} tokens"
         + ("" if needs_data else " (not used by rtn)"),
-        "the whole model in fp32 in memory (the engine does not yet load units from disk one at a time)",
+        "in memory: the whole model in fp32; --onload: one unit at a time from the safetensors files "
+        f"(--spill-activations: one batch of activations in memory, ~{sum(onload_spilled.values()) / GIB:.2f} GiB)",
         "time from this machine's GEMM rate; methods that train (adaround, brecq, qdrop) take longer",
     ]
     return Plan(model=str(directory), parameters=total, quantized_weights=quantized, kept_weights=total - quantized,
@@ -210,5 +230,8 @@ def make_plan(model: str, method: str = "rtn", bits: int = 4, group_size: int = 
                 peak_memory_bytes=int(peak), memory_parts={k: int(v) for k, v in parts.items()},
                 checkpoint_bytes=checkpoint, resume_record_bytes=int(record), estimated_seconds=float(seconds),
                 gflops=gflops, machine_memory_bytes=mem, fits=None if mem is None else peak < mem * 0.9,
+                onload_peak_memory_bytes=int(sum(onload_parts.values())),
+                onload_memory_parts={k: int(v) for k, v in onload_parts.items()},
+                onload_fits=None if mem is None else sum(onload_parts.values()) < mem * 0.9,
                 assumptions=assumptions)  # fmt: skip
 

@@ -110,8 +110,10 @@ class Progress:
         while (self.dir / f"unit-{self.done:05d}.json").exists():
             self.done += 1
 
-    def save(self, index: int, model: nn.Module, modules: list[str], log: list[dict]) -> None:
-        tensors, info = unit_state(model, modules)
+    def save(self, index: int, model: nn.Module, modules: list[str], log: list[dict], onload=None) -> None:
+        """Record unit ``index`` as finished. ``onload``: tensors still equal to what it read from
+        the source are not recorded (resuming reads them from there again)."""
+        tensors, info = unit_state(model, modules, onload.unchanged if onload is not None else None)
         base = self.dir / f"unit-{index:05d}"
         info["log"] = json.loads(json.dumps(log, default=str))
         info["rng"] = torch.get_rng_state().tolist()
@@ -149,13 +151,14 @@ def _members(model: nn.Module, modules: list[str]):
             yield (f"{top}.{rel}" if rel else top), m
 
 
-def unit_state(model: nn.Module, modules: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Every parameter and buffer of the unit's modules, and what its quantizers decided."""
+def unit_state(model: nn.Module, modules: list[str], unchanged=None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every parameter and buffer of the unit's modules (except those ``unchanged(key, tensor)``
+    says are as the source holds them), and what its quantizers decided."""
     tensors: dict[str, torch.Tensor] = {}
     quantizers: dict[str, dict] = {}
     for name, m in _members(model, modules):
         for key, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
-            if t is not None:
+            if t is not None and not (unchanged is not None and unchanged(f"{name}.{key}", t)):
                 tensors[f"{name}.{key}"] = t.detach().cpu().contiguous().clone()
         if isinstance(m, (WeightQuantizer, ActQuantizer)):
             attrs = {k: v for k, v in vars(m).items() if not k.startswith("_") and isinstance(v, SIMPLE)}

@@ -28,11 +28,13 @@ from lowbit.nn.quantizers import ActQuantizer
 
 def run(model: nn.Module, adapter: Adapter, methods: list, targets: list[Target], batches: list | None,
         device: torch.device, first_last_bits: int | None, progress: bool, kernel: str = "auto",
-        checkpoint=None) -> Coverage:  # fmt: skip
+        checkpoint=None, onload=None) -> Coverage:  # fmt: skip
     """Quantize ``model`` in place with the recipe ``methods`` (transforms, then the quantizer).
 
     ``checkpoint``: a ``lowbit.engine.checkpoint.Progress``; each finished unit is recorded there,
-    and the units it already holds are restored instead of recomputed."""
+    and the units it already holds are restored instead of recomputed. ``onload``: a
+    ``lowbit.engine.onload.Onload``; the model's parameters are on ``meta`` and each unit is read
+    when reached, frozen and written when finished (a model larger than memory)."""
     quantizer = methods[-1]
     todo = [t for t in targets if t.skip is None]
     for m in methods:
@@ -40,6 +42,10 @@ def run(model: nn.Module, adapter: Adapter, methods: list, targets: list[Target]
         m.prepare(model, adapter, batches)
     wrap(model, adapter, quantizer, todo, first_last_bits)
     specs = adapter.units(model)
+    records: dict[str, LayerRecord] = {}  # the units frozen as they finish (onloading)
+    if onload is not None:
+        onload.check(methods, specs)
+        onload.attach(specs)
     needs_float = any(m.needs_float_inputs for m in methods)
     prev_q = prev_fp = None
     model.lowbit_log = []  # what each method recorded per unit (searched factors, metrics, skipped layers)
@@ -53,6 +59,11 @@ def run(model: nn.Module, adapter: Adapter, methods: list, targets: list[Target]
             if checkpoint is not None and i >= checkpoint.done:
                 checkpoint.save(i, model, [], [])
             continue
+        if onload is not None:
+            if not spec.follows and batches is not None and onload.written_units:
+                raise ValueError(f"onloading: {spec.name} does not take the previous unit's output, so its "
+                                 "inputs need the whole model; quantize in memory, or skip it")  # fmt: skip
+            onload.load(spec)  # this unit's weights, read from the source now
         home = _device_of(model, spec)
         for n in spec.modules:
             model.get_submodule(n).to(device)
@@ -62,6 +73,8 @@ def run(model: nn.Module, adapter: Adapter, methods: list, targets: list[Target]
             if needs_float:
                 float_inputs = prev_fp if spec.follows and prev_fp is not None else _capture_float(model, spec,
                                                                                               batches, device)
+            if onload is not None:
+                onload.release_outside()  # the embedding a capture read
         unit = Unit(model, spec, adapter, inputs, float_inputs)
         if checkpoint is not None and i < checkpoint.done:
             unit.log = checkpoint.restore(i, model)  # finished before the interruption
@@ -72,24 +85,32 @@ def run(model: nn.Module, adapter: Adapter, methods: list, targets: list[Target]
             quantizer.quantize(unit)
             model.lowbit_log.extend({"unit": spec.name, **entry} for entry in unit.log)
             if checkpoint is not None:
-                checkpoint.save(i, model, spec.modules, unit.log)
+                checkpoint.save(i, model, spec.modules, unit.log, onload)
         elif checkpoint is not None:
             checkpoint.save(i, model, [], [])
         if upcoming and inputs is not None:
-            prev_q = advance(unit.outputs(), inputs)
-            prev_fp = advance(unit.float_outputs(), float_inputs) if needs_float else None
+            prev_q = advance(unit.outputs, inputs, onload)
+            prev_fp = advance(lambda sink=None: unit.float_outputs(on_output=sink), float_inputs, onload) \
+                if needs_float else None  # fmt: skip
         else:
             prev_q = prev_fp = None
-        for n in spec.modules:
-            model.get_submodule(n).to(home)
+        if onload is not None:  # frozen now, written to its own shard, freed
+            records.update(freeze_modules(model, spec.modules, kernel, adapter.input_sites(model)))
+            onload.write(spec)
+        else:
+            for n in spec.modules:
+                model.get_submodule(n).to(home)
     for m in methods:
         m.finetune(model, batches)
-    return freeze(model, targets, methods, kernel, adapter.input_sites(model))
+    return freeze(model, targets, methods, kernel, adapter.input_sites(model), records if onload else None)
 
 
-def advance(outputs: list[torch.Tensor], inputs: Inputs) -> Inputs:
-    """The next unit's inputs: this unit's outputs, with the same further arguments (mask, positions)."""
-    return [((out, *args[1:]), kwargs) for out, (args, kwargs) in zip(outputs, inputs)]
+def advance(outputs, inputs: Inputs, onload=None) -> Inputs:
+    """The next unit's inputs: this unit's outputs (``outputs(sink)`` computes them batch by batch),
+    with the same further arguments (mask, positions); in files when an onloaded run spills them."""
+    if onload is not None and onload.spill_root is not None:
+        return onload.spill(outputs, inputs)
+    return [((out, *args[1:]), kwargs) for out, (args, kwargs) in zip(outputs(), inputs)]
 
 
 def _device_of(model: nn.Module, spec) -> torch.device:
@@ -152,12 +173,31 @@ def _site(module: nn.Module, spec: SiteSpec, quantizer, fmt) -> QSite:
 
 
 def freeze(model: nn.Module, targets: list[Target], methods: list, kernel: str = "auto",
-           input_sites: dict[str, str] | None = None) -> Coverage:  # fmt: skip
+           input_sites: dict[str, str] | None = None, frozen: dict[str, LayerRecord] | None = None) -> Coverage:  # fmt: skip
     """Swap every ``QModule`` for its packed runtime module, fix every site's quantizers, and
     report every weight-bearing parameter. ``input_sites``: layer -> the site whose output is its
-    whole input (a conv there runs on integers, on that site's grid)."""
+    whole input (a conv there runs on integers, on that site's grid). ``frozen``: the records of
+    layers frozen already (an onloaded run freezes each unit as it finishes)."""
+    records = frozen if frozen is not None else freeze_modules(model, [""], kernel, input_sites)
+    coverage = Coverage()
+    for t in targets:
+        rec = records.get(t.name)
+        if rec is not None:
+            rec.in_block = t.in_block
+            coverage.add(rec)
+        else:
+            coverage.add(LayerRecord(t.name, type(t.module).__name__, "skipped", t.skip or "not quantized",
+                                     t.in_block, numel=t.numel))  # fmt: skip
+    return coverage
+
+
+def freeze_modules(model: nn.Module, tops: list[str], kernel: str = "auto",
+                   input_sites: dict[str, str] | None = None) -> dict[str, LayerRecord]:  # fmt: skip
+    """Freeze the ``QModule``s and sites inside the modules ``tops`` (``""``: the whole model);
+    the quantized layers' records."""
+    members = [(n, m) for top in tops for n, m in model.get_submodule(top).named_modules(prefix=top)]
     records: dict[str, LayerRecord] = {}
-    for name, m in list(model.named_modules()):
+    for name, m in members:
         if isinstance(m, QModule):
             site = (input_sites or {}).get(name)
             grid = model.get_submodule(site).output_q if site and isinstance(model.get_submodule(site), QSite) \
@@ -175,21 +215,12 @@ def freeze(model: nn.Module, targets: list[Target], methods: list, kernel: str =
                 act = f"{grid.describe()} (its input lies on {site}'s grid: {how})"
             records[name] = LayerRecord(name, m.source, "quantized", "", False, m.describe(), qw.bits_per_weight,
                                         qw.numel, m.weight_q.method, act)  # fmt: skip
-    for name, m in list(model.named_modules()):
+    for name, m in members:
         if isinstance(m, QSite):
             for i, q in enumerate(m.input_q):
                 if q.quantizes:
                     m.input_q[i] = frozen_act(q)
             if m.output_q is not None:
                 m.output_q = frozen_act(m.output_q)
-    coverage = Coverage()
-    for t in targets:
-        rec = records.get(t.name)
-        if rec is not None:
-            rec.in_block = t.in_block
-            coverage.add(rec)
-        else:
-            coverage.add(LayerRecord(t.name, type(t.module).__name__, "skipped", t.skip or "not quantized",
-                                     t.in_block, numel=t.numel))  # fmt: skip
-    return coverage
+    return records
 

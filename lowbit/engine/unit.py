@@ -110,18 +110,20 @@ class Unit:
         if self.replay is not None:
             self.replay.changed(None if names is None else [self.relative(n) for n in names])
 
-    def outputs(self) -> list[torch.Tensor]:
+    def outputs(self, on_output: Callable | None = None) -> list[torch.Tensor]:
+        """What the unit computes on its inputs, batch by batch (handed to ``on_output`` instead of
+        kept, when given)."""
         outs: list[torch.Tensor] = []
-        self._pass(self.inputs, outs.append)
+        self._pass(self.inputs, on_output or outs.append)
         return outs
 
-    def float_outputs(self, inputs: Inputs | None = None) -> list[torch.Tensor]:
+    def float_outputs(self, inputs: Inputs | None = None, on_output: Callable | None = None) -> list[torch.Tensor]:
         """What the float unit computes (every quantizer off) on ``inputs`` (default: the float inputs)."""
         outs: list[torch.Tensor] = []
         for m in self.modules():
             set_quantization(m, False)
         try:
-            self._pass(inputs if inputs is not None else self.float_inputs, outs.append, replay=False)
+            self._pass(inputs if inputs is not None else self.float_inputs, on_output or outs.append, replay=False)
         finally:
             for m in self.modules():
                 set_quantization(m, True)

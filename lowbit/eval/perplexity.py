@@ -30,9 +30,9 @@ def token_chunks(tokenizer, text: str, seqlen: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def chunk_losses(model: nn.Module, chunks: torch.Tensor, batch_size: int = 8, progress: bool = True):
+def chunk_losses(model: nn.Module, chunks: torch.Tensor, batch_size: int = 8, progress: bool = True, device=None):
     """Mean next-token loss of each chunk: ``[nchunks]``."""
-    device = next(model.parameters()).device
+    device = device if device is not None else next(model.parameters()).device
     losses = []
     for i in tqdm(range(0, len(chunks), batch_size), desc="perplexity", disable=not progress, unit="batch"):
         batch = chunks[i : i + batch_size].to(device)
@@ -47,4 +47,25 @@ def perplexity(
 ) -> dict:
     chunks = token_chunks(tokenizer, text, seqlen)
     losses = chunk_losses(model, chunks, batch_size, progress)
+    return {"ppl": math.exp(losses.mean().item()), "tokens": chunks.numel(), "chunks": len(chunks)}
+
+
+def streamed_perplexity(path, tokenizer, text: str, seqlen: int = 512, batch_size: int = 8, progress: bool = True,
+                        spill_dir=None, kernel: str = "auto") -> dict:  # fmt: skip
+    """``perplexity`` of a checkpoint (or safetensors model) larger than memory, block by block: the
+    embedding runs on every chunk, then each block is read, run on every chunk's hidden states and
+    freed, then the final norm and head give the losses. The same chunks, batches and kernels as
+    ``perplexity``, so the same number. ``spill_dir``: the hidden states between blocks in files."""
+    from lowbit.engine.capture import capture_inputs
+    from lowbit.engine.onload import StreamedModel
+
+    streamed = StreamedModel(path, kernel)
+    chunks = token_chunks(tokenizer, text, seqlen)
+    batches = list(chunks.split(batch_size))
+    model = streamed.model
+    first = model.get_submodule(streamed.blocks[0])
+    inputs = capture_inputs(model, first, batches, torch.device("cpu"))
+    outputs = streamed.run_blocks(inputs, progress, spill_dir)
+    with streamed.replay(outputs) as replayed:
+        losses = chunk_losses(replayed, chunks, batch_size, progress, device=torch.device("cpu"))
     return {"ppl": math.exp(losses.mean().item()), "tokens": chunks.numel(), "chunks": len(chunks)}

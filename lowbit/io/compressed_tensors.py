@@ -119,6 +119,33 @@ def _act_problem(name: str, m: W8A8Linear) -> str | None:
 HF_CONV1D_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
 
 
+def _layer_problems(name: str, m: QLinear) -> list[str]:
+    """Why one quantized linear cannot be written to this layout (nothing if it can)."""
+    problems = []
+    if m.in_perm is not None:
+        problems.append(
+            f"act-order (permuted input) layer {name}: the layout's g_idx form (actorder 'group') "
+            "is no longer read by compressed-tensors; export it to the GPTQ layout instead"
+        )
+    fmt, k = m.fmt, m.in_features
+    if fmt.kind != "int":
+        problems.append(f"{name}: {fmt.describe()} (only integer weights are written to this layout)")
+    elif integer.num_groups(k, fmt.group_size) > 1 and k % fmt.group_size:
+        sizes = [d for d in range(8, k) if k % d == 0][-3:]
+        fits = f"a group size that divides {k} ({', '.join(map(str, sizes))}), " if sizes else ""
+        problems.append(f"{name}: a ragged last group ({k} inputs, group {fmt.group_size}); the layout has none "
+                        f"(quantize with {fits}per-channel --group-size -1, or keep it unquantized with "
+                        f"--skip '{name}')")  # fmt: skip
+    scale = m.scales.float()
+    if not bool(torch.isfinite(scale).all()) or bool((scale == 0).any()):
+        problems.append(f"{name}: NaN, Inf or zero scales")
+    if isinstance(m, W8A8Linear):
+        problem = _act_problem(name, m)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
 def check_exportable(model: nn.Module) -> list[tuple[str, QLinear]]:
     convs = [n for n, m in model.named_modules() if isinstance(m, (QConv, W8A8Conv))]
     if convs:
@@ -132,33 +159,41 @@ def check_exportable(model: nn.Module) -> list[tuple[str, QLinear]]:
         raise ValueError(f"compressed-tensors cannot carry {kind}'s linears: transformers stores them as Conv1D "
                          "([in, out]) and its compressed-tensors loader replaces nn.Linear only, so they would load "
                          "with random weights; keep lowbit's native format (lowbit.save / lowbit.load)")  # fmt: skip
-    problems = []
-    permuted = [name for name, m in layers if m.in_perm is not None]
-    if permuted:
-        problems.append(
-            f"act-order (permuted input) layers {', '.join(permuted)}: the layout's g_idx form (actorder 'group') "
-            "is no longer read by compressed-tensors; export them to the GPTQ layout instead"
-        )
-    for name, m in layers:
-        fmt, k = m.fmt, m.in_features
-        if fmt.kind != "int":
-            problems.append(f"{name}: {fmt.describe()} (only integer weights are written to this layout)")
-        elif integer.num_groups(k, fmt.group_size) > 1 and k % fmt.group_size:
-            sizes = [d for d in range(8, k) if k % d == 0][-3:]
-            fits = f"a group size that divides {k} ({', '.join(map(str, sizes))}), " if sizes else ""
-            problems.append(f"{name}: a ragged last group ({k} inputs, group {fmt.group_size}); the layout has none "
-                            f"(quantize with {fits}per-channel --group-size -1, or keep it unquantized with "
-                            f"--skip '{name}')")  # fmt: skip
-        scale = m.scales.float()
-        if not bool(torch.isfinite(scale).all()) or bool((scale == 0).any()):
-            problems.append(f"{name}: NaN, Inf or zero scales")
-        if isinstance(m, W8A8Linear):
-            problem = _act_problem(name, m)
-            if problem:
-                problems.append(problem)
+    problems = [p for name, m in layers for p in _layer_problems(name, m)]
     if problems:
         raise ValueError("cannot write the compressed-tensors layout: " + "; ".join(problems))
     return layers
+
+
+def _layer_tensors(name: str, m: QLinear, dtype: torch.dtype, pack_to_int32) -> tuple[dict[str, torch.Tensor], dict]:
+    """The layout's tensors of one quantized linear, and its scheme."""
+    out: dict[str, torch.Tensor] = {}
+    qw = m.quantized_weight
+    fmt, offset = qw.fmt, 1 << (qw.fmt.bits - 1)
+    act = m.act if isinstance(m, W8A8Linear) else None
+    layout = "int-quantized" if act is not None and fmt.bits == 8 else "pack-quantized"
+    codes = (qw.codes().to(torch.int16) - offset).to(torch.int8)
+    zp = (qw.zero_or_default().to(torch.int16) - offset).to(torch.int8)
+    if layout == "int-quantized":
+        out[f"{name}.weight"] = codes.contiguous()
+        out[f"{name}.weight_scale"] = qw.scale.float().contiguous()
+        if not fmt.symmetric:
+            out[f"{name}.weight_zero_point"] = zp.contiguous()
+    else:
+        out[f"{name}.weight_packed"] = pack_to_int32(codes, fmt.bits).contiguous()
+        out[f"{name}.weight_scale"] = qw.scale.to(dtype).contiguous()
+        out[f"{name}.weight_shape"] = torch.tensor(qw.shape, dtype=torch.int64)
+        if not fmt.symmetric:
+            out[f"{name}.weight_zero_point"] = pack_to_int32(zp, fmt.bits, packed_dim=0).contiguous()
+    if act is not None and not act.dynamic:
+        out[f"{name}.input_scale"] = m.act_scale.float().reshape(1).contiguous()
+        if not act.symmetric:  # lowbit's unsigned zero point, in the signed int8 range
+            out[f"{name}.input_zero_point"] = (m.act_zero.reshape(1) - 128).to(torch.int8).contiguous()
+    if m.bias is not None:
+        out[f"{name}.bias"] = m.bias.detach().to(dtype).contiguous()
+    scheme = {"weights": _scheme(fmt, qw.shape[1]), "input_activations": _act_scheme(act) if act else None,
+              "format": layout}  # fmt: skip
+    return out, scheme
 
 
 def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
@@ -168,31 +203,8 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, toke
     dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
     groups: dict[str, dict] = {}
     for name, m in layers:
-        qw = m.quantized_weight
-        fmt, offset = qw.fmt, 1 << (qw.fmt.bits - 1)
-        act = m.act if isinstance(m, W8A8Linear) else None
-        layout = "int-quantized" if act is not None and fmt.bits == 8 else "pack-quantized"
-        codes = (qw.codes().to(torch.int16) - offset).to(torch.int8)
-        zp = (qw.zero_or_default().to(torch.int16) - offset).to(torch.int8)
-        if layout == "int-quantized":
-            tensors[f"{name}.weight"] = codes.contiguous()
-            tensors[f"{name}.weight_scale"] = qw.scale.float().contiguous()
-            if not fmt.symmetric:
-                tensors[f"{name}.weight_zero_point"] = zp.contiguous()
-        else:
-            tensors[f"{name}.weight_packed"] = pack_to_int32(codes, fmt.bits).contiguous()
-            tensors[f"{name}.weight_scale"] = qw.scale.to(dtype).contiguous()
-            tensors[f"{name}.weight_shape"] = torch.tensor(qw.shape, dtype=torch.int64)
-            if not fmt.symmetric:
-                tensors[f"{name}.weight_zero_point"] = pack_to_int32(zp, fmt.bits, packed_dim=0).contiguous()
-        if act is not None and not act.dynamic:
-            tensors[f"{name}.input_scale"] = m.act_scale.float().reshape(1).contiguous()
-            if not act.symmetric:  # lowbit's unsigned zero point, in the signed int8 range
-                tensors[f"{name}.input_zero_point"] = (m.act_zero.reshape(1) - 128).to(torch.int8).contiguous()
-        if m.bias is not None:
-            tensors[f"{name}.bias"] = m.bias.detach().to(dtype).contiguous()
-        scheme = {"weights": _scheme(fmt, qw.shape[1]), "input_activations": _act_scheme(act) if act else None,
-                  "format": layout}  # fmt: skip
+        layer_tensors, scheme = _layer_tensors(name, m, dtype, pack_to_int32)
+        tensors.update(layer_tensors)
         key = json.dumps(scheme, sort_keys=True)
         groups.setdefault(key, {"targets": [], **scheme})["targets"].append(name)
     quantized = {n for n, _ in layers}
@@ -313,3 +325,87 @@ def load_compressed_tensors(path: str | os.PathLike, model: nn.Module | None = N
     model.eval()
     model.lowbit_source = str(path)
     return model
+
+
+def export_compressed_tensors_streamed(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """``export_compressed_tensors`` of a lowbit checkpoint larger than memory: each block is built
+    from the checkpoint's files, converted and written to its own shard, then freed; what lies
+    outside the blocks is copied tensor by tensor. The same tensors as the in-memory export."""
+    from lowbit.engine.onload import INDEX, REST_SHARD_BYTES, StreamedModel
+    from lowbit.io.native import build_layer
+
+    version, pack_to_int32, _ = _library()
+    streamed = StreamedModel(path)
+    model, qc = streamed.model, streamed.qc
+    layers_info = qc.get("layers", {})
+    if not layers_info:
+        raise ValueError(f"{path} has no quantized layers; quantize it before exporting")
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    convs = [n for n, info in layers_info.items() if info.get("conv")]
+    if convs or kind in HF_CONV1D_TYPES:
+        raise ValueError(f"compressed-tensors cannot carry {', '.join(convs[:3]) or kind + ' Conv1D linears'}; "
+                         "keep lowbit's native format")  # fmt: skip
+    groups: dict[str, dict] = {}
+    weight_map: dict[str, str] = {}
+    problems: list[str] = []
+
+    def convert(name: str, m: QLinear, out: dict) -> None:
+        problems.extend(_layer_problems(name, m))
+        layer_tensors, scheme = _layer_tensors(name, m, torch.float32, pack_to_int32)
+        out.update(layer_tensors)
+        groups.setdefault(json.dumps(scheme, sort_keys=True), {"targets": [], **scheme})["targets"].append(name)
+
+    def shard(tmp: Path, tensors: dict) -> None:
+        if tensors:
+            name = f"model-{len(set(weight_map.values())):05d}.safetensors"
+            save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, name))
+
+    with atomic_directory(out_dir) as tmp:
+        for block_name in streamed.blocks:
+            streamed.load_block(block_name)
+            tensors, _ = plain_state(model, qlinear_state_keys(model, [block_name]), [block_name])
+            for name, m in model.get_submodule(block_name).named_modules(prefix=block_name):
+                if isinstance(m, QLinear):
+                    convert(name, m, tensors)
+            if problems:
+                raise ValueError("cannot write the compressed-tensors layout: " + "; ".join(problems))
+            shard(tmp, tensors)
+            streamed.free_block(block_name)
+        inside = tuple(n + "." for n in streamed.blocks)
+        seen: set[int] = set()
+        batch: dict[str, torch.Tensor] = {}
+        for key, t in model.state_dict(keep_vars=True).items():
+            owner = key.rpartition(".")[0]
+            if key.startswith(inside) or id(t) in seen:  # tied copies are re-tied on load
+                continue
+            seen.add(id(t))
+            if owner in layers_info:  # a quantized layer outside the blocks (an output projection)
+                if f"{owner}.weight_scale" not in batch:
+                    convert(owner, build_layer(streamed.tensors, owner, layers_info[owner]), batch)
+                continue
+            batch[key] = streamed._read(key, t).cpu().contiguous() if t.device.type == "meta" else t.detach()
+            if sum(v.nbytes for v in batch.values()) >= REST_SHARD_BYTES:
+                shard(tmp, batch)
+                batch = {}
+        if problems:
+            raise ValueError("cannot write the compressed-tensors layout: " + "; ".join(problems))
+        shard(tmp, batch)
+        (tmp / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+        ignore = [n for n, mod in model.named_modules() if is_linear(mod) and n not in layers_info]
+        layouts = {g["format"] for g in groups.values()}
+        config = hf_config(model)
+        config["quantization_config"] = {
+            "quant_method": "compressed-tensors",
+            "format": layouts.pop() if len(layouts) == 1 else "mixed-precision",
+            "quantization_status": "compressed",
+            "config_groups": {f"group_{i}": {**g, "output_activations": None} for i, g in enumerate(groups.values())},
+            "ignore": ignore,
+            "kv_cache_scheme": None,
+            "sparsity_config": {},
+            "transform_config": {},
+            "version": version,
+        }
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        copy_tokenizer(model, None, tmp)
+    return Path(out_dir)

@@ -34,6 +34,7 @@ from lowbit.quantized_weight import QuantizedWeight
 
 QUANT_METHOD = "lowbit"
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"  # a sharded checkpoint (an onloaded run writes one shard per unit)
 # the W8A8Linear buffers a checkpoint carries, by their names on the module
 ACT_BUFFERS = ("scale", "zero", "perm", "bounds", "input_shift", "input_scale", "token_bits")
 W8A8_BUFFERS = ("act_scale", "act_zero", "act_bounds", "perm", "input_shift", "input_scale")
@@ -48,15 +49,23 @@ def check_output_dir(out: Path) -> None:
         raise FileExistsError(f"output directory {out} exists and is not empty; choose a new path or empty it")
 
 
-def plain_state(model: nn.Module, exclude: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The model's state except the keys in ``exclude``, with tied tensors written once.
+def _roots(model: nn.Module, tops: list[str] | None) -> list[tuple[str, nn.Module]]:
+    """``(prefix, module)`` of the parts to walk: the whole model, or the modules named ``tops``."""
+    return [("", model)] if not tops else [(f"{t}.", model.get_submodule(t)) for t in tops]
+
+
+def plain_state(model: nn.Module, exclude: set[str], tops: list[str] | None = None
+                ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:  # fmt: skip
+    """The model's state (or that of its modules ``tops``) except the keys in ``exclude``, with
+    tied tensors written once.
 
     Returns the tensors and ``{alias: source}`` for the tied ones.
     """
     seen: dict[tuple, str] = {}
     tensors: dict[str, torch.Tensor] = {}
     tied: dict[str, str] = {}
-    for key, t in model.state_dict().items():
+    state = {k: v for prefix, root in _roots(model, tops) for k, v in root.state_dict(prefix=prefix).items()}
+    for key, t in state.items():
         if key in exclude:
             continue
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
@@ -68,21 +77,27 @@ def plain_state(model: nn.Module, exclude: set[str]) -> tuple[dict[str, torch.Te
     return tensors, tied
 
 
-def qlinear_state_keys(model: nn.Module) -> set[str]:
+def _named_modules(model: nn.Module, tops: list[str] | None):
+    for prefix, root in _roots(model, tops):
+        yield from root.named_modules(prefix=prefix.rstrip("."))
+
+
+def qlinear_state_keys(model: nn.Module, tops: list[str] | None = None) -> set[str]:
     """State keys of the packed layers (written from their ``QuantizedWeight`` instead)."""
     keys = set()
-    for name, mod in model.named_modules():
+    for name, mod in _named_modules(model, tops):
         if isinstance(mod, (QLinear, QConv)):
             keys.update(f"{name}.{k}" for k, _ in mod.named_parameters(recurse=False))
             keys.update(f"{name}.{k}" for k, _ in mod.named_buffers(recurse=False))
     return keys
 
 
-def _collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:
-    """Tensors to write, the quantized layers' descriptions, and tied aliases."""
-    tensors, tied = plain_state(model, qlinear_state_keys(model))
+def collect(model: nn.Module, tops: list[str] | None = None) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:
+    """Tensors to write, the quantized layers' descriptions, and tied aliases (of the whole model,
+    or of its modules ``tops``)."""
+    tensors, tied = plain_state(model, qlinear_state_keys(model, tops), tops)
     layers = {}
-    for name, mod in model.named_modules():
+    for name, mod in _named_modules(model, tops):
         if isinstance(mod, QLinear):
             qw = mod.quantized_weight
             tensors.update({k: v.contiguous() for k, v in qw.to_tensors(name).items()})
@@ -158,7 +173,7 @@ def hf_config(model: nn.Module) -> dict:
 def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
     """Write ``model`` (quantized or not) to ``out_dir`` atomically; returns the path."""
     with atomic_directory(out_dir) as tmp:
-        tensors, layers, tied = _collect(model)
+        tensors, layers, tied = collect(model)
         # a single metadata key: safetensors writes metadata in hash order, and same input must give same bytes
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         config = hf_config(model) or skeleton_config(model) or {}
@@ -241,6 +256,23 @@ def _restore_structure(model: nn.Module, structure: dict, tensors: dict) -> set[
     return used
 
 
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint: ``model.safetensors``, or the shards its index names (what an
+    onloaded run writes, one per unit)."""
+    if (path / WEIGHTS).exists():
+        return load_file(str(path / WEIGHTS))
+    weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+    tensors: dict[str, torch.Tensor] = {}
+    for name in sorted(set(weight_map.values())):
+        if "/" in name or not (path / name).exists():
+            raise FileNotFoundError(f"{path}: the shard {name} named in {INDEX} is missing")
+        tensors.update(load_file(str(path / name)))
+    absent = [k for k in weight_map if k not in tensors]
+    if absent:
+        raise ValueError(f"{path}: {len(absent)} tensors named in {INDEX} are in no shard (e.g. {absent[0]})")
+    return tensors
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read, with the directory and the problem."""
 
@@ -273,6 +305,33 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, kernel: str = 
     return loaded
 
 
+def build_layer(tensors, name: str, info: dict, kernel: str = "auto", path: Path | None = None) -> nn.Module:
+    """The packed module of quantized layer ``name`` from its tensors and its ``layers`` entry."""
+    fmt = WeightFormat.from_dict(info["format"])
+    qw = QuantizedWeight.from_tensors(tensors, name, fmt, tuple(info["shape"]))
+    bias = tensors.get(f"{name}.bias") if info.get("bias") else None
+    act = info.get("act")
+    if info.get("conv"):
+        c = {k: tuple(v) if isinstance(v, list) else v for k, v in info["conv"].items()}
+        if act:
+            module = W8A8Conv(qw, bias, ActFormat.from_dict(act), act_scale=tensors.get(f"{name}.act_scale"),
+                              act_zero=tensors.get(f"{name}.act_zero"), **c)  # fmt: skip
+        else:
+            module = QConv(qw, bias, **c)
+    elif act:
+        if "dynamic" not in act:  # written before static activations had their own flag
+            act = {**act, "dynamic": act.get("granularity") == "token"}
+        extras = {k: tensors.get(f"{name}.{k}") for k in W8A8_BUFFERS}
+        module = W8A8Linear(qw, bias, ActFormat.from_dict(act), outlier_threshold=act.get("outlier_threshold"),
+                            **extras)  # fmt: skip
+    else:
+        in_perm = tensors.get(f"{name}.in_perm")
+        if info.get("in_perm") and in_perm is None:
+            raise ValueError(f"{path}: {name} is an act-order layer but its {name}.in_perm is missing")
+        module = QLinear(qw, bias, kernel, in_perm=in_perm)
+    return module
+
+
 def _load(path: Path, model: nn.Module | None, kernel: str) -> nn.Module:
     qc = read_quantization_config(path)
     if qc.get("quant_method") == "gptq":
@@ -283,7 +342,7 @@ def _load(path: Path, model: nn.Module | None, kernel: str) -> nn.Module:
         from lowbit.io.compressed_tensors import load_compressed_tensors
 
         return load_compressed_tensors(path, model, kernel)
-    if not (path / WEIGHTS).exists():
+    if not (path / WEIGHTS).exists() and not (path / INDEX).exists():
         raise FileNotFoundError(f"{path} holds no {WEIGHTS}; is it a lowbit checkpoint directory?")
     if qc.get("quant_method") != QUANT_METHOD:
         raise ValueError(f"{path} is not a lowbit checkpoint (quant_method={qc.get('quant_method')!r})")
@@ -294,32 +353,10 @@ def _load(path: Path, model: nn.Module | None, kernel: str) -> nn.Module:
             if "model_type" not in config:
                 raise ValueError(f"{path} holds a model lowbit cannot rebuild by itself; pass its skeleton as model=")
             model = _skeleton(path)
-    tensors = load_file(str(path / WEIGHTS))
+    tensors = read_weights(path)
     used = _restore_structure(model, qc.get("structure") or {}, tensors)
     for name, info in qc.get("layers", {}).items():
-        fmt = WeightFormat.from_dict(info["format"])
-        qw = QuantizedWeight.from_tensors(tensors, name, fmt, tuple(info["shape"]))
-        bias = tensors.get(f"{name}.bias") if info.get("bias") else None
-        act = info.get("act")
-        if info.get("conv"):
-            c = {k: tuple(v) if isinstance(v, list) else v for k, v in info["conv"].items()}
-            if act:
-                module = W8A8Conv(qw, bias, ActFormat.from_dict(act), act_scale=tensors.get(f"{name}.act_scale"),
-                                  act_zero=tensors.get(f"{name}.act_zero"), **c)  # fmt: skip
-            else:
-                module = QConv(qw, bias, **c)
-        elif act:
-            if "dynamic" not in act:  # written before static activations had their own flag
-                act = {**act, "dynamic": act.get("granularity") == "token"}
-            extras = {k: tensors.get(f"{name}.{k}") for k in W8A8_BUFFERS}
-            module = W8A8Linear(qw, bias, ActFormat.from_dict(act), outlier_threshold=act.get("outlier_threshold"),
-                                **extras)  # fmt: skip
-        else:
-            in_perm = tensors.get(f"{name}.in_perm")
-            if info.get("in_perm") and in_perm is None:
-                raise ValueError(f"{path}: {name} is an act-order layer but its {name}.in_perm is missing")
-            module = QLinear(qw, bias, kernel, in_perm=in_perm)
-        set_module(model, name, module)
+        set_module(model, name, build_layer(tensors, name, info, kernel, path))
         used.update(k for k in tensors if k.startswith(name + ".") and k.count(".") == name.count(".") + 1)
     rest = {k: v for k, v in tensors.items() if k not in used}
     for alias, source in qc.get("tied", {}).items():
