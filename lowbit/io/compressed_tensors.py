@@ -122,11 +122,6 @@ HF_CONV1D_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
 def _layer_problems(name: str, m: QLinear) -> list[str]:
     """Why one quantized linear cannot be written to this layout (nothing if it can)."""
     problems = []
-    if m.in_perm is not None:
-        problems.append(
-            f"act-order (permuted input) layer {name}: the layout's g_idx form (actorder 'group') "
-            "is no longer read by compressed-tensors; export it to the GPTQ layout instead"
-        )
     fmt, k = m.fmt, m.in_features
     if fmt.kind != "int":
         problems.append(f"{name}: {fmt.describe()} (only integer weights are written to this layout)")
@@ -159,7 +154,13 @@ def check_exportable(model: nn.Module) -> list[tuple[str, QLinear]]:
         raise ValueError(f"compressed-tensors cannot carry {kind}'s linears: transformers stores them as Conv1D "
                          "([in, out]) and its compressed-tensors loader replaces nn.Linear only, so they would load "
                          "with random weights; keep lowbit's native format (lowbit.save / lowbit.load)")  # fmt: skip
-    problems = [p for name, m in layers for p in _layer_problems(name, m)]
+    problems = []
+    permuted = [name for name, m in layers if m.in_perm is not None]
+    if permuted:
+        problems.append(f"act-order (permuted input) layers {', '.join(permuted)}: the layout's g_idx form "
+                        "(actorder 'group') is no longer read by compressed-tensors; export them to the GPTQ "
+                        "layout instead")  # fmt: skip
+    problems += [p for name, m in layers for p in _layer_problems(name, m)]
     if problems:
         raise ValueError("cannot write the compressed-tensors layout: " + "; ".join(problems))
     return layers
@@ -350,6 +351,8 @@ def export_compressed_tensors_streamed(path: str | os.PathLike, out_dir: str | o
     problems: list[str] = []
 
     def convert(name: str, m: QLinear, out: dict) -> None:
+        if m.in_perm is not None:
+            problems.append(f"act-order (permuted input) layers {name}: export it to the GPTQ layout instead")
         problems.extend(_layer_problems(name, m))
         layer_tensors, scheme = _layer_tensors(name, m, torch.float32, pack_to_int32)
         out.update(layer_tensors)
