@@ -149,7 +149,7 @@ def quantize_to_disk(
     """Quantize the model in directory ``model`` (safetensors files) into the lowbit checkpoint
     ``out`` without ever holding the whole model: each unit is read from the source shards when
     the engine reaches it and written to its own output shard when finished (sequential
-    onloading, ``lowbit.engine.onload``). Peak memory is about the largest unit in fp32 plus the
+    onloading, ``lowbit.io.onload``). Peak memory is about the largest unit in fp32 plus the
     calibration activations (one batch of them with ``spill_activations``, which keeps them in
     files beside ``out``) plus a fixed overhead.
 
@@ -157,7 +157,7 @@ def quantize_to_disk(
     (``lowbit.load`` reads it). ``kwargs`` are ``quantize``'s (``calib``, ``checkpoint_dir`` and
     ``resume`` included). Returns the model skeleton (parameters on ``meta``) carrying the
     coverage report, recipe and timings."""
-    from lowbit.engine.onload import Onload, WeightSource, empty_model
+    from lowbit.io.onload import Onload, WeightSource, empty_model
     from lowbit.io.native import atomic_directory
     from lowbit.models.loading import resolve_model_path
 

@@ -203,7 +203,7 @@ def _onload_skeleton(model: str):
     """The model of directory ``model`` with its parameters on ``meta``, and its tokenizer (``--onload``)."""
     from transformers import AutoTokenizer
 
-    from lowbit.engine.onload import empty_model
+    from lowbit.io.onload import empty_model
     from lowbit.models.loading import resolve_model_path
 
     path = resolve_model_path(model)

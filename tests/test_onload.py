@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import lowbit
 from lowbit.engine.checkpoint import Progress, progress_dir_for
-from lowbit.engine.onload import WeightSource, empty_model
+from lowbit.io.onload import WeightSource, empty_model
 from lowbit.eval.perplexity import perplexity, streamed_perplexity
 from lowbit.io.native import read_weights
 from lowbit.models import load_pretrained
@@ -206,7 +206,7 @@ def test_onloaded_memory_does_not_grow_with_the_units(tmp_path):
 
     script = (
         "import sys, lowbit\n"
-        "from lowbit.engine.onload import Onload\n"
+        "from lowbit.io.onload import Onload\n"
         "def rss():\n"
         "    return int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]) * 1024\n"
         "seen, write = [], Onload.write\n"

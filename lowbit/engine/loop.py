@@ -33,7 +33,7 @@ def run(model: nn.Module, adapter: Adapter, methods: list, targets: list[Target]
 
     ``checkpoint``: a ``lowbit.engine.checkpoint.Progress``; each finished unit is recorded there,
     and the units it already holds are restored instead of recomputed. ``onload``: a
-    ``lowbit.engine.onload.Onload``; the model's parameters are on ``meta`` and each unit is read
+    ``lowbit.io.onload.Onload``; the model's parameters are on ``meta`` and each unit is read
     when reached, frozen and written when finished (a model larger than memory)."""
     quantizer = methods[-1]
     todo = [t for t in targets if t.skip is None]
@@ -110,7 +110,8 @@ def advance(outputs, inputs: Inputs, onload=None) -> Inputs:
     with the same further arguments (mask, positions); in files when an onloaded run spills them."""
     if onload is not None and onload.spill_root is not None:
         return onload.spill(outputs, inputs)
-    return [((out, *args[1:]), kwargs) for out, (args, kwargs) in zip(outputs(), inputs)]
+    outs = outputs() if callable(outputs) else outputs
+    return [((out, *args[1:]), kwargs) for out, (args, kwargs) in zip(outs, inputs)]
 
 
 def _device_of(model: nn.Module, spec) -> torch.device:

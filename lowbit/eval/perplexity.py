@@ -57,7 +57,7 @@ def streamed_perplexity(path, tokenizer, text: str, seqlen: int = 512, batch_siz
     freed, then the final norm and head give the losses. The same chunks, batches and kernels as
     ``perplexity``, so the same number. ``spill_dir``: the hidden states between blocks in files."""
     from lowbit.engine.capture import capture_inputs
-    from lowbit.engine.onload import StreamedModel
+    from lowbit.io.onload import StreamedModel
 
     streamed = StreamedModel(path, kernel)
     chunks = token_chunks(tokenizer, text, seqlen)

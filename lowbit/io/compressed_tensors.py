@@ -332,7 +332,7 @@ def export_compressed_tensors_streamed(path: str | os.PathLike, out_dir: str | o
     """``export_compressed_tensors`` of a lowbit checkpoint larger than memory: each block is built
     from the checkpoint's files, converted and written to its own shard, then freed; what lies
     outside the blocks is copied tensor by tensor. The same tensors as the in-memory export."""
-    from lowbit.engine.onload import INDEX, REST_SHARD_BYTES, StreamedModel
+    from lowbit.io.onload import INDEX, REST_SHARD_BYTES, StreamedModel
     from lowbit.io.native import build_layer
 
     version, pack_to_int32, _ = _library()

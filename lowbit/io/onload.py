@@ -59,6 +59,19 @@ def give_back_memory() -> None:
         pass
 
 
+def _header(path: Path) -> dict:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+        if n < 0 or n > min(size - 8, 100 * 1024**2):
+            raise ValueError(f"{path}: truncated or corrupted safetensors file ({size} bytes)")
+        try:
+            return json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: corrupted safetensors header ({e})") from None
+
+
 # --- the source: tensors by name, read when asked --------------------------------------------------------
 
 
@@ -70,8 +83,6 @@ class WeightSource:
     raise one error naming the file."""
 
     def __init__(self, directory: str | os.PathLike):
-        from lowbit.plan import safetensors_header
-
         self.dir = Path(directory)
         index = self.dir / INDEX
         if index.exists():
@@ -89,7 +100,7 @@ class WeightSource:
             path = self.dir / name
             if not path.exists():
                 raise FileNotFoundError(f"{path}: a weight shard named in {index.name} is missing")
-            header = safetensors_header(path)
+            header = _header(path)
             size = path.stat().st_size
             start = 8 + int.from_bytes(path.open("rb").read(8), "little")
             for key, info in header.items():
