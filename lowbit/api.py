@@ -157,8 +157,8 @@ def quantize_to_disk(
     (``lowbit.load`` reads it). ``kwargs`` are ``quantize``'s (``calib``, ``checkpoint_dir`` and
     ``resume`` included). Returns the model skeleton (parameters on ``meta``) carrying the
     coverage report, recipe and timings."""
-    from lowbit.io.onload import Onload, WeightSource, empty_model
     from lowbit.io.native import atomic_directory
+    from lowbit.io.onload import Onload, WeightSource, empty_model
     from lowbit.models.loading import resolve_model_path
 
     model = resolve_model_path(str(model))

@@ -22,14 +22,14 @@ and the run's peak resident memory, disk and time are estimated:
 
 from __future__ import annotations
 
-import json
-import struct
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from lowbit.io.onload import safetensors_header
 
 GIB = 1024**3
 OVERHEAD = int(1.2 * GIB)
@@ -114,22 +114,6 @@ def gemm_gflops(seconds: float = 0.3) -> float:
 
 def weight_files(directory: Path) -> list[Path]:
     return sorted([*directory.glob("*.safetensors"), *directory.glob("*.bin"), *directory.glob("*.gguf")])
-
-
-def safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file (its tensors' dtypes and shapes), checked against the size."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise ValueError(f"{path}: truncated safetensors file ({size} bytes)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > min(size - 8, 100 * 1024**2):
-            raise ValueError(f"{path}: header length {n} does not fit in its {size} bytes")
-        try:
-            return json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: corrupted safetensors header ({e})") from None
 
 
 def _meta_model(directory: Path) -> nn.Module:
@@ -221,8 +205,8 @@ def make_plan(model: str, method: str = "rtn", bits: int = 4, group_size: int = 
     assumptions = [
         f"{method}, {bits}-bit, group {group_size}; {nsamples} calibration windows of {seqlen} tokens"
         + ("" if needs_data else " (not used by rtn)"),
-        "in memory: the whole model in fp32; --onload: one unit at a time from the safetensors files "
-        f"(--spill-activations: one batch of activations in memory, ~{sum(onload_spilled.values()) / GIB:.2f} GiB)",
+        ("in memory: the whole model in fp32; --onload: one unit at a time from the safetensors files "
+         f"(--spill-activations: one batch of activations in memory, ~{sum(onload_spilled.values()) / GIB:.2f} GiB)"),
         "time from this machine's GEMM rate; methods that train (adaround, brecq, qdrop) take longer",
     ]
     return Plan(model=str(directory), parameters=total, quantized_weights=quantized, kept_weights=total - quantized,

@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 
 import lowbit
 from lowbit.engine.checkpoint import Progress, progress_dir_for
-from lowbit.io.onload import WeightSource, empty_model
 from lowbit.eval.perplexity import perplexity, streamed_perplexity
 from lowbit.io.native import read_weights
+from lowbit.io.onload import WeightSource, empty_model
 from lowbit.models import load_pretrained
 
 

@@ -44,7 +44,7 @@ def run(model: nn.Module, adapter: Adapter, methods: list, targets: list[Target]
     specs = adapter.units(model)
     records: dict[str, LayerRecord] = {}  # the units frozen as they finish (onloading)
     if onload is not None:
-        onload.check(methods, specs)
+        onload.check(methods)
         onload.attach(specs)
     needs_float = any(m.needs_float_inputs for m in methods)
     prev_q = prev_fp = None
@@ -90,7 +90,7 @@ def run(model: nn.Module, adapter: Adapter, methods: list, targets: list[Target]
             checkpoint.save(i, model, [], [])
         if upcoming and inputs is not None:
             prev_q = advance(unit.outputs, inputs, onload)
-            prev_fp = advance(lambda sink=None: unit.float_outputs(on_output=sink), float_inputs, onload) \
+            prev_fp = advance(lambda sink=None, u=unit: u.float_outputs(on_output=sink), float_inputs, onload) \
                 if needs_float else None  # fmt: skip
         else:
             prev_q = prev_fp = None

@@ -197,6 +197,22 @@ def _layer_tensors(name: str, m: QLinear, dtype: torch.dtype, pack_to_int32) -> 
     return out, scheme
 
 
+def _quantization_config(groups: dict[str, dict], ignore: list[str], version: str) -> dict:
+    """The ``quantization_config`` of the layout for these config groups and unquantized linears."""
+    layouts = {g["format"] for g in groups.values()}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": layouts.pop() if len(layouts) == 1 else "mixed-precision",
+        "quantization_status": "compressed",
+        "config_groups": {f"group_{i}": {**g, "output_activations": None} for i, g in enumerate(groups.values())},
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "sparsity_config": {},
+        "transform_config": {},
+        "version": version,
+    }
+
+
 def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
     version, pack_to_int32, _ = _library()
     layers = check_exportable(model)
@@ -210,18 +226,7 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, toke
         groups.setdefault(key, {"targets": [], **scheme})["targets"].append(name)
     quantized = {n for n, _ in layers}
     ignore = [n for n, mod in model.named_modules() if is_linear(mod) and n not in quantized]
-    layouts = {g["format"] for g in groups.values()}
-    qconfig = {
-        "quant_method": "compressed-tensors",
-        "format": layouts.pop() if len(layouts) == 1 else "mixed-precision",
-        "quantization_status": "compressed",
-        "config_groups": {f"group_{i}": {**g, "output_activations": None} for i, g in enumerate(groups.values())},
-        "ignore": ignore,
-        "kv_cache_scheme": None,
-        "sparsity_config": {},
-        "transform_config": {},
-        "version": version,
-    }
+    qconfig = _quantization_config(groups, ignore, version)
     with atomic_directory(out_dir) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         config = hf_config(model)
@@ -332,8 +337,8 @@ def export_compressed_tensors_streamed(path: str | os.PathLike, out_dir: str | o
     """``export_compressed_tensors`` of a lowbit checkpoint larger than memory: each block is built
     from the checkpoint's files, converted and written to its own shard, then freed; what lies
     outside the blocks is copied tensor by tensor. The same tensors as the in-memory export."""
-    from lowbit.io.onload import INDEX, REST_SHARD_BYTES, StreamedModel
     from lowbit.io.native import build_layer
+    from lowbit.io.onload import INDEX, REST_SHARD_BYTES, StreamedModel
 
     version, pack_to_int32, _ = _library()
     streamed = StreamedModel(path)
@@ -396,19 +401,8 @@ def export_compressed_tensors_streamed(path: str | os.PathLike, out_dir: str | o
         shard(tmp, batch)
         (tmp / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
         ignore = [n for n, mod in model.named_modules() if is_linear(mod) and n not in layers_info]
-        layouts = {g["format"] for g in groups.values()}
         config = hf_config(model)
-        config["quantization_config"] = {
-            "quant_method": "compressed-tensors",
-            "format": layouts.pop() if len(layouts) == 1 else "mixed-precision",
-            "quantization_status": "compressed",
-            "config_groups": {f"group_{i}": {**g, "output_activations": None} for i, g in enumerate(groups.values())},
-            "ignore": ignore,
-            "kv_cache_scheme": None,
-            "sparsity_config": {},
-            "transform_config": {},
-            "version": version,
-        }
+        config["quantization_config"] = _quantization_config(groups, ignore, version)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         copy_tokenizer(model, None, tmp)
     return Path(out_dir)

@@ -59,17 +59,25 @@ def give_back_memory() -> None:
         pass
 
 
-def _header(path: Path) -> dict:
+def read_header(path: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file (its tensors' dtypes, shapes and offsets) checked against
+    the file's size, and where its data starts."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
-        n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
-        if n < 0 or n > min(size - 8, 100 * 1024**2):
-            raise ValueError(f"{path}: truncated or corrupted safetensors file ({size} bytes)")
+        if len(raw) < 8:
+            raise ValueError(f"{path}: truncated safetensors file ({size} bytes)")
+        n = int.from_bytes(raw, "little")
+        if n > min(size - 8, 100 * 1024**2):
+            raise ValueError(f"{path}: header length {n} does not fit in its {size} bytes")
         try:
-            return json.loads(f.read(n))
+            return json.loads(f.read(n)), 8 + n
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: corrupted safetensors header ({e})") from None
+
+
+def safetensors_header(path: Path) -> dict:
+    return read_header(path)[0]
 
 
 # --- the source: tensors by name, read when asked --------------------------------------------------------
@@ -100,9 +108,8 @@ class WeightSource:
             path = self.dir / name
             if not path.exists():
                 raise FileNotFoundError(f"{path}: a weight shard named in {index.name} is missing")
-            header = _header(path)
+            header, start = read_header(path)
             size = path.stat().st_size
-            start = 8 + int.from_bytes(path.open("rb").read(8), "little")
             for key, info in header.items():
                 if key == "__metadata__":
                     continue
@@ -253,7 +260,7 @@ class Onload:
 
     # --- structure ----------------------------------------------------------------------------------
 
-    def check(self, methods: list, units: list) -> None:
+    def check(self, methods: list) -> None:
         """Refuse, before any work, what onloading cannot do."""
         from lowbit.methods.base import MethodConfig
 
@@ -516,9 +523,9 @@ class StreamedModel:
         inside = tuple(n + "." for n in self.blocks)
         self._hooks = []
         for name, m in self.model.named_modules():
-            if name and name not in self.blocks and not name.startswith(inside):
-                if any(p.device.type == "meta" for p in m.parameters(recurse=False)):
-                    self._hooks.append(m.register_forward_pre_hook(lambda mod, _a, n=name: self._load_plain(n)))
+            outside = name and name not in self.blocks and not name.startswith(inside)
+            if outside and any(p.device.type == "meta" for p in m.parameters(recurse=False)):
+                self._hooks.append(m.register_forward_pre_hook(lambda mod, _a, n=name: self._load_plain(n)))
         self.model.lowbit_source = str(self.path)
 
     def _read(self, key: str, param) -> torch.Tensor:
