@@ -337,6 +337,8 @@ def export_compressed_tensors_streamed(path: str | os.PathLike, out_dir: str | o
     """``export_compressed_tensors`` of a lowbit checkpoint larger than memory: each block is built
     from the checkpoint's files, converted and written to its own shard, then freed; what lies
     outside the blocks is copied tensor by tensor. The same tensors as the in-memory export."""
+    from tqdm.auto import tqdm
+
     from lowbit.io.native import build_layer
     from lowbit.io.onload import INDEX, REST_SHARD_BYTES, StreamedModel
 
@@ -370,7 +372,7 @@ def export_compressed_tensors_streamed(path: str | os.PathLike, out_dir: str | o
             weight_map.update(dict.fromkeys(tensors, name))
 
     with atomic_directory(out_dir) as tmp:
-        for block_name in streamed.blocks:
+        for block_name in tqdm(streamed.blocks, desc="export", unit="block"):
             streamed.load_block(block_name)
             tensors, _ = plain_state(model, qlinear_state_keys(model, [block_name]), [block_name])
             for name, m in model.get_submodule(block_name).named_modules(prefix=block_name):
