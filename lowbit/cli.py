@@ -86,7 +86,7 @@ def quantize(
              "folder of class folders (vision models)",
     ),
     iters: Optional[int] = typer.Option(
-        None, "--iters", help="reconstruction steps per unit (adaround, brecq, qdrop; default 1000)"
+        None, "--iters", help="optimisation steps per unit (adaround, brecq, qdrop: default 1000; signround: 200)"
     ),
     first_last_bits: Optional[int] = typer.Option(
         None, "--first-last-bits", help="bits of the first and last quantized layers (default 8 for vision models; "

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.formats import floating, integer, packing
+from lowbit.formats.sparse import Outliers
 from lowbit.formats.spec import WeightFormat
 
 
@@ -59,6 +60,7 @@ class QuantizedWeight:
     ``packed``: ``uint8`` bit stream of the ``[out, K]`` codes (see ``formats.packing``).
     ``scale``: ``[out, ngroups]`` in fp16 (fp32 when a scale does not fit fp16).
     ``zero``: ``uint8 [out, ngroups]`` for asymmetric integer formats, else ``None``.
+    ``outliers``: weights kept in fp16 (``formats.sparse``), added to the dequantized codes.
     """
 
     packed: torch.Tensor
@@ -66,6 +68,7 @@ class QuantizedWeight:
     zero: torch.Tensor | None
     fmt: WeightFormat
     shape: tuple[int, ...]
+    outliers: Outliers | None = None
 
     @classmethod
     def from_codes(
@@ -75,11 +78,13 @@ class QuantizedWeight:
         zero: torch.Tensor | None,
         fmt: WeightFormat,
         shape: tuple[int, ...] | None = None,
+        outliers: Outliers | None = None,
     ) -> QuantizedWeight:
         """Pack ``codes: [out, K]`` (the matrix view) of a weight whose original shape is ``shape``.
 
         ``shape`` defaults to the codes' own shape (a linear); a conv passes its
-        N-D shape so that ``dequantize()`` gives the conv weight back.
+        N-D shape so that ``dequantize()`` gives the conv weight back. ``outliers``:
+        fp16 weights added to the dequantized codes.
         """
         if codes.dim() != 2:
             raise ValueError(
@@ -102,12 +107,15 @@ class QuantizedWeight:
         _check_scale_shape(scale, shape, fmt, "the scales")
         if zero is not None and fmt.has_zero and tuple(zero.shape) != tuple(scale.shape):
             raise ValueError(f"zero points of shape {list(zero.shape)} do not match the scales' {list(scale.shape)}")
+        if outliers is not None:
+            outliers.check(tuple(codes.shape), "the outliers")
         return cls(
             packed=packing.pack(codes.cpu(), fmt.bits),
             scale=scale.detach().to(storage).cpu().contiguous(),
             zero=zero.detach().to(torch.uint8).cpu().contiguous() if fmt.has_zero else None,
             fmt=fmt,
             shape=shape,
+            outliers=outliers,
         )
 
     @classmethod
@@ -165,6 +173,8 @@ class QuantizedWeight:
             w = integer.dequantize(codes, self.scale, self.zero_or_default(), self.fmt.group_size)
         else:
             w = floating.dequantize(codes, self.scale, self.fmt.kind, self.fmt.group_size)
+        if self.outliers is not None:
+            w = w + self.outliers.to_dense(self.matrix_shape).to(w.device)
         return w.reshape(self.shape).to(dtype)
 
     def storage_bits(self) -> int:
@@ -172,6 +182,8 @@ class QuantizedWeight:
         bits = self.packed.numel() * 8 + self.scale.numel() * self.scale.element_size() * 8
         if self.zero is not None:
             bits += packing.packed_nbytes(self.zero.numel(), self.fmt.bits) * 8
+        if self.outliers is not None:
+            bits += self.outliers.storage_bits()
         return bits
 
     @property
@@ -182,6 +194,9 @@ class QuantizedWeight:
         out = {f"{prefix}.qweight": self.packed, f"{prefix}.scales": self.scale}
         if self.zero is not None:
             out[f"{prefix}.qzeros"] = packing.pack(self.zero, self.fmt.bits)
+        if self.outliers is not None:
+            o = self.outliers
+            out.update({f"{prefix}.outlier_crow": o.crow, f"{prefix}.outlier_col": o.col, f"{prefix}.outlier_val": o.val})
         return out
 
     @classmethod
@@ -204,4 +219,12 @@ class QuantizedWeight:
                 f"{prefix}.qweight holds {packed.numel()} {packed.dtype} values; "
                 f"{expected} uint8 were expected for {shape} at {fmt.bits} bits"
             )
-        return cls(packed=packed, scale=scale, zero=zero, fmt=fmt, shape=shape)
+        outliers = None
+        keys = [f"{prefix}.outlier_{k}" for k in ("crow", "col", "val")]
+        if any(k in tensors for k in keys):
+            missing = [k for k in keys if k not in tensors]
+            if missing:
+                raise ValueError(f"{prefix} has outliers but {', '.join(missing)} is missing")
+            outliers = Outliers(*(tensors[k] for k in keys))
+            outliers.check(matrix_shape_of(shape), prefix)
+        return cls(packed=packed, scale=scale, zero=zero, fmt=fmt, shape=shape, outliers=outliers)

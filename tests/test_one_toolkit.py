@@ -15,7 +15,7 @@ from lowbit.models.vit_cifar import ViTCifar
 from lowbit.nn import QConv, QLinear, W8A8Linear
 from lowbit.nn.qmodule import QSite
 
-QUANTIZERS = ["rtn", "gptq", "awq", "adaround", "brecq", "qdrop", "bias_correction", "llmint8", "zeroquant",
+QUANTIZERS = ["rtn", "gptq", "awq", "adaround", "brecq", "qdrop", "signround", "owq", "bias_correction", "llmint8", "zeroquant",
               "repq_vit", "fq_vit", "ptq4vit", "apq_vit", "ptq_for_vit", "p2_vit", "cpt_v", "noisyquant", "oas_vit", "pmq"]
 TRANSFORMS = ["smoothquant", "osplus", "rptq", "peg"]
 
@@ -60,8 +60,10 @@ FAMILIES = {"llama": tiny_llama, "bert": tiny_bert, "vit": tiny_vit, "resnet": t
 
 def recipe_for(method: str) -> tuple[str, dict]:
     kw = {"bits": 4, "group_size": 16 if method in ("rtn", "gptq", "awq") else -1}
-    if method in ("adaround", "brecq", "qdrop", "oas_vit"):
+    if method in ("adaround", "brecq", "qdrop", "oas_vit", "signround"):
         kw["iters"] = 2
+    if method == "owq":  # two weak columns per layer: the tiny layers' budget would keep none
+        kw["columns"] = 2
     if method in TRANSFORMS:
         return f"{method}+rtn", {"bits": 8, "group_size": -1, "act_bits": 8, "act_granularity": "tensor",
                                  "act_dynamic": False}  # fmt: skip

@@ -90,7 +90,9 @@ def _encode(name: str, module: nn.Module, qtype: str, heads: int | None, report:
     permuted = isinstance(module, QLinear) and _permuted_input(module)
     if isinstance(module, QLinear):
         qw = module.quantized_weight
-        if qtype != "f32" and not permuted:  # permuted codes are not in the row order GGUF blocks need
+        # permuted codes are not in the row order GGUF blocks need; kept fp16 outliers have no GGUF block:
+        # both are written from the dequantized weight (the report says which were re-quantized)
+        if qtype != "f32" and not permuted and qw.outliers is None:
             native = _native_blocks(qw, qtype, heads)
             if native is not None:
                 report["native"].append(name)

@@ -61,6 +61,9 @@ class QDQLinear(nn.Module):
     def __init__(self, q: QLinear):
         super().__init__()
         qw = q.quantized_weight
+        if qw.outliers is not None:
+            raise ValueError("ONNX export: a layer keeps fp16 weights beside its codes (outliers), which "
+                             "DequantizeLinear cannot express; keep lowbit's own checkpoint")  # fmt: skip
         codes = qw.codes()
         if qw.fmt.symmetric:  # signed codes with a zero point of 0
             self.register_buffer("codes", (codes.to(torch.int16) - 128).to(torch.int8))

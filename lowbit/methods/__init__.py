@@ -13,6 +13,7 @@ from lowbit.methods.llmint8 import LLMInt8
 from lowbit.methods.noisyquant import NoisyQuant
 from lowbit.methods.oas_vit import OASViT
 from lowbit.methods.osplus import OSPlus
+from lowbit.methods.owq import OWQ
 from lowbit.methods.p2_vit import P2ViT
 from lowbit.methods.peg import PEG
 from lowbit.methods.pmq import PMQ
@@ -22,6 +23,7 @@ from lowbit.methods.qdrop import QDrop
 from lowbit.methods.repq_vit import RepQViT
 from lowbit.methods.rptq import RPTQ
 from lowbit.methods.rtn import RTN
+from lowbit.methods.signround import SignRound
 from lowbit.methods.smoothquant import SmoothQuant
 from lowbit.methods.zeroquant import ZeroQuant
 
@@ -42,12 +44,14 @@ __all__ = [
     "NoisyQuant",
     "OASViT",
     "OSPlus",
+    "OWQ",
     "PEG",
     "PMQ",
     "RPTQ",
     "RepQViT",
     "REGISTRY",
     "RTN",
+    "SignRound",
     "SmoothQuant",
     "ZeroQuant",
     "MethodConfig",

@@ -183,26 +183,31 @@ class AdaRound(MethodConfig):
         return {"first_loss": first, "last_loss": last}
 
     def _sample(self, run, x_q, x_fp, target, weight, g):
-        """One step's output, target and weight: a random subset of examples, or a random batch."""
-        if torch.is_tensor(x_q):
-            idx = torch.randint(x_q.shape[0], (min(self.batch_size, x_q.shape[0]),), generator=g)
-            x = x_q[idx]
-            if x_fp is not None and self.drop_prob > 0:
-                keep = torch.rand(x.shape, generator=g) < self.drop_prob
-                x = torch.where(keep, x_fp[idx], x)
-            return run(x), target[idx], None if weight is None else weight[idx]
-        b = int(torch.randint(len(x_q), (1,), generator=g))
-        args, kwargs = x_q[b]
-        h = args[0]
-        rows = torch.randperm(h.shape[0], generator=g)[: min(self.batch_size, h.shape[0])]
-        args = tuple(_rows(a, rows, h.shape[0]) for a in args)
-        kwargs = {k: _rows(v, rows, h.shape[0]) for k, v in kwargs.items()}
-        if x_fp is not None and self.drop_prob > 0:
-            h, f = args[0], x_fp[b][0][0][rows]
-            keep = torch.rand(h.shape, generator=g) < self.drop_prob
-            args = (torch.where(keep, f, h), *args[1:])
-        w = None if weight is None else weight[b][rows]
-        return run(*args, **kwargs), target[b][rows], w
+        return draw(run, x_q, target, g, self.batch_size, x_fp=x_fp, drop_prob=self.drop_prob, weight=weight)
+
+
+def draw(run, x_q, target, g: torch.Generator, batch_size: int, *, x_fp=None, drop_prob: float = 0.0, weight=None):
+    """One step's output, target and weight: ``batch_size`` random examples of stacked inputs, or as many
+    random rows of one random calibration batch; inputs dropped to float per element with ``drop_prob``."""
+    if torch.is_tensor(x_q):
+        idx = torch.randint(x_q.shape[0], (min(batch_size, x_q.shape[0]),), generator=g)
+        x = x_q[idx]
+        if x_fp is not None and drop_prob > 0:
+            keep = torch.rand(x.shape, generator=g) < drop_prob
+            x = torch.where(keep, x_fp[idx], x)
+        return run(x), target[idx], None if weight is None else weight[idx]
+    b = int(torch.randint(len(x_q), (1,), generator=g))
+    args, kwargs = x_q[b]
+    h = args[0]
+    rows = torch.randperm(h.shape[0], generator=g)[: min(batch_size, h.shape[0])]
+    args = tuple(_rows(a, rows, h.shape[0]) for a in args)
+    kwargs = {k: _rows(v, rows, h.shape[0]) for k, v in kwargs.items()}
+    if x_fp is not None and drop_prob > 0:
+        h, f = args[0], x_fp[b][0][0][rows]
+        keep = torch.rand(h.shape, generator=g) < drop_prob
+        args = (torch.where(keep, f, h), *args[1:])
+    w = None if weight is None else weight[b][rows]
+    return run(*args, **kwargs), target[b][rows], w
 
 
 def _rows(value, rows: torch.Tensor, batch: int):

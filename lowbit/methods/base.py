@@ -9,6 +9,7 @@ from typing import ClassVar
 import torch
 
 from lowbit.formats.activation import ActFormat
+from lowbit.formats.sparse import Outliers
 from lowbit.formats.spec import WeightFormat
 from lowbit.observers import check_observer
 from lowbit.quantized_weight import QuantizedWeight
@@ -163,8 +164,9 @@ class MethodConfig:
         only block ``j`` of the patches), each quantized on its own block's statistics."""
         parts = [self.quantize_linear(wj, stats.group(j)) for j, wj in enumerate(w.chunk(stats.groups))]
         zero = None if parts[0].zero is None else torch.cat([q.zero for q in parts])
+        outliers = Outliers.cat([q.outliers for q in parts], [q.matrix_shape for q in parts])
         return QuantizedWeight.from_codes(torch.cat([q.codes() for q in parts]), torch.cat([q.scale for q in parts]),
-                                          zero, parts[0].fmt)  # fmt: skip
+                                          zero, parts[0].fmt, outliers=outliers)  # fmt: skip
 
     def with_format(self, fmt: WeightFormat) -> MethodConfig:
         """This config targeting ``fmt`` (the first and last layers may keep more bits)."""

@@ -65,11 +65,17 @@ def gptq_quantize(
     act_order: bool = False,
     static_groups: bool = False,
     mse: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    keep: torch.Tensor | None = None,
+):
     """GPTQ on ``W: [out, in]`` with ``H: [in, in]``.
 
     Returns ``codes uint8 [out, in]`` and per-group ``scale, zero [out, ngroups]``
-    in the original column order.
+    in the original column order. ``keep`` (``bool [in]``, OWQ's weak columns): those
+    columns are not quantized but kept in float; they come last, so they absorb the
+    error feedback of every quantized column, their codes are the zero point (they
+    dequantize to 0) and they do not widen their groups' ranges (groups are then fixed
+    from the original weights). With ``keep`` a fourth result holds the kept columns'
+    final values (``[out, in]``, zero elsewhere).
     """
     W = W.detach().clone().float()
     H = H.detach().clone().float().to(W.device)
@@ -83,20 +89,27 @@ def gptq_quantize(
     W[:, dead] = 0
 
     grouped = ngroups > 1
-    static = static_groups or (act_order and grouped)
+    static = static_groups or (act_order and grouped) or (keep is not None and grouped)
     scale = torch.zeros(rows, ngroups, device=W.device)
     zero = torch.zeros(rows, ngroups, device=W.device)
+    if keep is not None:
+        keep = keep.to(device=W.device, dtype=torch.bool)
     if not grouped or static:
+        ranged = W if keep is None else W.masked_fill(keep[None], 0.0)  # 0 lies in every range
         for j in range(ngroups):
-            scale[:, j], zero[:, j] = _group_params(W[:, j * g : (j + 1) * g], bits, symmetric, mse)
+            scale[:, j], zero[:, j] = _group_params(ranged[:, j * g : (j + 1) * g], bits, symmetric, mse)
 
     perm = torch.arange(cols, device=W.device)
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
+    if keep is not None:
+        perm = torch.cat([perm[~keep[perm]], perm[keep[perm]]])
+    if act_order or keep is not None:
         W, H = W[:, perm], H[perm][:, perm]
     Hinv, _ = inverse_hessian_cholesky(H, damp)
 
     codes = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
+    kept = torch.zeros(rows, cols, device=W.device) if keep is not None else None
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1 = W[:, i1:i2].clone()
@@ -110,12 +123,21 @@ def gptq_quantize(
                 scale[:, grp], zero[:, grp] = _group_params(upcoming, bits, symmetric, mse)
             w = W1[:, i]
             s, z = scale[:, grp], zero[:, grp]
+            if keep is not None and keep[col]:  # kept in fp16: its code dequantizes to 0
+                codes[:, col] = z.to(torch.uint8)
+                kept[:, col] = w.to(torch.float16).float()
+                err = (w - kept[:, col]) / Hinv1[i, i]
+                W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+                Err1[:, i] = err
+                continue
             q = torch.clamp(torch.round(w / s) + z, 0, maxq)
             codes[:, col] = q.to(torch.uint8)
             err = (w - (q - z) * s) / Hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    if keep is not None:
+        return codes, scale, zero, kept
     return codes, scale, zero
 
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.formats.sparse import Outliers
 from lowbit.formats.spec import WeightFormat
 from lowbit.quantized_weight import QuantizedWeight
 
@@ -77,6 +78,10 @@ class QConv(nn.Module):
         self.register_buffer("qweight", qw.packed)
         self.register_buffer("scales", qw.scale)
         self.register_buffer("zeros", qw.zero if qw.zero is not None else None)
+        o = qw.outliers  # kept fp16 weights: part of the dequantized weight the float conv runs on
+        self.register_buffer("outlier_crow", None if o is None else o.crow)
+        self.register_buffer("outlier_col", None if o is None else o.col)
+        self.register_buffer("outlier_val", None if o is None else o.val)
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         self._cache: dict = {}
 
@@ -109,12 +114,16 @@ class QConv(nn.Module):
 
     @property
     def quantized_weight(self) -> QuantizedWeight:
+        o = None
+        if self.outlier_val is not None:
+            o = Outliers(self.outlier_crow.cpu(), self.outlier_col.cpu(), self.outlier_val.cpu())
         return QuantizedWeight(
             packed=self.qweight.cpu(),
             scale=self.scales.cpu(),
             zero=None if self.zeros is None else self.zeros.cpu(),
             fmt=self.fmt,
             shape=self.weight_shape,
+            outliers=o,
         )
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lowbit.formats.sparse import Outliers
 from lowbit.formats.spec import WeightFormat
 from lowbit.kernels import avx512, cpu, triton_w4a16, wq
 from lowbit.quantized_weight import QuantizedWeight
@@ -53,6 +54,9 @@ class QLinear(nn.Module):
     - ``dequant``: dequantize, then ``x @ W.T`` (every other format, and GPUs
       without triton).
 
+    Weights kept in fp16 beside the codes (``QuantizedWeight.outliers``: OWQ's weak columns)
+    are added by PyTorch's sparse CSR matmul after the dense kernel, ``y += x @ S^T``.
+
     ``in_perm`` (optional) carries act-order checkpoints (GPTQ ``desc_act``):
     their groups are scattered over the input channels, and sorting the columns
     by group makes them an ordinary grouped weight. The stored weight keeps that
@@ -78,6 +82,10 @@ class QLinear(nn.Module):
         self.register_buffer("scales", qw.scale)
         self.register_buffer("zeros", qw.zero if qw.zero is not None else None)
         self.register_buffer("in_perm", input_permutation(in_perm, self.in_features))
+        o = qw.outliers
+        self.register_buffer("outlier_crow", None if o is None else o.crow)
+        self.register_buffer("outlier_col", None if o is None else o.col)
+        self.register_buffer("outlier_val", None if o is None else o.val)
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         self._cache: dict = {}
 
@@ -93,7 +101,23 @@ class QLinear(nn.Module):
             zero=None if self.zeros is None else self.zeros.cpu(),
             fmt=self.fmt,
             shape=(self.out_features, self.in_features),
+            outliers=self.outliers,
         )
+
+    @property
+    def outliers(self) -> Outliers | None:
+        if self.outlier_val is None:
+            return None
+        return Outliers(self.outlier_crow.cpu(), self.outlier_col.cpu(), self.outlier_val.cpu())
+
+    def _add_outliers(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``y + x @ S^T`` for the kept fp16 weights ``S`` (``x`` in stored column order)."""
+        key = ("outliers", x.device)
+        if key not in self._cache:
+            self._cache[key] = self.outliers.to_sparse(self.in_features, x.device)
+        s = self._cache[key]
+        x2 = x.reshape(-1, x.shape[-1]).to(s.dtype)
+        return y + torch.mm(s, x2.t()).t().reshape(y.shape).to(y.dtype)
 
     @property
     def act_order(self) -> bool:
@@ -183,7 +207,8 @@ class QLinear(nn.Module):
             def run(x):
                 if self.in_perm is not None:
                     x = x.index_select(-1, self.in_perm)  # every kernel sees a plain grouped weight
-                return packed.matmul(x, bias=self.bias)
+                y = packed.matmul(x, bias=self.bias)
+                return y if self.outlier_val is None else self._add_outliers(y, x)
 
             return run
 
@@ -201,7 +226,10 @@ class QLinear(nn.Module):
             elif kernel == "int8_cpu":
                 y = cpu.int8_mm(x, self._prepare(kernel, x.device))
             else:
-                y = x @ self.stored_weight().to(x.dtype).t()
+                y = x @ self.stored_weight().to(x.dtype).t()  # outliers included
+                return y if self.bias is None else y + self.bias.to(y.dtype)
+            if self.outlier_val is not None:
+                y = self._add_outliers(y, x)
             return y if self.bias is None else y + self.bias.to(y.dtype)
 
         return run_other

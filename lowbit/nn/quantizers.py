@@ -9,6 +9,9 @@ matrix view ``[out, prod(rest)]``) into its quantized value. Its state is one of
   rounding: nearest (straight-through gradient), soft (AdaRound's rectified
   sigmoid of a learnable ``alpha``, Nagel et al. 2020) or learned (hardened 0/1
   offsets);
+- ``signed``: SignRound's learnable rounding offsets ``v`` added before rounding
+  and learnable factors on each group's min and max (Cheng et al. 2023), all with
+  straight-through rounding, until ``finish_signed_rounding`` fixes the codes;
 - ``fixed``: codes a method decided (GPTQ, AWQ's clipping, codebook formats),
   held as the ``QuantizedWeight`` that freezing stores.
 
@@ -51,6 +54,11 @@ def inverse_rectified_sigmoid(h: torch.Tensor) -> torch.Tensor:
     return torch.log(p / (1 - p))
 
 
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``round(x)`` forward, identity backward (the straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
 def matrix(w: torch.Tensor) -> torch.Tensor:
     """The matrix view ``[out, prod(rest)]`` that groups and kernels work on."""
     return w.reshape(w.shape[0], -1)
@@ -69,6 +77,7 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("zero", None)
         self.register_buffer("offset", None)  # hardened 0/1 rounding offsets [out, K]
         self.alpha: nn.Parameter | None = None
+        self.signed: dict[str, torch.Tensor] | None = None  # SignRound: v, lo_factor, hi_factor, lo, hi
         self.fixed: QuantizedWeight | None = None
         self.method = ""
         self.enabled = True
@@ -76,12 +85,14 @@ class WeightQuantizer(nn.Module):
 
     @property
     def is_set(self) -> bool:
-        return self.fixed is not None or self.scale is not None
+        return self.fixed is not None or self.scale is not None or self.signed is not None
 
     @property
     def rounding(self) -> str:
         if self.fixed is not None:
             return "fixed"
+        if self.signed is not None:
+            return "signed"
         if self.alpha is not None:
             return "soft"
         return "learned" if self.offset is not None else "nearest"
@@ -93,14 +104,14 @@ class WeightQuantizer(nn.Module):
         if self.fmt.kind != "int":
             raise ValueError(f"{self.fmt.describe()} has no integer grid to set")
         self.scale, self.zero = scale.detach().float().clone(), zero.detach().float().clone()
-        self.fixed, self.alpha, self.offset, self._fixed_cache = None, None, None, None
+        self.fixed, self.alpha, self.offset, self._fixed_cache, self.signed = None, None, None, None, None
         self.method = method
 
     def set_fixed(self, qw: QuantizedWeight, method: str) -> None:
         """Codes decided by a method; the simulation dequantizes exactly what freezing stores."""
         self.fixed, self._fixed_cache = qw, None
         self.scale = self.zero = self.offset = None
-        self.alpha = None
+        self.alpha = self.signed = None
         self.method = method
 
     def init_params(self, w: torch.Tensor, method: str, mse: bool = False, mse_norm: float = 2.4,
@@ -149,6 +160,70 @@ class WeightQuantizer(nn.Module):
         """AdaRound's ``sum(1 - |2 h(V) - 1|^beta)``: pushes every ``h`` to 0 or 1 as ``beta`` falls."""
         return (1 - (2 * rectified_sigmoid(self.alpha) - 1).abs().pow(beta)).sum()
 
+    # --- SignRound --------------------------------------------------------------------------
+
+    def start_signed_rounding(self, w: torch.Tensor) -> list[nn.Parameter]:
+        """SignRound's parameters for ``w``: rounding offsets ``v`` (``[out, K]``, from 0) and factors on
+        each group's min and max (``[out, ngroups]``, from 1); returns ``[v, lo_factor, hi_factor]``."""
+        if self.fmt.kind != "int":
+            raise ValueError(f"signed rounding learns integer grids, not {self.fmt.describe()}")
+        check_finite(w)
+        m = matrix(w).detach().float()
+        if self.fmt.group_size is None:
+            lo, hi = m.min().reshape(1, 1), m.max().reshape(1, 1)
+        else:
+            groups = integer.to_groups(m, self.fmt.group_size)
+            lo, hi = groups.amin(-1), groups.amax(-1)
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)  # the range always holds 0, as params_from_range's
+        bits = self.fmt.bits
+        full = torch.maximum(hi, -lo) / ((1 << (bits - 1)) - 1) if self.fmt.symmetric else (hi - lo) / integer.qmax(bits)
+        params = [nn.Parameter(torch.zeros_like(m)), nn.Parameter(torch.ones_like(lo)), nn.Parameter(torch.ones_like(hi))]
+        self.signed = {"v": params[0], "lo_factor": params[1], "hi_factor": params[2], "lo": lo, "hi": hi, "full": full}
+        self.fixed = self.scale = self.zero = self.offset = self.alpha = None
+        self._fixed_cache = None
+        return params
+
+    def _signed_grid(self, shape: torch.Size, v=None, lo_factor=None, hi_factor=None):
+        """Scale and zero ``[out, K]`` of the current (or given) SignRound parameters, differentiable in the
+        factors; the scale rounded to the dtype it will be stored in, the zero point to an integer (both
+        straight-through)."""
+        sg = self.signed
+        lo = sg["lo"] * (sg["lo_factor"] if lo_factor is None else lo_factor)
+        hi = sg["hi"] * (sg["hi_factor"] if hi_factor is None else hi_factor)
+        bits = self.fmt.bits
+        if self.fmt.symmetric:
+            scale = torch.maximum(hi, -lo) / ((1 << (bits - 1)) - 1)
+        else:
+            scale = (hi - lo) / integer.qmax(bits)
+        full = sg["full"]  # the scale at factors 1: a floor far below it, and 1 for an all-zero group
+        scale = torch.where(full > 0, torch.maximum(scale, 1e-3 * full), torch.ones_like(scale))
+        scale = scale + (scale.detach().to(integer.scale_storage_dtype(scale.detach())).float() - scale.detach())
+        if self.fmt.symmetric:
+            zero = torch.full_like(scale, float(1 << (bits - 1)))
+        else:
+            zero = _round_ste(-lo / scale).clamp(0, integer.qmax(bits))
+        g = self.fmt.group_size
+        return integer._full(scale, shape, g), integer._full(zero, shape, g), scale, zero
+
+    def _signed_value(self, m: torch.Tensor, v=None, lo_factor=None, hi_factor=None):
+        s, z, scale, zero = self._signed_grid(m.shape, v, lo_factor, hi_factor)
+        v = self.signed["v"] if v is None else v
+        q = torch.clamp(_round_ste(m.detach() / s + v) + z, 0, integer.qmax(self.fmt.bits))
+        return (q - z) * s, q, scale, zero
+
+    def finish_signed_rounding(self, w: torch.Tensor, method: str, params: list[torch.Tensor] | None = None) -> None:
+        """Fix the codes SignRound's parameters (the current ones, or ``params = [v, lo_factor,
+        hi_factor]``, e.g. the best seen) give ``w``: what the simulation computed is what freezing stores."""
+        if self.signed is None:
+            raise RuntimeError("finish_signed_rounding() after start_signed_rounding()")
+        m = matrix(w).detach().float()
+        with torch.no_grad():
+            v, lo_f, hi_f = params if params is not None else (None, None, None)
+            _, q, scale, zero = self._signed_value(m, v, lo_f, hi_f)
+        qw = QuantizedWeight.from_codes(q.to(torch.uint8).cpu(), scale.cpu(), zero.cpu() if self.fmt.has_zero else None,
+                                        self.fmt, shape=tuple(w.shape))  # fmt: skip
+        self.set_fixed(qw, method)
+
     # --- the simulation -----------------------------------------------------------------
 
     def codes(self, w: torch.Tensor) -> torch.Tensor:
@@ -172,6 +247,8 @@ class WeightQuantizer(nn.Module):
                 self._fixed_cache = self.fixed.dequantize().to(w.device)
             return self._fixed_cache.to(w.dtype)
         m = matrix(w)
+        if self.signed is not None:
+            return self._signed_value(m)[0].reshape(w.shape).to(w.dtype)
         s, z = self._grid(m)
         top = integer.qmax(self.fmt.bits)
         if self.alpha is not None:
@@ -187,6 +264,8 @@ class WeightQuantizer(nn.Module):
 
     def freeze(self, w: torch.Tensor) -> QuantizedWeight:
         """The packed weight the runtime module stores."""
+        if self.signed is not None:
+            self.finish_signed_rounding(w, self.method or "signround")
         if self.fixed is not None:
             return self.fixed
         if self.scale is None:
@@ -197,7 +276,8 @@ class WeightQuantizer(nn.Module):
                                           self.fmt, shape=tuple(w.shape))  # fmt: skip
 
     def describe(self) -> str:
-        how = {"nearest": "", "soft": " (soft rounding)", "learned": " learned rounding", "fixed": ""}[self.rounding]
+        how = {"nearest": "", "soft": " (soft rounding)", "learned": " learned rounding", "fixed": "",
+               "signed": " (signed rounding)"}[self.rounding]  # fmt: skip
         return self.fmt.describe() + how
 
     def extra_repr(self) -> str:

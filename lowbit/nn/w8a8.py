@@ -59,6 +59,8 @@ class W8A8Linear(QLinear):
         outlier_threshold: float | None = None,
         kernel: str = "auto",
     ):
+        if qw.outliers is not None:
+            raise ValueError("a layer with weights kept in fp16 (outliers) runs weight-only; W8A8 cannot hold them")
         act = act or ActFormat()
         if qw.fmt.kind != "int" or qw.fmt.group_size is None:
             raise ValueError(

@@ -77,6 +77,8 @@ class W8A8Conv(W8A8Linear):
         dims: int,
         kernel: str = "auto",
     ):
+        if qw.outliers is not None:
+            raise ValueError("a layer with weights kept in fp16 (outliers) runs weight-only; W8A8 cannot hold them")
         conv_kernel = kernel
         kernel = "auto" if kernel == "onednn" else kernel
         if dims not in (1, 2):
