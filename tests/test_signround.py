@@ -95,6 +95,27 @@ def test_signround_lowers_a_two_layer_units_output_error_below_rtn():
     assert err_sr < 0.7 * err_rtn, (float(err_sr), float(err_rtn))
 
 
+def test_the_mse_start_is_the_rtn_clip_search_grid():
+    from lowbit.formats import integer
+    from lowbit.methods.signround import _mse_factors
+
+    torch.manual_seed(0)
+    w = torch.randn(8, 256) * torch.rand(8, 1)
+    fmt = WeightFormat("int", 3, 64, False)
+    wq = WeightQuantizer(fmt)
+    _, alpha, beta = wq.start_signed_rounding(w)
+    _mse_factors(w, fmt, alpha, beta)
+    scale, zero = integer.mse_params(w, 3, 64, False)
+    assert float(alpha.min()) < 1.0  # some group's range shrank
+    got = wq(w).detach()
+    searched = QuantizedWeight.quantize(w, fmt, scale, zero).dequantize()
+    minmax = QuantizedWeight.quantize(w, fmt).dequantize()
+    # the same grids up to a rounding flip of a zero point where a factor lands on a .5 boundary
+    assert (got != searched).float().mean() < 0.05
+    err, err_search, err_minmax = ((x - w).pow(2).mean() for x in (got, searched, minmax))
+    assert abs(err - err_search) < 0.01 * err_search and err < 0.9 * err_minmax
+
+
 def test_signround_refuses_formats_without_an_integer_grid_and_bad_knobs():
     with pytest.raises(ValueError, match="signround"):
         lowbit.methods.make_method("signround", format="nf4")
@@ -102,6 +123,8 @@ def test_signround_refuses_formats_without_an_integer_grid_and_bad_knobs():
         lowbit.methods.make_method("signround", iters=0)
     with pytest.raises(ValueError, match="lr"):
         lowbit.methods.make_method("signround", lr=-1.0)
+    with pytest.raises(ValueError, match="init"):
+        lowbit.methods.make_method("signround", init="gptq")
 
 
 @pytest.mark.slow
