@@ -10,6 +10,7 @@ METHODS = {
     "qdrop": "QDrop (Wei et al. 2022): block reconstruction with activation dropping",
     "owq": "OWQ (Lee et al. 2023): GPTQ with the most Hessian-sensitive input columns kept in fp16",
     "signround": "SignRound / AutoRound (Cheng et al. 2023): rounding offsets and ranges by signed gradient descent per block",
+    "squeezellm": "SqueezeLLM (Kim et al. 2023): Fisher-weighted k-means codebook per channel (lut), fp16 outliers",
     "bias_correction": "bias correction (Nagel et al. 2019) on the MSE grid",
     "llmint8": "LLM.int8() (Dettmers et al. 2022): int8 with fp outlier columns",
     "zeroquant": "ZeroQuant (Yao et al. 2022): group weights, per-token activations",

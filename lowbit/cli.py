@@ -60,7 +60,8 @@ def quantize(
     sym: Optional[bool] = typer.Option(
         None, "--sym/--asym", help="symmetric or asymmetric (zero-point) weights (default asym for int weights)"
     ),
-    fmt: str = typer.Option("int", "--format", help="int, nf4, fp4, fp8_e4m3 or fp8_e5m2"),
+    fmt: Optional[str] = typer.Option(None, "--format", help="int (default), lut (a learned codebook per channel or "
+                                      "group; squeezellm's default), nf4, fp4, fp8_e4m3 or fp8_e5m2"),
     mse: Optional[bool] = typer.Option(
         None, "--mse/--no-mse", help="clip-search each group's range (default: off for rtn, on for gptq)"
     ),

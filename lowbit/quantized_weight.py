@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.formats import floating, integer, packing
+from lowbit.formats import codebook, floating, integer, packing
 from lowbit.formats.sparse import Outliers
 from lowbit.formats.spec import WeightFormat
 
@@ -37,11 +37,12 @@ def check_finite(w: torch.Tensor, name: str = "weight") -> None:
 
 
 def _check_scale_shape(scale: torch.Tensor, shape: tuple, fmt: WeightFormat, what: str) -> None:
-    """Integer scales are ``[out, ngroups]`` of the matrix view: anything else is a corrupted file."""
-    if fmt.kind != "int":
+    """Integer scales are ``[out, ngroups]`` of the matrix view, codebooks ``[out, ngroups * 2^bits]``:
+    anything else is a corrupted file."""
+    if fmt.kind not in ("int", "lut"):
         return
     rows, k = matrix_shape_of(shape)
-    want = (rows, integer.num_groups(k, fmt.group_size))
+    want = (rows, integer.num_groups(k, fmt.group_size) * (codebook.levels(fmt.bits) if fmt.kind == "lut" else 1))
     per_tensor = fmt.group_size is None and tuple(scale.shape) == (1, 1)  # one scale for the whole tensor
     if tuple(scale.shape) != want and not per_tensor:
         raise ValueError(f"{what} are {list(scale.shape)}; {list(want)} were expected for a weight of shape "
@@ -100,7 +101,9 @@ class QuantizedWeight:
         # fp16 when that loses nothing (lowbit's own scales are rounded to fp16 when found);
         # scales from elsewhere that fp16 would change stay fp32
         exact = scale.float().to(torch.float16).float()
-        fp16_ok = integer.scale_storage_dtype(scale) == torch.float16 and torch.equal(exact, scale.float())
+        fp16_ok = torch.equal(exact, scale.float()) and (
+            fmt.kind == "lut" or integer.scale_storage_dtype(scale) == torch.float16  # codebooks may hold 0
+        )
         storage = torch.float16 if fp16_ok else torch.float32
         if fmt.has_zero and zero is None:
             raise ValueError(f"{fmt.describe()} needs zero points")
@@ -142,6 +145,10 @@ class QuantizedWeight:
             if scale is None:
                 scale, zero = integer.minmax_params(w, fmt.bits, fmt.group_size, fmt.symmetric)
             codes = integer.quantize(w, scale, zero, fmt.bits, fmt.group_size)
+        elif fmt.kind == "lut":  # ``scale`` is the codebook; k-means of each row or group unless given
+            if scale is None:
+                scale = codebook.fit(w, fmt.bits, fmt.group_size)
+            codes = codebook.quantize(w, scale, fmt.bits, fmt.group_size)
         else:
             if scale is None:
                 scale = floating.absmax_scale(w, fmt.kind, fmt.group_size)
@@ -171,6 +178,8 @@ class QuantizedWeight:
         codes = self.codes()  # [out, K]
         if self.fmt.kind == "int":
             w = integer.dequantize(codes, self.scale, self.zero_or_default(), self.fmt.group_size)
+        elif self.fmt.kind == "lut":
+            w = codebook.dequantize(codes, self.scale, self.fmt.bits, self.fmt.group_size)
         else:
             w = floating.dequantize(codes, self.scale, self.fmt.kind, self.fmt.group_size)
         if self.outliers is not None:

@@ -7,12 +7,13 @@ from dataclasses import asdict, dataclass
 from lowbit.formats.floating import FP8_DTYPES
 from lowbit.formats.integer import check_bits, check_group_size
 
-KINDS = ("int", "nf4", "fp4", *FP8_DTYPES)
+KINDS = ("int", "lut", "nf4", "fp4", *FP8_DTYPES)
 
 
 @dataclass(frozen=True)
 class WeightFormat:
-    """``kind`` is ``int``, ``nf4``, ``fp4``, ``fp8_e4m3`` or ``fp8_e5m2``.
+    """``kind`` is ``int``, ``lut`` (a learned codebook of ``2^bits`` values per row or group,
+    ``formats.codebook``), ``nf4``, ``fp4``, ``fp8_e4m3`` or ``fp8_e5m2``.
 
     ``group_size``: a positive size (ragged last group allowed), ``-1`` per-channel,
     ``None`` per-tensor. ``symmetric`` applies to ``int`` only; the float and
@@ -32,6 +33,8 @@ class WeightFormat:
             object.__setattr__(self, "bits", natural)
         check_bits(self.bits)
         check_group_size(self.group_size)
+        if self.kind == "lut" and self.group_size is None:
+            raise ValueError("a codebook (lut) is per row or per group: use group_size -1 or a positive size")
         if self.kind != "int":
             object.__setattr__(self, "symmetric", True)
 
@@ -46,7 +49,7 @@ class WeightFormat:
             gran = "per-channel"
         else:
             gran = f"g{self.group_size}"
-        name = f"int{self.bits}" if self.kind == "int" else self.kind
+        name = f"{self.kind}{self.bits}" if self.kind in ("int", "lut") else self.kind
         sym = ("sym" if self.symmetric else "asym") if self.kind == "int" else ""
         return " ".join(p for p in (name, gran, sym) if p)
 

@@ -24,6 +24,7 @@ from lowbit.methods.repq_vit import RepQViT
 from lowbit.methods.rptq import RPTQ
 from lowbit.methods.rtn import RTN
 from lowbit.methods.signround import SignRound
+from lowbit.methods.squeezellm import SqueezeLLM
 from lowbit.methods.smoothquant import SmoothQuant
 from lowbit.methods.zeroquant import ZeroQuant
 
@@ -52,6 +53,7 @@ __all__ = [
     "REGISTRY",
     "RTN",
     "SignRound",
+    "SqueezeLLM",
     "SmoothQuant",
     "ZeroQuant",
     "MethodConfig",
