@@ -57,7 +57,8 @@ def test_skip_patterns_and_config_objects():
 def test_unknown_method_lists_the_available_ones():
     available = (
         "adaround, apq_vit, awq, bias_correction, brecq, cpt_v, fq_vit, gptq, llmint8, noisyquant, oas_vit, osplus, "
-        "p2_vit, peg, pmq, ptq4vit, ptq_for_vit, qdrop, repq_vit, rptq, rtn, smoothquant, zeroquant"
+        "owq, p2_vit, peg, pmq, ptq4vit, ptq_for_vit, qdrop, repq_vit, rptq, rtn, signround, smoothquant, squeezellm, "
+        "zeroquant"
     )
     with pytest.raises(ValueError, match=f"available: {available}$"):
         lowbit.quantize(nn.Linear(4, 4), "gptx", progress=False)
