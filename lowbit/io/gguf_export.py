@@ -108,6 +108,8 @@ def _encode(name: str, module: nn.Module, qtype: str, heads: int | None, report:
     why = f"{module.fmt.describe()} is not {qtype}'s scheme" if isinstance(module, QLinear) else "unquantized"
     if permuted:
         why = f"act-order (permuted input) {module.fmt.describe()}: its groups are not contiguous blocks of {BLOCK}"
+    elif isinstance(module, QLinear) and module.outlier_val is not None:
+        why = f"{module.fmt.describe()} with {module.outlier_val.numel()} weights kept in fp16, which GGUF cannot hold"
     report["requantized"].append(f"{name}: requantized to {qtype} from its dequantized weights ({why})")
     return gguf.quants.quantize(w.numpy().astype(np.float32), types[qtype]), types[qtype]
 
