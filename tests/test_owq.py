@@ -125,13 +125,18 @@ def test_outlier_bits_are_counted_and_the_layer_saves_and_reloads_exactly(tmp_pa
     assert torch.equal(back[0].outlier_val, first.outlier_val)
 
 
-def test_exporters_refuse_outliers_by_name(tmp_path):
+def _owq_llama(layers: int, columns: int):
+    """A tiny random Llama quantized with OWQ (``columns`` kept per layer), and its calibration ids."""
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
-    model = tf.LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, 64, (4, 16))
-    q = lowbit.quantize(model, "owq", calib=ids, bits=4, group_size=32, columns=2, progress=False)
+    model = tf.LlamaForCausalLM(cfg).eval()
+    return lowbit.quantize(model, "owq", calib=ids, bits=4, group_size=32, columns=columns, progress=False), ids
+
+
+def test_exporters_refuse_outliers_by_name(tmp_path):
+    q, _ = _owq_llama(layers=1, columns=2)
     from lowbit.io.compressed_tensors import export_compressed_tensors
     from lowbit.io.gptq_layout import export_gptq
 
@@ -144,12 +149,7 @@ def test_exporters_refuse_outliers_by_name(tmp_path):
 def test_the_fused_decode_step_runs_layers_with_outliers_on_their_own_forward():
     from lowbit.generate import greedy_decode
 
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
-    model = tf.LlamaForCausalLM(cfg).eval()
-    ids = torch.randint(0, 64, (4, 16))
-    q = lowbit.quantize(model, "owq", calib=ids, bits=4, group_size=32, columns=3, progress=False)
+    q, ids = _owq_llama(layers=2, columns=3)
     prompt = ids[:1, :5]
     fused = greedy_decode(q, prompt, 8, fused=True).tokens
     plain = greedy_decode(q, prompt, 8, fused=False).tokens

@@ -175,16 +175,11 @@ class GPTQ(MethodConfig):
         fmt = self.weight_format
         if stats is None or stats.tokens == 0:
             return QuantizedWeight.quantize(w, fmt)
-        codes, scale, zero = gptq_quantize(
-            w,
-            stats.H,
-            fmt.bits,
-            fmt.group_size,
-            fmt.symmetric,
-            self.damp,
-            self.blocksize,
-            self.act_order,
-            self.static_groups,
-            self.mse,
-        )
+        codes, scale, zero = self.solve(w, stats.H)
         return QuantizedWeight.from_codes(codes.cpu(), scale.cpu(), zero.cpu(), fmt)
+
+    def solve(self, w: torch.Tensor, H: torch.Tensor, keep: torch.Tensor | None = None):
+        """``gptq_quantize`` of ``w`` with this config's format and knobs (``keep``: OWQ's kept columns)."""
+        fmt = self.weight_format
+        return gptq_quantize(w, H, fmt.bits, fmt.group_size, fmt.symmetric, self.damp, self.blocksize,
+                             self.act_order, self.static_groups, self.mse, keep=keep)  # fmt: skip

@@ -21,7 +21,7 @@ import torch
 
 from lowbit.formats.sparse import Outliers
 from lowbit.methods.base import register
-from lowbit.methods.gptq import GPTQ, gptq_quantize
+from lowbit.methods.gptq import GPTQ
 from lowbit.quantized_weight import QuantizedWeight, check_finite
 
 
@@ -59,18 +59,14 @@ class OWQ(GPTQ):
             raise ValueError(f"columns ({self.columns}) must be at least 0")
 
     def quantize_linear(self, w: torch.Tensor, stats) -> QuantizedWeight:
-        check_finite(w)
-        fmt = self.weight_format
-        if stats is None or stats.tokens == 0:
-            return QuantizedWeight.quantize(w, fmt)
         out, cols = w.shape
         k = weak_columns(cols, out, self.extra_bits, self.columns)
-        if k == 0:
-            return super().quantize_linear(w, stats)
+        if stats is None or stats.tokens == 0 or k == 0:
+            return super().quantize_linear(w, stats)  # plain GPTQ (or RTN without observations)
+        check_finite(w)
+        fmt = self.weight_format
         keep = torch.zeros(cols, dtype=torch.bool)
         keep[torch.topk(column_sensitivity(w, stats.H, fmt), k).indices] = True
-        codes, scale, zero, kept = gptq_quantize(w, stats.H, fmt.bits, fmt.group_size, fmt.symmetric, self.damp,
-                                                 self.blocksize, self.act_order, self.static_groups, self.mse,
-                                                 keep=keep)  # fmt: skip
+        codes, scale, zero, kept = self.solve(w, stats.H, keep)
         outliers = Outliers.from_dense(kept.cpu(), keep[None].expand(out, cols) & (kept.cpu() != 0))
         return QuantizedWeight.from_codes(codes.cpu(), scale.cpu(), zero.cpu(), fmt, outliers=outliers)

@@ -28,14 +28,20 @@ from lowbit.methods.brecq import _forward, task_loss
 from lowbit.quantized_weight import QuantizedWeight, check_finite
 
 
-def weight_fisher(model, names: list[str], batches, limit: int | None = None) -> dict[str, torch.Tensor]:
+def weight_fisher(model, names: list[str], batches, limit: int | None = None,
+                  progress: bool = False) -> dict[str, torch.Tensor]:  # fmt: skip
     """``{name: sum over examples of (dL/dW)^2}`` for the linears ``names`` (their ``[out, in]`` weight),
-    one example at a time; ``{}`` when the model has no logits."""
+    one example at a time (a bar per example with ``progress``); ``{}`` when the model has no logits."""
+    from tqdm.auto import tqdm
+
     mods = {n: model.get_submodule(n) for n in names}
     params = {n: m.weight for n, m in mods.items() if isinstance(getattr(m, "weight", None), torch.nn.Parameter)}
     flags = {n: p.requires_grad for n, p in params.items()}
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     seen = 0
+    total = sum(b.shape[0] if torch.is_tensor(b) else 1 for b in batches)
+    bar = tqdm(total=total if limit is None else min(limit, total), desc="squeezellm Fisher", unit="example",
+               disable=not progress)  # fmt: skip
     try:
         for p in params.values():
             p.requires_grad_(True)
@@ -53,7 +59,9 @@ def weight_fisher(model, names: list[str], batches, limit: int | None = None) ->
                     if g is not None:
                         fisher[n] += g.detach().float().pow(2)
                 seen += 1
+                bar.update(1)
     finally:
+        bar.close()
         for n, p in params.items():
             p.requires_grad_(flags[n])
     return fisher
@@ -87,7 +95,9 @@ class SqueezeLLM(MethodConfig):
     def prepare(self, model, adapter, batches) -> None:
         kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
         names = [n for n, m in model.named_modules() if isinstance(m, kinds)]
-        self._fisher = weight_fisher(model, names, batches or [], self.fisher_examples)
+        self._fisher = weight_fisher(
+            model, names, batches or [], self.fisher_examples, getattr(self, "progress", False)
+        )
         self._names: dict[int, str] = {}
 
     def with_format(self, fmt):
