@@ -16,7 +16,7 @@ Peers, each measured in this run where it installs, on the same windows:
   put into a copy of the fp32 model, so every row is evaluated by the same code.
 
     python benchmarks/llm_quality.py [--model minilm,stories,smollm2] [--configs w4g128,w3g128,w3pc,w2g64]
-        [--methods rtn,gptq,awq+gptq,signround] [--peers autoround,hqq,bnb-nf4,llmcompressor] [--json OUT]
+        [--methods rtn,gptq,awq+gptq,signround,spqr:group_size=16] [--peers autoround,hqq,bnb-nf4,llmcompressor] [--json OUT]
 
 bpw: bits per weight the checkpoint stores (codes, scales, zero points) over the block linears.
 """
@@ -48,10 +48,27 @@ CONFIGS = {"w4g128": (4, 128), "w3g128": (3, 128), "w3pc": (3, -1), "w2g64": (2,
 PEER_SCRIPT = Path(__file__).with_name("peer_quantize.py")
 
 
+def method_knobs(spec: str) -> tuple[str, dict]:
+    """``"spqr:group_size=16:outlier_threshold=0.5"``: a method and knobs that override the column's."""
+    name, *pairs = spec.split(":")
+    knobs = {}
+    for pair in pairs:
+        k, _, v = pair.partition("=")
+        for cast in (int, float):
+            try:
+                v = cast(v)
+                break
+            except ValueError:
+                continue
+        knobs[k] = {"True": True, "False": False, "None": None}.get(v, v) if isinstance(v, str) else v
+    return name, knobs
+
+
 def run_lowbit(model, method, calib, bits, group_size):
     q = copy.deepcopy(model)
+    name, knobs = method_knobs(method)
     t0 = time.perf_counter()
-    lowbit.quantize(q, method, calib=calib, bits=bits, group_size=group_size, progress=False)
+    lowbit.quantize(q, name, calib=calib, **{"bits": bits, "group_size": group_size, **knobs}, progress=False)
     seconds = time.perf_counter() - t0
     done, total = q.lowbit_coverage.block_counts()
     return q, {"seconds": seconds, "bits_per_weight": q.lowbit_coverage.mean_bits_per_weight(),

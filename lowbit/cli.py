@@ -11,7 +11,6 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -52,48 +51,55 @@ def quantize(
                                           "resnet20, resnet32, vit_cifar)"),
     out: Path = typer.Option(..., "--out", help="directory to write; must not exist or be empty"),
     method: str = typer.Option("rtn", help=method_help()),
-    recipe_file: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe (overrides --method)"),
-    bits: Optional[int] = typer.Option(None, help="weight bits, 2-8 (default 4; 8 for llmint8)"),
-    group_size: Optional[int] = typer.Option(
+    recipe_file: Path | None = typer.Option(None, "--recipe", help="YAML recipe (overrides --method)"),
+    bits: int | None = typer.Option(None, help="weight bits, 2-8 (default 4; 8 for llmint8)"),
+    group_size: int | None = typer.Option(
         None, "--group-size", help="group size; -1 for per-channel (default 128; per-channel for vision models)"
     ),
-    sym: Optional[bool] = typer.Option(
+    sym: bool | None = typer.Option(
         None, "--sym/--asym", help="symmetric or asymmetric (zero-point) weights (default asym for int weights)"
     ),
-    fmt: Optional[str] = typer.Option(None, "--format", help="int (default), lut (a learned codebook per channel or "
+    fmt: str | None = typer.Option(None, "--format", help="int (default), lut (a learned codebook per channel or "
                                       "group; squeezellm's default), nf4, fp4, fp8_e4m3 or fp8_e5m2"),
-    mse: Optional[bool] = typer.Option(
+    mse: bool | None = typer.Option(
         None, "--mse/--no-mse", help="clip-search each group's range (default: off for rtn, on for gptq)"
     ),
-    act_bits: Optional[int] = typer.Option(
+    scale_bits: int | None = typer.Option(
+        None, "--scale-bits", help="store the scales quantized to this many bits (QLoRA's double quantization: 8; "
+                                   "SpQR: 3; default: fp16 scales; nf4's default 8, spqr's 3)",
+    ),
+    scale_group_size: int | None = typer.Option(
+        None, "--scale-group-size", help="scales per second-level group along the output channels (default 256; spqr 16)"
+    ),
+    act_bits: int | None = typer.Option(
         None, "--act-bits", help="integer activations (2-8; 8 for W8A8) and an integer matmul (default: none, weights only)"
     ),
-    act_granularity: Optional[str] = typer.Option(
+    act_granularity: str | None = typer.Option(
         None, "--act-granularity",
         help="activation scales: token (one per row) or tensor (default: token for language models, tensor for vision)",
     ),
-    act_dynamic: Optional[bool] = typer.Option(
+    act_dynamic: bool | None = typer.Option(
         None, "--act-dynamic/--act-static",
         help="scales at run time or from calibration (default: token dynamic, tensor static, which needs --calib)",
     ),
-    act_sym: Optional[bool] = typer.Option(None, "--act-sym/--act-asym", help="symmetric or zero-point activations (default: symmetric for language models, zero-point for vision)"),
-    act_observer: Optional[str] = typer.Option(
+    act_sym: bool | None = typer.Option(None, "--act-sym/--act-asym", help="symmetric or zero-point activations (default: symmetric for language models, zero-point for vision)"),
+    act_observer: str | None = typer.Option(
         None, "--act-observer", help="static scales: minmax (default for language models), ema, percentile, "
                                      "mse (default for vision models), kl or ptf (per-channel power-of-two)",
     ),
-    calib: Optional[Path] = typer.Option(
+    calib: Path | None = typer.Option(
         None, "--calib", "--calib-images",
         help="calibration data: a text file (language models, encoders) or CIFAR-10 images, a .tar.gz or a "
              "folder of class folders (vision models)",
     ),
-    iters: Optional[int] = typer.Option(
+    iters: int | None = typer.Option(
         None, "--iters", help="optimisation steps per unit (adaround, brecq, qdrop: default 1000; signround: 200)"
     ),
-    first_last_bits: Optional[int] = typer.Option(
+    first_last_bits: int | None = typer.Option(
         None, "--first-last-bits", help="bits of the first and last quantized layers (default 8 for vision models; "
                                         "0: as the rest; language models: as the rest)",
     ),
-    nsamples: Optional[int] = typer.Option(None, help="calibration windows (default 128), or images (default 1024)"),
+    nsamples: int | None = typer.Option(None, help="calibration windows (default 128), or images (default 1024)"),
     seqlen: int = typer.Option(512, help="tokens per calibration window"),
     seed: int = typer.Option(0, help="calibration sampling seed"),
     skip: list[str] = typer.Option([], "--skip", help="glob of module names to keep in full precision (repeatable; default: none)"),
@@ -121,7 +127,8 @@ def quantize(
             check_output_dir(out)
         if world_size > 1 and resume:
             raise ValueError("--resume is for one process; data-parallel runs (torchrun) do not record progress yet")
-        config = dict(bits=bits, group_size=group_size, symmetric=sym, format=fmt, mse=mse, act_bits=act_bits,
+        config = dict(bits=bits, group_size=group_size, symmetric=sym, format=fmt, mse=mse, scale_bits=scale_bits,
+                      scale_group_size=scale_group_size, act_bits=act_bits,
                       act_granularity=act_granularity, act_dynamic=act_dynamic, act_symmetric=act_sym,
                       act_observer=act_observer, iters=iters, seed=seed)  # fmt: skip
         if iters is not None and iters < 1:
@@ -301,11 +308,11 @@ def plan(
 @app.command("eval")
 def evaluate(
     model: str = typer.Argument(..., help="lowbit checkpoint, model directory, hub id, checkpoint or alias"),
-    ppl: Optional[Path] = typer.Option(None, "--ppl", help="text file for perplexity (language models)"),
-    cifar10: Optional[Path] = typer.Option(
+    ppl: Path | None = typer.Option(None, "--ppl", help="text file for perplexity (language models)"),
+    cifar10: Path | None = typer.Option(
         None, "--cifar10", help="CIFAR-10 test images (.tar.gz or a folder of class folders): top-1 accuracy"
     ),
-    limit: Optional[int] = typer.Option(None, "--limit", help="cifar10: a class-balanced subset of this many images"),
+    limit: int | None = typer.Option(None, "--limit", help="cifar10: a class-balanced subset of this many images"),
     seqlen: int = typer.Option(512, help="tokens per chunk"),
     batch_size: int = typer.Option(8, "--batch-size", help="chunks per forward pass"),
     onload: bool = typer.Option(False, "--onload", help="perplexity of a model larger than memory: one block at "
@@ -533,7 +540,7 @@ def generate(
     model: str = typer.Argument(..., help="lowbit checkpoint, model directory, hub id or alias (e.g. stories260K)"),
     prompt: str = typer.Option("Once upon a time", "--prompt", help="text to continue"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="tokens to generate (greedy)"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: torch's)"),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: torch's)"),
     fused: bool = typer.Option(
         True, "--fused/--no-fused", help="lowbit's fused decoder step for Llama-family models (else transformers')"
     ),

@@ -81,8 +81,8 @@ class Projection:
         device = modules[0].qweight.device
         perms = [m.in_perm for m in modules]
         same_perm = all(p is None for p in perms) or all(p is not None and torch.equal(p, perms[0]) for p in perms)
-        if not same_perm or any(m.select_kernel(device) != "native" or m.outlier_val is not None for m in modules):
-            return  # (kept fp16 outliers are added by each QLinear's own forward)
+        if not same_perm or any(m.select_kernel(device) != "native" or m.has_terms for m in modules):
+            return  # (kept fp16 outliers and low-rank terms are added by each QLinear's own forward)
         try:
             self.packed = wq.Packed.concat([m._prepare("native", device) for m in modules])
         except ValueError:  # different formats: each runs on its own

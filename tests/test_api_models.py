@@ -56,9 +56,9 @@ def test_skip_patterns_and_config_objects():
 
 def test_unknown_method_lists_the_available_ones():
     available = (
-        "adaround, apq_vit, awq, bias_correction, brecq, cpt_v, fq_vit, gptq, llmint8, noisyquant, oas_vit, osplus, "
-        "owq, p2_vit, peg, pmq, ptq4vit, ptq_for_vit, qdrop, repq_vit, rptq, rtn, signround, smoothquant, squeezellm, "
-        "zeroquant"
+        "adaround, apq_vit, awq, bcq, bias_correction, brecq, cpt_v, deep_compression, fq_vit, gobo, gptq, gptvq, hqq, "
+        "llmint8, lorc, nf4, noisyquant, oas_vit, osplus, owq, p2_vit, peg, pmq, ptq4vit, ptq_for_vit, qdrop, "
+        "repq_vit, rex, rptq, rtn, signround, smoothquant, spqr, squeezellm, zeroquant"
     )
     with pytest.raises(ValueError, match=f"available: {available}$"):
         lowbit.quantize(nn.Linear(4, 4), "gptx", progress=False)

@@ -55,7 +55,10 @@ def test_dequantize_is_within_half_a_step_inside_the_range(bits, rows, cols, gro
     z = integer.expand_groups(zero, cols, group)
     lo, hi = -z * step, ((1 << bits) - 1 - z) * step  # the representable range
     inside = (w >= lo - step / 2) & (w <= hi + step / 2)
-    assert inside.float().mean() >= 0.9  # min-max ranges leave only rounding slack outside
+    # min-max ranges leave only rounding slack outside: the zero point's rounding shifts the grid by up
+    # to half a step, the scale's fp16 rounding by 2^-11 of the range (a 3-weight row can have 1 of 3 out)
+    slack = step * (0.5 + (1 << bits) * 2.0**-11 + 1e-3)
+    assert bool(((w >= lo - slack) & (w <= hi + slack)).all())
     assert bool(((deq - w).abs() <= step / 2 + 1e-5 * step)[inside].all())
 
 

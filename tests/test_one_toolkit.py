@@ -15,7 +15,8 @@ from lowbit.models.vit_cifar import ViTCifar
 from lowbit.nn import QConv, QLinear, W8A8Linear
 from lowbit.nn.qmodule import QSite
 
-QUANTIZERS = ["rtn", "gptq", "awq", "adaround", "brecq", "qdrop", "signround", "owq", "squeezellm", "bias_correction",
+QUANTIZERS = ["rtn", "gptq", "awq", "adaround", "brecq", "qdrop", "signround", "owq", "squeezellm", "spqr", "lorc",
+              "gptvq", "bcq", "nf4", "rex", "gobo", "deep_compression", "hqq", "bias_correction",
               "llmint8", "zeroquant", "repq_vit", "fq_vit", "ptq4vit", "apq_vit", "ptq_for_vit", "p2_vit", "cpt_v",
               "noisyquant", "oas_vit", "pmq"]
 TRANSFORMS = ["smoothquant", "osplus", "rptq", "peg"]

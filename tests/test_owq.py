@@ -140,9 +140,9 @@ def test_exporters_refuse_outliers_by_name(tmp_path):
     from lowbit.io.compressed_tensors import export_compressed_tensors
     from lowbit.io.gptq_layout import export_gptq
 
-    with pytest.raises(ValueError, match="model.layers.0.self_attn.q_proj: weights kept in fp16"):
+    with pytest.raises(ValueError, match="model.layers.0.self_attn.q_proj: terms beside the codes"):
         export_compressed_tensors(q, tmp_path / "ct")
-    with pytest.raises(ValueError, match="model.layers.0.self_attn.q_proj: weights kept in fp16"):
+    with pytest.raises(ValueError, match="model.layers.0.self_attn.q_proj: terms beside the codes"):
         export_gptq(q, tmp_path / "gptq")
 
 

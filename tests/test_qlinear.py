@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lowbit import QLinear, WeightFormat
-from lowbit.kernels import avx512, cpu, wq
+from lowbit.kernels import avx512, cpu, lut, wq
 from lowbit.quantized_weight import QuantizedWeight
 
 
@@ -184,7 +184,8 @@ def test_int8_cpu_kernel_matches_reference(symmetric):
 )
 def test_unsupported_formats_fall_back_to_dequantize(fmt, k, n):
     lin, q = _pair(fmt, k, n)
-    assert q.select_kernel(torch.device("cpu")) == "dequant"
+    table = fmt.kind in lut.KINDS and lut.extension() is not None  # nf4 / fp4: tests/test_lut_kernel.py
+    assert q.select_kernel(torch.device("cpu")) == ("lut" if table else "dequant")
     x = torch.randn(5, k)
     torch.testing.assert_close(q(x), _reference(q, x))
     # and the reference itself is close to the float layer

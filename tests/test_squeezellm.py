@@ -70,8 +70,9 @@ def test_lut_weights_decode_to_their_codebook_and_count_their_bits(bits, group):
     assert torch.equal(back.dequantize(), deq)
     assert ((deq - w) ** 2).mean() < ((QuantizedWeight.quantize(w, WeightFormat("int", bits, group)).dequantize() - w)
                                       ** 2).mean()  # fmt: skip
-    with pytest.raises(ValueError, match="per row or per group"):
-        WeightFormat("lut", 4, None)
+    per_tensor = QuantizedWeight.quantize(w, WeightFormat("lut", bits, None))  # one codebook for every row
+    assert tuple(per_tensor.scale.shape) == (1, 2**bits)
+    assert set(per_tensor.dequantize().unique().tolist()) <= set(per_tensor.scale.float().reshape(-1).tolist())
 
 
 def test_weight_fisher_is_the_sum_of_per_example_squared_gradients():

@@ -146,7 +146,10 @@ def wrap(model: nn.Module, adapter: Adapter, quantizer, todo: list[Target], firs
         fmt = quantizer.weight_format
         afmt = act
         if t.name in ends:
-            fmt = replace(fmt, bits=first_last_bits)
+            if fmt.kind == "vq" and first_last_bits * fmt.vq_dim > 8:  # codebook indices are at most 8 bits
+                fmt = replace(fmt, bits=first_last_bits, vq_dim=max(1, 8 // first_last_bits))
+            else:
+                fmt = replace(fmt, bits=first_last_bits)
             afmt = replace(act, bits=first_last_bits) if act is not None else None
         qm = QModule(t.module, fmt)
         if afmt is not None and adapter.quantizes_input(t.name):

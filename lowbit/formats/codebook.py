@@ -4,6 +4,8 @@ non-uniform grids of SqueezeLLM (Kim et al. 2023) and Deep Compression's weight 
 (Han et al. 2016). The codes pack like integer codes; the codebook takes the place of the
 scales: ``[rows, ngroups * 2^bits]`` (group ``j``'s entries at ``j * 2^bits ...``).
 
+``group_size=None`` gives one codebook ``[1, 2^bits]`` shared by every row (a per-layer codebook).
+
 ``weighted_kmeans`` fits one 1-D codebook per row of a ``[rows, n]`` matrix, all rows at
 once: each value counts with its weight (a sensitivity), Lloyd iterations from weighted
 quantiles, an emptied cluster keeping its centroid.
@@ -69,7 +71,8 @@ def assign(x: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
 
 
 def _books(book: torch.Tensor, rows: int, ng: int, k: int) -> torch.Tensor:
-    return book.float().reshape(rows, ng, k)
+    """``[rows, ng, k]``; a per-tensor codebook ``[1, k]`` is every row's."""
+    return book.float().reshape(-1, ng, k).expand(rows, ng, k)
 
 
 def quantize(w: torch.Tensor, book: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:
@@ -91,7 +94,10 @@ def dequantize(codes: torch.Tensor, book: torch.Tensor, bits: int, group_size: i
 
 
 def fit(w: torch.Tensor, bits: int, group_size: int | None, weight: torch.Tensor | None = None, iters: int = 50):
-    """An fp16 codebook ``[rows, ngroups * 2^bits]`` for ``w: [rows, n]`` by (weighted) k-means per group."""
+    """An fp16 codebook ``[rows, ngroups * 2^bits]`` for ``w: [rows, n]`` by (weighted) k-means per group;
+    ``group_size=None``: one codebook ``[1, 2^bits]`` for the whole tensor."""
+    if group_size is None:
+        return fit(w.reshape(1, -1), bits, -1, None if weight is None else weight.reshape(1, -1), iters)
     rows, n = w.shape
     ng = num_groups(n, group_size)
     groups = to_groups(w.float(), group_size).reshape(rows * ng, -1)

@@ -123,9 +123,9 @@ def _layer_problems(name: str, m: QLinear) -> list[str]:
     """Why one quantized linear cannot be written to this layout (nothing if it can)."""
     problems = []
     fmt, k = m.fmt, m.in_features
-    if m.outlier_val is not None:
-        problems.append(f"{name}: weights kept in fp16 beside the codes (outliers), which the layout has no "
-                        "tensor for (keep lowbit's own checkpoint)")  # fmt: skip
+    if m.has_terms:
+        problems.append(f"{name}: terms beside the codes (fp16 outliers, a low-rank or a residual term), which the "
+                        "layout has no tensor for (keep lowbit's own checkpoint)")  # fmt: skip
     if fmt.kind != "int":
         problems.append(f"{name}: {fmt.describe()} (only integer weights are written to this layout)")
     elif integer.num_groups(k, fmt.group_size) > 1 and k % fmt.group_size:

@@ -92,7 +92,7 @@ def _encode(name: str, module: nn.Module, qtype: str, heads: int | None, report:
         qw = module.quantized_weight
         # permuted codes are not in the row order GGUF blocks need; kept fp16 outliers have no GGUF block:
         # both are written from the dequantized weight (the report says which were re-quantized)
-        if qtype != "f32" and not permuted and qw.outliers is None:
+        if qtype != "f32" and not permuted and not module.has_terms:
             native = _native_blocks(qw, qtype, heads)
             if native is not None:
                 report["native"].append(name)
@@ -110,6 +110,8 @@ def _encode(name: str, module: nn.Module, qtype: str, heads: int | None, report:
         why = f"act-order (permuted input) {module.fmt.describe()}: its groups are not contiguous blocks of {BLOCK}"
     elif isinstance(module, QLinear) and module.outlier_val is not None:
         why = f"{module.fmt.describe()} with {module.outlier_val.numel()} weights kept in fp16, which GGUF cannot hold"
+    elif isinstance(module, QLinear) and module.has_terms:
+        why = f"{module.fmt.describe()} with a low-rank or residual term, which GGUF cannot hold"
     report["requantized"].append(f"{name}: requantized to {qtype} from its dequantized weights ({why})")
     return gguf.quants.quantize(w.numpy().astype(np.float32), types[qtype]), types[qtype]
 

@@ -83,8 +83,9 @@ def check_exportable(model: nn.Module) -> tuple[list[tuple[str, QLinear]], Weigh
             problems.append(f"{name}: {fmt.describe()} (the layout holds 2-, 4- or 8-bit integers)")
         elif k % per or n % per:
             problems.append(f"{name}: shape {n}x{k} does not fill whole int32 words of {per} codes")
-        if m.outlier_val is not None:
-            problems.append(f"{name}: weights kept in fp16 beside the codes (outliers), which the layout cannot hold")
+        if m.has_terms:
+            problems.append(f"{name}: terms beside the codes (fp16 outliers, a low-rank or a residual term), which "
+                            "the layout cannot hold")  # fmt: skip
         scale = m.scales.float()
         if not bool(torch.isfinite(scale).all()) or bool((scale == 0).any()):
             problems.append(f"{name}: NaN, Inf or zero scales")

@@ -61,8 +61,9 @@ class QDQLinear(nn.Module):
     def __init__(self, q: QLinear):
         super().__init__()
         qw = q.quantized_weight
-        if qw.outliers is not None:
-            raise ValueError("ONNX export: a layer keeps fp16 weights beside its codes (outliers), which "
+        if qw.outliers is not None or qw.lowrank is not None or qw.residual is not None:
+            raise ValueError("ONNX export: a layer keeps fp16 weights beside its codes (outliers or a low-rank "
+                             "term), which "
                              "DequantizeLinear cannot express; keep lowbit's own checkpoint")  # fmt: skip
         codes = qw.codes()
         if qw.fmt.symmetric:  # signed codes with a zero point of 0

@@ -4,12 +4,19 @@ from lowbit.methods.adaround import AdaRound
 from lowbit.methods.apq_vit import APQViT
 from lowbit.methods.awq import AWQ
 from lowbit.methods.base import REGISTRY, MethodConfig, check_recipe, load_recipe, make_method, parse_recipe, register
+from lowbit.methods.bcq import BCQ
 from lowbit.methods.bias_correction import BiasCorrection
 from lowbit.methods.brecq import BRECQ
 from lowbit.methods.cpt_v import CPTV
+from lowbit.methods.deep_compression import DeepCompression
 from lowbit.methods.fq_vit import FQViT
+from lowbit.methods.gobo import GOBO
 from lowbit.methods.gptq import GPTQ
+from lowbit.methods.gptvq import GPTVQ
+from lowbit.methods.hqq import HQQ
 from lowbit.methods.llmint8 import LLMInt8
+from lowbit.methods.lorc import LoRC
+from lowbit.methods.nf4 import NF4
 from lowbit.methods.noisyquant import NoisyQuant
 from lowbit.methods.oas_vit import OASViT
 from lowbit.methods.osplus import OSPlus
@@ -21,42 +28,53 @@ from lowbit.methods.ptq4vit import PTQ4ViT
 from lowbit.methods.ptq_for_vit import PTQForViT
 from lowbit.methods.qdrop import QDrop
 from lowbit.methods.repq_vit import RepQViT
+from lowbit.methods.rex import REx
 from lowbit.methods.rptq import RPTQ
 from lowbit.methods.rtn import RTN
 from lowbit.methods.signround import SignRound
-from lowbit.methods.squeezellm import SqueezeLLM
 from lowbit.methods.smoothquant import SmoothQuant
+from lowbit.methods.spqr import SpQR
+from lowbit.methods.squeezellm import SqueezeLLM
 from lowbit.methods.zeroquant import ZeroQuant
 
 __all__ = [
-    "APQViT",
     "AWQ",
-    "AdaRound",
+    "BCQ",
     "BRECQ",
-    "BiasCorrection",
     "CPTV",
+    "GOBO",
+    "GPTQ",
+    "GPTVQ",
+    "HQQ",
+    "NF4",
+    "OWQ",
+    "PEG",
+    "PMQ",
+    "REGISTRY",
+    "RPTQ",
+    "RTN",
+    "APQViT",
+    "AdaRound",
+    "BiasCorrection",
+    "DeepCompression",
+    "FQViT",
+    "LLMInt8",
+    "LoRC",
+    "MethodConfig",
+    "NoisyQuant",
+    "OASViT",
+    "OSPlus",
     "P2ViT",
     "PTQ4ViT",
     "PTQForViT",
     "QDrop",
-    "FQViT",
-    "GPTQ",
-    "LLMInt8",
-    "NoisyQuant",
-    "OASViT",
-    "OSPlus",
-    "OWQ",
-    "PEG",
-    "PMQ",
-    "RPTQ",
+    "REx",
     "RepQViT",
-    "REGISTRY",
-    "RTN",
     "SignRound",
-    "SqueezeLLM",
     "SmoothQuant",
+    "SpQR",
+    "SqueezeLLM",
     "ZeroQuant",
-    "MethodConfig",
     "check_recipe",
     "load_recipe",
     "make_method",

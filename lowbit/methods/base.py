@@ -48,11 +48,15 @@ class MethodConfig:
     uses_hessian: ClassVar[bool] = False  # quantize_linear reads stats.H
     needs_float_inputs: ClassVar[bool] = False  # the unit's float inputs and target (reconstruction)
     quantizes: ClassVar[bool] = True  # False for pure transforms (smoothing, rotations)
+    supports_scale_bits: ClassVar[bool] = False  # computes its codes against second-level scales
 
     bits: int = 4
     group_size: int = 128
     symmetric: bool = False
     format: str = "int"
+    # quantized scales (QLoRA's double quantization, SpQR's statistics): formats.double
+    scale_bits: int | None = None
+    scale_group_size: int = 256
     # integer activations (W8A8, W4A8, ...): None keeps them in floating point
     act_bits: int | None = None
     act_granularity: str | None = None  # token: a scale per row; tensor: one scale
@@ -63,7 +67,14 @@ class MethodConfig:
     true_sequential: bool = True
 
     def __post_init__(self):
+        if self.scale_bits == 0:  # "--scale-bits 0": plain fp16 scales where a method defaults to quantized ones
+            self.scale_bits = None
         fmt = self.weight_format  # validates bits, group size and format early
+        if fmt.scale_bits is not None and self.quantizes and not self.supports_scale_bits:
+            raise ValueError(f"{self.name} does not compute its codes against quantized scales (scale_bits); "
+                             "rtn, gptq, owq, spqr, lorc and nf4 do")  # fmt: skip
+        if fmt.scale_bits is not None and self.act_bits is not None:
+            raise ValueError("integer activations (act_bits) run on plain scales; leave scale_bits unset")
         if self.act_bits is not None:
             if self.act_granularity not in (None, "token", "tensor"):
                 raise ValueError(f"act_granularity {self.act_granularity!r} is not supported; use token or tensor")
@@ -90,7 +101,8 @@ class MethodConfig:
 
     @property
     def weight_format(self) -> WeightFormat:
-        return WeightFormat(self.format, self.bits, self.group_size, self.symmetric)
+        return WeightFormat(self.format, self.bits, self.group_size, self.symmetric, self.scale_bits,
+                            self.scale_group_size)  # fmt: skip
 
     @property
     def act_format(self) -> ActFormat | None:
@@ -162,6 +174,9 @@ class MethodConfig:
     def quantize_groups(self, w: torch.Tensor, stats) -> QuantizedWeight:
         """A grouped conv: its groups are independent layers (group ``j``'s output channels read
         only block ``j`` of the patches), each quantized on its own block's statistics."""
+        if self.weight_format.scale_bits is not None:
+            raise ValueError("a grouped convolution's groups are quantized apart, and quantized scales (scale_bits) "
+                             "run across output channels: quantize it with plain scales")  # fmt: skip
         parts = [self.quantize_linear(wj, stats.group(j)) for j, wj in enumerate(w.chunk(stats.groups))]
         zero = None if parts[0].zero is None else torch.cat([q.zero for q in parts])
         outliers = Outliers.cat([q.outliers for q in parts], [q.matrix_shape for q in parts])
@@ -172,7 +187,8 @@ class MethodConfig:
         """This config targeting ``fmt`` (the first and last layers may keep more bits)."""
         if fmt == self.weight_format:
             return self
-        return replace(self, bits=fmt.bits, group_size=fmt.group_size, symmetric=fmt.symmetric, format=fmt.kind)
+        return replace(self, bits=fmt.bits, group_size=fmt.group_size, symmetric=fmt.symmetric, format=fmt.kind,
+                       scale_bits=fmt.scale_bits, scale_group_size=fmt.scale_group_size)  # fmt: skip
 
     def finetune(self, model, batches) -> None:
         """After every unit: whole-model training (QAT, distillation); most methods do nothing."""

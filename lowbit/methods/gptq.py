@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.formats import integer
+from lowbit.formats import double, integer
 from lowbit.methods.base import MethodConfig, register
 from lowbit.methods.rtn import mse_clip_params
 from lowbit.quantized_weight import QuantizedWeight, check_finite
@@ -66,6 +66,7 @@ def gptq_quantize(
     static_groups: bool = False,
     mse: bool = False,
     keep: torch.Tensor | None = None,
+    round_scale=None,
 ):
     """GPTQ on ``W: [out, in]`` with ``H: [in, in]``.
 
@@ -75,7 +76,9 @@ def gptq_quantize(
     error feedback of every quantized column, their codes are the zero point (they
     dequantize to 0) and they do not widen their groups' ranges (groups are then fixed
     from the original weights). With ``keep`` a fourth result holds the kept columns'
-    final values (``[out, in]``, zero elsewhere).
+    final values (``[out, in]``, zero elsewhere). ``round_scale(group, scale)``, when given, maps
+    each group's scales (``[out]``) to the ones stored (quantized scales, ``formats.double``)
+    before any code of the group is computed; integer zero points follow the rounded scale.
     """
     W = W.detach().clone().float()
     H = H.detach().clone().float().to(W.device)
@@ -94,10 +97,19 @@ def gptq_quantize(
     zero = torch.zeros(rows, ngroups, device=W.device)
     if keep is not None:
         keep = keep.to(device=W.device, dtype=torch.bool)
+    def params(j: int, cols: torch.Tensor) -> None:
+        s, z = _group_params(cols, bits, symmetric, mse)
+        if round_scale is not None:
+            rounded = round_scale(j, s)
+            if not symmetric:  # the same real zero, -z * s, on the stored scale
+                z = torch.round(z * s / rounded).clamp(0, maxq)
+            s = rounded
+        scale[:, j], zero[:, j] = s, z
+
     if not grouped or static:
         ranged = W if keep is None else W.masked_fill(keep[None], 0.0)  # 0 lies in every range
         for j in range(ngroups):
-            scale[:, j], zero[:, j] = _group_params(ranged[:, j * g : (j + 1) * g], bits, symmetric, mse)
+            params(j, ranged[:, j * g : (j + 1) * g])
 
     perm = torch.arange(cols, device=W.device)
     if act_order:
@@ -119,8 +131,7 @@ def gptq_quantize(
             col = int(perm[i1 + i])
             grp = col // g
             if grouped and not static and col % g == 0:
-                upcoming = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
-                scale[:, grp], zero[:, grp] = _group_params(upcoming, bits, symmetric, mse)
+                params(grp, torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g])
             w = W1[:, i]
             s, z = scale[:, grp], zero[:, grp]
             if keep is not None and keep[col]:  # kept in fp16: its code dequantizes to 0
@@ -156,6 +167,7 @@ class GPTQ(MethodConfig):
     name = "gptq"
     needs_calibration = True
     uses_hessian = True
+    supports_scale_bits = True
 
     damp: float = 0.01
     blocksize: int = 128
@@ -175,11 +187,23 @@ class GPTQ(MethodConfig):
         fmt = self.weight_format
         if stats is None or stats.tokens == 0:
             return QuantizedWeight.quantize(w, fmt)
-        codes, scale, zero = self.solve(w, stats.H)
-        return QuantizedWeight.from_codes(codes.cpu(), scale.cpu(), zero.cpu(), fmt)
+        codes, scale, zero, _, scale_q = self.solve(w, stats.H)
+        return QuantizedWeight.from_codes(codes.cpu(), scale.cpu(), zero.cpu(), fmt, scale_q=scale_q)
 
     def solve(self, w: torch.Tensor, H: torch.Tensor, keep: torch.Tensor | None = None):
-        """``gptq_quantize`` of ``w`` with this config's format and knobs (``keep``: OWQ's kept columns)."""
+        """``gptq_quantize`` of ``w`` with this config's format and knobs (``keep``: OWQ's kept columns):
+        ``codes, scale, zero, kept`` (``None`` without ``keep``) and the scales' second-level encoding
+        (``None`` unless the format has ``scale_bits``)."""
         fmt = self.weight_format
-        return gptq_quantize(w, H, fmt.bits, fmt.group_size, fmt.symmetric, self.damp, self.blocksize,
-                             self.act_order, self.static_groups, self.mse, keep=keep)  # fmt: skip
+        parts = {}
+
+        def round_scale(j, s):
+            rounded, parts[j] = double.round_scales(s[:, None].cpu(), fmt.scale_bits, fmt.scale_group_size)
+            return rounded[:, 0].to(s.device)
+
+        out = gptq_quantize(w, H, fmt.bits, fmt.group_size, fmt.symmetric, self.damp, self.blocksize, self.act_order,
+                            self.static_groups, self.mse, keep=keep,
+                            round_scale=round_scale if fmt.scale_bits is not None else None)  # fmt: skip
+        codes, scale, zero, kept = out if keep is not None else (*out, None)
+        scale_q = double.QuantizedScales.stack([parts[j] for j in sorted(parts)]) if parts else None
+        return codes, scale, zero, kept, scale_q

@@ -67,6 +67,7 @@ class OWQ(GPTQ):
         fmt = self.weight_format
         keep = torch.zeros(cols, dtype=torch.bool)
         keep[torch.topk(column_sensitivity(w, stats.H, fmt), k).indices] = True
-        codes, scale, zero, kept = self.solve(w, stats.H, keep)
+        codes, scale, zero, kept, scale_q = self.solve(w, stats.H, keep)
         outliers = Outliers.from_dense(kept.cpu(), keep[None].expand(out, cols) & (kept.cpu() != 0))
-        return QuantizedWeight.from_codes(codes.cpu(), scale.cpu(), zero.cpu(), fmt, outliers=outliers)
+        return QuantizedWeight.from_codes(codes.cpu(), scale.cpu(), zero.cpu(), fmt, outliers=outliers,
+                                          scale_q=scale_q)  # fmt: skip

@@ -29,6 +29,7 @@ class RTN(MethodConfig):
     """Round-to-nearest. ``mse=True`` searches a clipping range per group (integer formats)."""
 
     name = "rtn"
+    supports_scale_bits = True
 
     mse: bool = False
     mse_grid: int = 100

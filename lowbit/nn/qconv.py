@@ -6,9 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.formats.sparse import Outliers
 from lowbit.formats.spec import WeightFormat
-from lowbit.quantized_weight import QuantizedWeight
+from lowbit.quantized_weight import EXTRAS, QuantizedWeight
 
 CONV_FNS = {1: F.conv1d, 2: F.conv2d}
 
@@ -78,10 +77,8 @@ class QConv(nn.Module):
         self.register_buffer("qweight", qw.packed)
         self.register_buffer("scales", qw.scale)
         self.register_buffer("zeros", qw.zero if qw.zero is not None else None)
-        o = qw.outliers  # kept fp16 weights: part of the dequantized weight the float conv runs on
-        self.register_buffer("outlier_crow", None if o is None else o.crow)
-        self.register_buffer("outlier_col", None if o is None else o.col)
-        self.register_buffer("outlier_val", None if o is None else o.val)
+        for name, t in qw.extras().items():  # kept outliers, low-rank factors, second-level scales:
+            self.register_buffer(name, t)  # part of the dequantized weight the float conv runs on
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         self._cache: dict = {}
 
@@ -114,17 +111,13 @@ class QConv(nn.Module):
 
     @property
     def quantized_weight(self) -> QuantizedWeight:
-        o = None
-        if self.outlier_val is not None:
-            o = Outliers(self.outlier_crow.cpu(), self.outlier_col.cpu(), self.outlier_val.cpu())
         return QuantizedWeight(
             packed=self.qweight.cpu(),
             scale=self.scales.cpu(),
             zero=None if self.zeros is None else self.zeros.cpu(),
             fmt=self.fmt,
             shape=self.weight_shape,
-            outliers=o,
-        )
+        ).with_extras({n: None if getattr(self, n) is None else getattr(self, n).cpu() for n in EXTRAS})
 
     @property
     def weight(self) -> torch.Tensor:

@@ -7,10 +7,10 @@ from torch import nn
 
 from lowbit.formats.sparse import Outliers
 from lowbit.formats.spec import WeightFormat
-from lowbit.kernels import avx512, cpu, triton_w4a16, wq
-from lowbit.quantized_weight import QuantizedWeight
+from lowbit.kernels import avx512, cpu, lut, triton_w4a16, wq
+from lowbit.quantized_weight import EXTRAS, QuantizedWeight
 
-KERNELS = ("auto", "native", "triton_w4a16", "int4_avx512", "int4_cpu", "int8_cpu", "dequant")
+KERNELS = ("auto", "native", "lut", "triton_w4a16", "int4_avx512", "int4_cpu", "int8_cpu", "dequant")
 BF16_KERNELS = ("int4_avx512", "int4_cpu", "int8_cpu")  # round activations to bf16: opt-in only
 
 
@@ -51,11 +51,17 @@ class QLinear(nn.Module):
       down but multiplied in fp32 (no tf32), so an fp32 model gets the same
       results as dequantize-then-matmul to fp32 rounding, as on CPU. Its layout
       (the stored words, transposed) is built on first use per device.
+    - ``lut`` (what ``auto`` picks on CPU for table formats: ``lut``, ``nf4``, ``fp4``): lowbit's
+      look-up-table kernel of ``kernels/lut.py``, each code looked up in its group's table held in
+      registers, fp32 activations and accumulation (equal to dequantize-then-matmul to fp32
+      rounding); kept outliers are added by the kernel in the same pass.
     - ``dequant``: dequantize, then ``x @ W.T`` (every other format, and GPUs
       without triton).
 
     Weights kept in fp16 beside the codes (``QuantizedWeight.outliers``: OWQ's weak columns)
-    are added by PyTorch's sparse CSR matmul after the dense kernel, ``y += x @ S^T``.
+    are added by PyTorch's sparse CSR matmul after the dense kernel, ``y += x @ S^T`` (by the
+    ``lut`` kernel itself in the same pass), a low-rank term (``QuantizedWeight.lowrank``: LoRC)
+    by two thin matmuls, ``y += (x V^T) U^T``, and REx's residual rows by their own QLinear.
 
     ``in_perm`` (optional) carries act-order checkpoints (GPTQ ``desc_act``):
     their groups are scattered over the input channels, and sorting the columns
@@ -82,10 +88,8 @@ class QLinear(nn.Module):
         self.register_buffer("scales", qw.scale)
         self.register_buffer("zeros", qw.zero if qw.zero is not None else None)
         self.register_buffer("in_perm", input_permutation(in_perm, self.in_features))
-        o = qw.outliers
-        self.register_buffer("outlier_crow", None if o is None else o.crow)
-        self.register_buffer("outlier_col", None if o is None else o.col)
-        self.register_buffer("outlier_val", None if o is None else o.val)
+        for name, t in qw.extras().items():  # kept outliers, low-rank factors, second-level scales
+            self.register_buffer(name, t)
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         self._cache: dict = {}
 
@@ -101,8 +105,7 @@ class QLinear(nn.Module):
             zero=None if self.zeros is None else self.zeros.cpu(),
             fmt=self.fmt,
             shape=(self.out_features, self.in_features),
-            outliers=self.outliers,
-        )
+        ).with_extras({n: None if getattr(self, n) is None else getattr(self, n).cpu() for n in EXTRAS})
 
     @property
     def outliers(self) -> Outliers | None:
@@ -110,14 +113,39 @@ class QLinear(nn.Module):
             return None
         return Outliers(self.outlier_crow.cpu(), self.outlier_col.cpu(), self.outlier_val.cpu())
 
-    def _add_outliers(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``y + x @ S^T`` for the kept fp16 weights ``S`` (``x`` in stored column order)."""
-        key = ("outliers", x.device)
-        if key not in self._cache:
-            self._cache[key] = self.outliers.to_sparse(self.in_features, x.device)
-        s = self._cache[key]
-        x2 = x.reshape(-1, x.shape[-1]).to(s.dtype)
-        return y + torch.mm(s, x2.t()).t().reshape(y.shape).to(y.dtype)
+    @property
+    def has_terms(self) -> bool:
+        """Whether terms beside the codes are added after the dense kernel (kept outliers, a low-rank
+        term, REx's residual rows)."""
+        return self.outlier_val is not None or self.lowrank_u is not None or self.rex_rows is not None
+
+    def _add_outliers(self, y: torch.Tensor, x: torch.Tensor, sparse: bool = True) -> torch.Tensor:
+        """``y + x @ S^T`` for the kept fp16 weights ``S``, ``+ (x @ V^T) @ U^T`` for a low-rank term and
+        REx's residual rows on their own kernel (``x`` in stored column order)."""
+        x2 = x.reshape(-1, x.shape[-1])
+        if sparse and self.outlier_val is not None:  # sparse=False: the kernel added them
+            key = ("outliers", x.device)
+            if key not in self._cache:
+                self._cache[key] = self.outliers.to_sparse(self.in_features, x.device)
+            s = self._cache[key]
+            y = y + torch.mm(s, x2.to(s.dtype).t()).t().reshape(y.shape).to(y.dtype)
+        if self.lowrank_u is not None:
+            key = ("lowrank", x.device)
+            if key not in self._cache:
+                f32 = torch.float32
+                self._cache[key] = (self.lowrank_u.to(x.device, f32), self.lowrank_v.to(x.device, f32))
+            u, v = self._cache[key]
+            y = y + ((x2.float() @ v.t()) @ u.t()).reshape(y.shape).to(y.dtype)
+        if self.rex_rows is not None:  # REx: a quantized residual of some rows, on its own layer's kernel
+            key = ("rex", x.device)
+            if key not in self._cache:
+                rx = self.quantized_weight.residual
+                self._cache[key] = (rx.rows.long().to(x.device), QLinear(rx.weight).to(x.device))
+            rows, layer = self._cache[key]
+            flat = y.reshape(-1, y.shape[-1])
+            flat = flat.index_add(1, rows, layer(x2).to(flat.dtype))
+            y = flat.reshape(y.shape)
+        return y
 
     @property
     def act_order(self) -> bool:
@@ -152,6 +180,8 @@ class QLinear(nn.Module):
             return self.kernel
         if device.type == "cpu" and wq.supported(self.quantized_weight) and wq.extension() is not None:
             return "native"
+        if device.type == "cpu" and lut.supported(self.quantized_weight) and lut.extension() is not None:
+            return "lut"
         if device.type == "cuda" and triton_w4a16.supported(self.quantized_weight) and triton_w4a16.available(device):
             return "triton_w4a16"
         return "dequant"
@@ -163,6 +193,8 @@ class QLinear(nn.Module):
             qw = self.quantized_weight
             if kernel == "native":
                 self._cache[key] = wq.Packed(qw, device)
+            elif kernel == "lut":
+                self._cache[key] = lut.Packed(qw, device)
             elif kernel == "triton_w4a16":
                 self._cache[key] = triton_w4a16.Packed(qw, device)
             elif kernel == "int4_avx512":
@@ -201,6 +233,17 @@ class QLinear(nn.Module):
         """The forward function of the kernel for ``device``, its layout bound once (a decode
         step calls every linear once per token, so the per-call Python stays small)."""
         kernel = self.select_kernel(device, rows)
+        if kernel == "lut":
+            packed = self._prepare(kernel, device)
+
+            def run_lut(x):
+                if self.in_perm is not None:
+                    x = x.index_select(-1, self.in_perm)
+                y = packed.matmul(x, bias=self.bias)  # kept outliers added in the kernel
+                extra = self.lowrank_u is not None or self.rex_rows is not None
+                return self._add_outliers(y, x, sparse=False) if extra else y
+
+            return run_lut
         if kernel in ("native", "triton_w4a16"):
             packed = self._prepare(kernel, device)
 
@@ -208,7 +251,7 @@ class QLinear(nn.Module):
                 if self.in_perm is not None:
                     x = x.index_select(-1, self.in_perm)  # every kernel sees a plain grouped weight
                 y = packed.matmul(x, bias=self.bias)
-                return y if self.outlier_val is None else self._add_outliers(y, x)
+                return self._add_outliers(y, x) if self.has_terms else y
 
             return run
 
@@ -228,7 +271,7 @@ class QLinear(nn.Module):
             else:
                 y = x @ self.stored_weight().to(x.dtype).t()  # outliers included
                 return y if self.bias is None else y + self.bias.to(y.dtype)
-            if self.outlier_val is not None:
+            if self.has_terms:
                 y = self._add_outliers(y, x)
             return y if self.bias is None else y + self.bias.to(y.dtype)
 

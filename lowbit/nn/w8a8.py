@@ -59,8 +59,11 @@ class W8A8Linear(QLinear):
         outlier_threshold: float | None = None,
         kernel: str = "auto",
     ):
-        if qw.outliers is not None:
-            raise ValueError("a layer with weights kept in fp16 (outliers) runs weight-only; W8A8 cannot hold them")
+        if qw.outliers is not None or qw.lowrank is not None or qw.scale_q is not None or qw.residual is not None:
+            raise ValueError(
+                "a layer with weights kept in fp16 (outliers, a low-rank term) or quantized scales runs "
+                "weight-only; W8A8 cannot hold them"
+            )
         act = act or ActFormat()
         if qw.fmt.kind != "int" or qw.fmt.group_size is None:
             raise ValueError(

@@ -55,7 +55,7 @@ def fits(qw: QuantizedWeight, act: ActFormat | None, groups: int) -> str | None:
     if groups != 1:
         return f"groups={groups}: grouped convs run as simulated"
     if act.dynamic or act.granularity != "tensor":
-        return f"{act.describe()} activations: the patches repeat and pad the input, so only one static range per tensor maps onto them"  # noqa: E501
+        return f"{act.describe()} activations: the patches repeat and pad the input, so only one static range per tensor maps onto them"
     return None
 
 
@@ -77,8 +77,11 @@ class W8A8Conv(W8A8Linear):
         dims: int,
         kernel: str = "auto",
     ):
-        if qw.outliers is not None:
-            raise ValueError("a layer with weights kept in fp16 (outliers) runs weight-only; W8A8 cannot hold them")
+        if qw.outliers is not None or qw.lowrank is not None or qw.scale_q is not None or qw.residual is not None:
+            raise ValueError(
+                "a layer with weights kept in fp16 (outliers, a low-rank term) or quantized scales runs "
+                "weight-only; W8A8 cannot hold them"
+            )
         conv_kernel = kernel
         kernel = "auto" if kernel == "onednn" else kernel
         if dims not in (1, 2):
