@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.formats import WeightFormat, codebook, floating, integer
+from lowbit.formats import WeightFormat, binary, codebook, floating, integer
 from lowbit.formats.sparse import Outliers
 from lowbit.kernels import lut
 from lowbit.kernels.build import cpu_flags
@@ -33,6 +33,8 @@ FORMATS = {  # name: (format, outlier fraction)
     "lut3 per-channel": (WeightFormat("lut", 3, -1), 0.0),
     "lut4 g128": (WeightFormat("lut", 4, 128), 0.0),
     "nf4 g64": (WeightFormat("nf4", 4, 64), 0.0),
+    "bcq3 g128": (WeightFormat("bcq", 3, 128), 0.0),
+    "bcq4 g128": (WeightFormat("bcq", 4, 128), 0.0),
     "lut4 per-channel +0.45% outliers": (WeightFormat("lut", 4, -1), 0.0045),
 }
 
@@ -53,6 +55,8 @@ def random_weight(n: int, k: int, fmt: WeightFormat, outliers: float, gen: torch
     codes = torch.randint(0, 1 << fmt.bits, (n, k), generator=gen, dtype=torch.uint8)
     if fmt.kind == "lut":
         scale = torch.randn(n, ngroups, codebook.levels(fmt.bits), generator=gen).sort(-1).values.reshape(n, -1)
+    elif fmt.kind == "bcq":  # alphas and an offset per group
+        scale = torch.rand(n, ngroups * binary.params_per_group(fmt.bits), generator=gen)
     else:
         scale = torch.rand(n, ngroups, generator=gen) / floating.max_level(fmt.kind) + 1e-3
     scale = scale.half().float()

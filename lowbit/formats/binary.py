@@ -6,7 +6,8 @@ is ``[rows, ngroups * (bits + 1)]`` (group ``j``'s alphas at ``j * (bits + 1) ..
 
 A code's bit ``i`` is plane ``i``'s sign (1: +1). Since the ``2^bits`` sums of signed alphas
 are a table per group, a binary-coded weight decodes like a codebook (``formats.codebook``) and
-runs on the same look-up-table kernel: the table is built from the alphas once per layer.
+runs on the same look-up-table kernel: the table is built from the alphas once per layer, each
+entry rounded to fp16 (so it is what an fp16 codebook would hold, and codes are chosen against it).
 
 ``fit`` is the alternating method: greedy residual planes to start (each plane the sign of
 what the planes before left, its alpha the mean magnitude), then rounds of least squares for
@@ -32,11 +33,13 @@ def sign_matrix(bits: int, device=None) -> torch.Tensor:
 
 
 def table(scale: torch.Tensor, bits: int, rows: int, ngroups: int) -> torch.Tensor:
-    """The ``2^bits`` values of each group, ``[rows, ngroups * 2^bits]`` (the codebook layout)."""
+    """The ``2^bits`` values of each group, ``[rows, ngroups * 2^bits]`` (the codebook layout), each
+    rounded to fp16: a binary-coded weight is an fp16 table entry, so the table kernel holds the
+    tables as it holds fp16 codebooks (its byte-lookup path)."""
     p = scale.float().reshape(rows, ngroups, params_per_group(bits))
     alpha, offset = p[..., :bits], p[..., bits:]
     values = offset + alpha @ sign_matrix(bits, scale.device).t()  # [rows, ngroups, 2^bits]
-    return values.reshape(rows, -1)
+    return values.reshape(rows, -1).half().float()
 
 
 def _nearest(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

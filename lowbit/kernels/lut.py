@@ -86,9 +86,9 @@ def decode_table(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor | None
         ngroups = integer.num_groups(k, qw.fmt.group_size)
         scale = qw.scale if qw.scale.numel() != 1 else qw.scale.reshape(1, 1).expand(rows, ngroups)
         return floating.codebook(kind).float().reshape(1, 1, levels), scale.reshape(rows, ngroups)
-    if kind == "bcq":  # binary coding: each group's 2^bits signed sums of its alphas, plus its offset (fp32)
+    if kind == "bcq":  # binary coding: each group's 2^bits signed sums of its alphas plus its offset (fp16)
         ngroups = integer.num_groups(k, qw.fmt.group_size)
-        return binary.table(qw.scale, bits, rows, ngroups).reshape(rows, ngroups, levels), None
+        return binary.table(qw.scale, bits, rows, ngroups).half().reshape(rows, ngroups, levels), None
     raise ValueError(f"lowbit's LUT kernel cannot decode {qw.fmt.describe()}; it runs {', '.join(KINDS)}")
 
 
