@@ -132,15 +132,26 @@ def supports(toolkit, bits, group_size):
     return True
 
 
+SAVED: list = []  # every row so far, written to --json after each one (a cut-off run keeps what it measured)
+JSON_PATH: list = []
+
+
+def _keep(row: dict) -> None:
+    SAVED.append(row)
+    print(_fmt(row), flush=True)
+    if JSON_PATH:
+        Path(JSON_PATH[0]).write_text(json.dumps(SAVED, indent=1))
+
+
 def table(name, model, model_dir, kind, calib, score, metric, configs, methods, peers, workdir):
     rows = [{"model": name, "config": "fp32", "method": "fp32", metric: score(model)}]
-    print(_fmt(rows[-1]), flush=True)
+    _keep(rows[-1])
     for cfg in configs:
         bits, g = CONFIGS[cfg]
         for method in methods:
             q, info = run_lowbit(model, method, calib, bits, g)
             rows.append({"model": name, "config": cfg, "method": method, metric: score(q), **info})
-            print(_fmt(rows[-1]), flush=True)
+            _keep(rows[-1])
         for peer in peers:
             if not supports(peer, bits, g):
                 continue
@@ -152,7 +163,7 @@ def table(name, model, model_dir, kind, calib, score, metric, configs, methods, 
                 continue
             rows.append({"model": name, "config": cfg, "method": peer, metric: score(q) if q is not None else None,
                          **info})  # fmt: skip
-            print(_fmt(rows[-1]), flush=True)
+            _keep(rows[-1])
     return rows
 
 
@@ -226,6 +237,8 @@ def main() -> None:
     args.methods = [m for m in args.methods.split(",") if m]
     args.peers = [p for p in args.peers.split(",") if p]
     torch.manual_seed(0)
+    if args.json:
+        JSON_PATH.append(args.json)
     rows = []
     runners = {"minilm": minilm, "stories": stories, "smollm2": smollm2}
     for name in args.model.split(","):

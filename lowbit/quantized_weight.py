@@ -194,10 +194,10 @@ class QuantizedWeight:
             codes = vector.quantize(w, scale, fmt)
         else:
             if scale is None:
-                scale = floating.absmax_scale(w, fmt.kind, fmt.group_size)
+                scale = floating.absmax_scale(w, fmt.kind, fmt.group_size, fmt.bits)
             if fmt.scale_bits is not None:
                 scale, scale_q, _ = second_level(w, scale, None, fmt)
-            codes = floating.quantize(w, scale, fmt.kind, fmt.group_size)
+            codes = floating.quantize(w, scale, fmt.kind, fmt.group_size, fmt.bits)
         return cls.from_codes(codes, scale, zero, fmt, shape, scale_q=scale_q)
 
     @property
@@ -232,7 +232,7 @@ class QuantizedWeight:
         elif self.fmt.kind == "vq":
             w = vector.dequantize(codes, self.scale, self.fmt, self.matrix_shape[1])
         else:
-            w = floating.dequantize(codes, self.scale, self.fmt.kind, self.fmt.group_size)
+            w = floating.dequantize(codes, self.scale, self.fmt.kind, self.fmt.group_size, self.fmt.bits)
         if self.outliers is not None:
             w = w + self.outliers.to_dense(self.matrix_shape).to(w.device)
         if self.lowrank is not None:

@@ -66,9 +66,10 @@ def test_dampening_escalates_with_a_warning_when_cholesky_fails():
     assert damp == pytest.approx(0.1)
 
 
-def test_gptq_rejects_non_integer_formats_and_bad_damp():
-    with pytest.raises(ValueError, match="integer"):
-        GPTQ(format="nf4")
+def test_gptq_rejects_learned_codebook_formats_and_bad_damp():
+    with pytest.raises(ValueError, match="integer grids and scaled codebooks"):
+        GPTQ(format="lut")
+    assert GPTQ(format="nf4").weight_format.kind == "nf4"  # a fixed table times a scale: GPTQ runs on it
     with pytest.raises(ValueError, match="damp"):
         GPTQ(damp=0)
 

@@ -5,24 +5,27 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from lowbit.formats import vector
-from lowbit.formats.floating import FP8_DTYPES
+from lowbit.formats.floating import FP8_DTYPES, GRIDS
 from lowbit.formats.integer import check_bits, check_group_size
 
-KINDS = ("int", "lut", "bcq", "vq", "nf4", "fp4", *FP8_DTYPES)
+KINDS = ("int", "lut", "bcq", "vq", "nf4", "fp4", *GRIDS, *FP8_DTYPES)
+SCALED_CODEBOOKS = ("nf4", "fp4", *GRIDS)  # a fixed table of levels times a scale per group
 
 
 @dataclass(frozen=True)
 class WeightFormat:
     """``kind`` is ``int``, ``lut`` (a learned codebook of ``2^bits`` values per row or group,
     ``formats.codebook``), ``bcq`` (``bits`` signed binary planes with scales and an offset per row
-    or group, ``formats.binary``), ``nf4``, ``fp4``, ``fp8_e4m3`` or ``fp8_e5m2``.
+    or group, ``formats.binary``), ``nf4``, ``fp4``, the fixed non-uniform grids ``pot`` (powers
+    of two), ``apot`` (additive powers of two) and ``log`` (powers of sqrt 2) of 2 to 8 bits
+    (``formats.floating``), ``fp8_e4m3`` or ``fp8_e5m2``.
 
     ``group_size``: a positive size (ragged last group allowed), ``-1`` per-channel,
     ``None`` per-tensor (a ``lut`` weight then has one codebook ``[1, 2^bits]``: GOBO's and Deep
     Compression's per-layer centroids). ``symmetric`` applies to ``int`` only; the float and
     codebook formats are symmetric by construction.
 
-    ``scale_bits`` (``int``, ``nf4``, ``fp4`` by group or channel): the scales are themselves
+    ``scale_bits`` (``int`` and the scaled codebooks ``nf4``, ``fp4``, ``pot``, ``apot``, ``log``, by group or channel): the scales are themselves
     stored quantized -- QLoRA's double quantization, SpQR's second-level statistics
     (``formats.double``): each run of ``scale_group_size`` scales along the output channels
     of one column group keeps ``scale_bits``-bit codes and one fp16 base and step.
@@ -62,9 +65,9 @@ class WeightFormat:
             raise ValueError(f"vq_dim and vq_block belong to vq weights, not {self.kind}")
         if self.scale_bits is not None:
             check_bits(self.scale_bits)
-            if self.kind not in ("int", "nf4", "fp4") or self.group_size is None:
+            if self.kind not in ("int", *SCALED_CODEBOOKS) or self.group_size is None:
                 raise ValueError(
-                    f"quantized scales (scale_bits={self.scale_bits}) need an int, nf4 or fp4 format "
+                    f"quantized scales (scale_bits={self.scale_bits}) need an int, {', '.join(SCALED_CODEBOOKS)} format "
                     f"per channel or per group, not {self.kind} with group_size {self.group_size}"
                 )
             if not isinstance(self.scale_group_size, int) or self.scale_group_size <= 0:
@@ -81,7 +84,7 @@ class WeightFormat:
             gran = "per-channel"
         else:
             gran = f"g{self.group_size}"
-        name = f"{self.kind}{self.bits}" if self.kind in ("int", "lut", "bcq", "vq") else self.kind
+        name = f"{self.kind}{self.bits}" if self.kind in ("int", "lut", "bcq", "vq", *GRIDS) else self.kind
         sym = ("sym" if self.symmetric else "asym") if self.kind == "int" else ""
         dq = f"scales int{self.scale_bits}/{self.scale_group_size}" if self.scale_bits is not None else ""
         vq = f"d{self.vq_dim} block{self.vq_block}" if self.kind == "vq" else ""

@@ -23,11 +23,12 @@ import os
 import torch
 
 from lowbit.formats import binary, codebook, floating, integer
+from lowbit.formats.spec import SCALED_CODEBOOKS
 from lowbit.kernels.build import build_extension
 from lowbit.quantized_weight import QuantizedWeight
 
 ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
-KINDS = ("lut", "bcq", "nf4", "fp4")  # the kinds decode_table turns into tables
+KINDS = ("lut", "bcq", *SCALED_CODEBOOKS)  # the kinds decode_table turns into tables
 MAX_ROWS = 16  # rows the GEMV takes (the kernel's kMaxRows)
 PAD = 8  # zero bytes after the code stream, so that SIMD loads of the last codes stay inside it
 TILE_BYTES = 8 * 2**20  # one dequantized fp32 tile of weight rows for the GEMM past MAX_ROWS
@@ -82,10 +83,10 @@ def decode_table(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor | None
         per_tensor = qw.scale.numel() == levels  # one table for the whole weight (GOBO)
         ngroups = 1 if per_tensor else integer.num_groups(k, qw.fmt.group_size)
         return qw.scale.reshape(1 if per_tensor else rows, ngroups, levels), None
-    if kind in ("nf4", "fp4"):
+    if kind in SCALED_CODEBOOKS:  # nf4, fp4 and the pot / apot / log grids: one table times a scale
         ngroups = integer.num_groups(k, qw.fmt.group_size)
         scale = qw.scale if qw.scale.numel() != 1 else qw.scale.reshape(1, 1).expand(rows, ngroups)
-        return floating.codebook(kind).float().reshape(1, 1, levels), scale.reshape(rows, ngroups)
+        return floating.codebook(kind, bits).float().reshape(1, 1, levels), scale.reshape(rows, ngroups)
     if kind == "bcq":  # binary coding: each group's 2^bits signed sums of its alphas plus its offset (fp16)
         ngroups = integer.num_groups(k, qw.fmt.group_size)
         return binary.table(qw.scale, bits, rows, ngroups).half().reshape(rows, ngroups, levels), None

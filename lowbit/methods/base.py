@@ -39,7 +39,7 @@ class MethodConfig:
 
     ``bits``: 2-8. ``group_size``: positive, ``-1`` per-channel. ``symmetric``:
     fixed mid-range zero point instead of a per-group integer zero. ``format``:
-    ``int``, ``nf4``, ``fp4``, ``fp8_e4m3`` or ``fp8_e5m2``. ``act_*``: integer
+    ``int``, ``lut``, ``bcq``, ``vq``, ``nf4``, ``fp4``, ``pot``, ``apot``, ``log``, ``fp8_e4m3`` or ``fp8_e5m2``. ``act_*``: integer
     activations (unset knobs take the model family's defaults).
     """
 

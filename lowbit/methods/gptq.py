@@ -18,7 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.formats import double, integer
+from lowbit.formats import double, floating, integer
+from lowbit.formats.search import grid_factors
+from lowbit.formats.spec import SCALED_CODEBOOKS
 from lowbit.methods.base import MethodConfig, register
 from lowbit.methods.rtn import mse_clip_params
 from lowbit.quantized_weight import QuantizedWeight, check_finite
@@ -54,6 +56,13 @@ def _group_params(w: torch.Tensor, bits: int, symmetric: bool, mse: bool) -> tup
     return s[:, 0], z[:, 0]
 
 
+def _codebook_scale(w: torch.Tensor, kind: str, bits: int, mse: bool) -> torch.Tensor:
+    """One scale per row for ``w: [out, cols]`` on a scaled codebook: absmax, or the searched one."""
+    if mse:
+        return floating.mse_scale(w, kind, -1, bits, grid_factors(100, 0.8), 2.4)[:, 0]
+    return floating.absmax_scale(w, kind, -1, bits)[:, 0]
+
+
 def gptq_quantize(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -67,6 +76,7 @@ def gptq_quantize(
     mse: bool = False,
     keep: torch.Tensor | None = None,
     round_scale=None,
+    kind: str = "int",
 ):
     """GPTQ on ``W: [out, in]`` with ``H: [in, in]``.
 
@@ -79,6 +89,10 @@ def gptq_quantize(
     final values (``[out, in]``, zero elsewhere). ``round_scale(group, scale)``, when given, maps
     each group's scales (``[out]``) to the ones stored (quantized scales, ``formats.double``)
     before any code of the group is computed; integer zero points follow the rounded scale.
+
+    ``kind``: ``int``, or a scaled codebook (``nf4``, ``fp4``, ``pot``, ``apot``, ``log``): each group
+    then has a scale (absmax, or searched with ``mse``), each column's codes are its nearest levels,
+    and ``zero`` holds the code of the level 0 (what kept columns store).
     """
     W = W.detach().clone().float()
     H = H.detach().clone().float().to(W.device)
@@ -86,6 +100,8 @@ def gptq_quantize(
     g = integer.effective_group_size(cols, group_size)
     ngroups = integer.num_groups(cols, group_size)
     maxq = integer.qmax(bits)
+    table = None if kind == "int" else floating.codebook(kind, bits).to(W.device)
+    zero_code = None if table is None else float(torch.argmin(table.abs()))
 
     dead = torch.diag(H) == 0  # inputs that never fire: their weights cannot matter
     H[dead, dead] = 1
@@ -97,11 +113,15 @@ def gptq_quantize(
     zero = torch.zeros(rows, ngroups, device=W.device)
     if keep is not None:
         keep = keep.to(device=W.device, dtype=torch.bool)
+
     def params(j: int, cols: torch.Tensor) -> None:
-        s, z = _group_params(cols, bits, symmetric, mse)
+        if table is None:
+            s, z = _group_params(cols, bits, symmetric, mse)
+        else:
+            s, z = _codebook_scale(cols, kind, bits, mse), torch.full((rows,), zero_code, device=W.device)
         if round_scale is not None:
             rounded = round_scale(j, s)
-            if not symmetric:  # the same real zero, -z * s, on the stored scale
+            if table is None and not symmetric:  # the same real zero, -z * s, on the stored scale
                 z = torch.round(z * s / rounded).clamp(0, maxq)
             s = rounded
         scale[:, j], zero[:, j] = s, z
@@ -141,9 +161,14 @@ def gptq_quantize(
                 W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
                 Err1[:, i] = err
                 continue
-            q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+            if table is None:
+                q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+                deq = (q - z) * s
+            else:
+                q = floating.quantize_codebook(w / s, table)
+                deq = table[q.long()] * s
             codes[:, col] = q.to(torch.uint8)
-            err = (w - (q - z) * s) / Hinv1[i, i]
+            err = (w - deq) / Hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
@@ -177,8 +202,9 @@ class GPTQ(MethodConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.format != "int":
-            raise ValueError(f"GPTQ quantizes to integer grids; format {self.format!r} is not supported")
+        if self.format not in ("int", *SCALED_CODEBOOKS):
+            raise ValueError(f"GPTQ quantizes to integer grids and scaled codebooks ({', '.join(SCALED_CODEBOOKS)}); "
+                             f"format {self.format!r} is not supported")  # fmt: skip
         if not 0 < self.damp < 1:
             raise ValueError(f"damp {self.damp} must lie in (0, 1); the paper uses 0.01")
 
@@ -203,7 +229,8 @@ class GPTQ(MethodConfig):
 
         out = gptq_quantize(w, H, fmt.bits, fmt.group_size, fmt.symmetric, self.damp, self.blocksize, self.act_order,
                             self.static_groups, self.mse, keep=keep,
-                            round_scale=round_scale if fmt.scale_bits is not None else None)  # fmt: skip
+                            round_scale=round_scale if fmt.scale_bits is not None else None,
+                            kind=fmt.kind)  # fmt: skip
         codes, scale, zero, kept = out if keep is not None else (*out, None)
         scale_q = double.QuantizedScales.stack([parts[j] for j in sorted(parts)]) if parts else None
         return codes, scale, zero, kept, scale_q

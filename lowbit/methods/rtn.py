@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.formats import integer
+from lowbit.formats import floating, integer
 from lowbit.formats.search import grid_factors
+from lowbit.formats.spec import SCALED_CODEBOOKS
 from lowbit.methods.base import MethodConfig, register
 from lowbit.quantized_weight import QuantizedWeight, check_finite
 
@@ -26,7 +27,8 @@ def mse_clip_params(w: torch.Tensor, bits: int, group_size: int | None, symmetri
 @register
 @dataclass
 class RTN(MethodConfig):
-    """Round-to-nearest. ``mse=True`` searches a clipping range per group (integer formats)."""
+    """Round-to-nearest. ``mse=True`` searches a clipping range per group (integer formats) or
+    a scale per group (the scaled codebooks: nf4, fp4 and the pot / apot / log grids)."""
 
     name = "rtn"
     supports_scale_bits = True
@@ -44,6 +46,11 @@ class RTN(MethodConfig):
                 w, fmt.bits, fmt.group_size, fmt.symmetric, self.mse_grid, self.mse_maxshrink, self.mse_norm
             )
             return QuantizedWeight.quantize(w, fmt, scale, zero)
+        if fmt.kind in SCALED_CODEBOOKS and self.mse:  # nf4, fp4, pot, apot, log: the scale searched
+            factors = grid_factors(self.mse_grid, self.mse_maxshrink)
+            scale = floating.mse_scale(w, fmt.kind, fmt.group_size, fmt.bits, factors, self.mse_norm)
+            return QuantizedWeight.quantize(w, fmt, scale)
         if fmt.kind != "int" and self.mse:
-            raise ValueError(f"the MSE clipping search supports integer formats, not {fmt.kind}")
+            raise ValueError(f"the MSE clipping search supports integer and scaled-codebook formats "
+                             f"({', '.join(SCALED_CODEBOOKS)}), not {fmt.kind}")  # fmt: skip
         return QuantizedWeight.quantize(w, fmt)

@@ -161,6 +161,8 @@ class SpQR(GPTQ):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.format != "int":
+            raise ValueError(f"spqr fits integer groups with quantized statistics; format {self.format!r} is not one")
         if self.symmetric:
             raise ValueError("spqr fits asymmetric groups (a zero point per group); leave symmetric off")
         if self.scale_bits is None:
