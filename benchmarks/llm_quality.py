@@ -109,7 +109,7 @@ def run_peer(toolkit, model, model_dir, kind, calib, bits, group_size, workdir):
         save_file({"input_ids": calib.contiguous()}, calib_file)
     out = Path(workdir) / f"{toolkit}-{bits}-{group_size}.safetensors"
     job = {"toolkit": toolkit, "model": str(model_dir), "kind": kind, "calib": str(calib_file), "bits": bits,
-           "group_size": group_size, "out": str(out)}  # fmt: skip
+           "group_size": group_size, "out": str(out), "iters": ITERS[0]}  # fmt: skip
     job_file = Path(workdir) / "job.json"
     job_file.write_text(json.dumps(job))
     r = subprocess.run([python, str(PEER_SCRIPT), str(job_file)], capture_output=True, text=True, check=False)
@@ -132,6 +132,7 @@ def supports(toolkit, bits, group_size):
     return True
 
 
+ITERS = [200]  # signround's and auto-round's steps per block (--iters)
 SAVED: list = []  # every row so far, written to --json after each one (a cut-off run keeps what it measured)
 JSON_PATH: list = []
 
@@ -229,12 +230,16 @@ def main() -> None:
     ap.add_argument("--peers", default="autoround,hqq,bnb-nf4,llmcompressor")
     ap.add_argument("--nsamples", type=int, default=None, help="calibration windows (default per model)")
     ap.add_argument("--json", default=None, help="write the rows here too")
+    ap.add_argument("--iters", type=int, default=200, help="signround's and auto-round's steps per block")
     args = ap.parse_args()
     args.configs = [c for c in args.configs.split(",") if c]
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown:
         sys.exit(f"unknown configs {unknown}; choose from {', '.join(CONFIGS)}")
     args.methods = [m for m in args.methods.split(",") if m]
+    if args.iters != 200:  # lowbit's signround takes the same step count as auto-round
+        ITERS[0] = args.iters
+        args.methods = [f"{m}:iters={args.iters}" if m == "signround" else m for m in args.methods]
     args.peers = [p for p in args.peers.split(",") if p]
     torch.manual_seed(0)
     if args.json:

@@ -4,7 +4,7 @@ Runs in the peers' own environment (they pin other versions than lowbit's), call
 benchmarks/llm_quality.py through LOWBIT_PEERS_PYTHON:
 
     python3 -m venv .venv-peers && .venv-peers/bin/pip install torch==2.13.0 && \\
-        .venv-peers/bin/pip install auto-round hqq bitsandbytes
+        .venv-peers/bin/pip install auto-round==0.16.1 hqq==0.2.8 bitsandbytes==0.50.2
     .venv-peers/bin/python benchmarks/peer_quantize.py JOB.json
 
 JOB.json: {"toolkit": "autoround" | "hqq" | "bnb-nf4", "model": DIR, "kind": "encoder" | "causal",
@@ -80,9 +80,8 @@ def hqq(job, model, tok):
     t0 = time.perf_counter()
     for name in block_linears(model, linears(model)):
         lin = linears(model)[name]
-        k = lin.in_features
-        if g != -1 and k % g:
-            continue  # HQQ needs the group to divide the row
+        if g != -1 and lin.weight.numel() % g:
+            continue  # HQQ groups the flattened weight (like bitsandbytes): the group must divide its size
         q = HQQLinear(lin, cfg, compute_dtype=torch.float32, device="cpu", del_orig=False)
         out[name] = q.dequantize().float().reshape(lin.weight.shape).contiguous()
         meta = q.meta
@@ -99,7 +98,9 @@ def bnb_nf4(job, model, tok):
     t0 = time.perf_counter()
     for name in block_linears(model, linears(model)):
         w = linears(model)[name].weight.detach().float()
-        packed, state = bf.quantize_4bit(w, blocksize=g, quant_type="nf4")
+        # bitsandbytes' blocks run along the flattened weight; its CPU dequantize kernel gets blocks
+        # longer than a row wrong when given the 2-D shape, so both see the flat one
+        packed, state = bf.quantize_4bit(w.reshape(-1), blocksize=g, quant_type="nf4")
         out[name] = bf.dequantize_4bit(packed, state).float().reshape(w.shape).contiguous()
         bits += w.numel() * 4 + state.absmax.numel() * 32
         count += w.numel()

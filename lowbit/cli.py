@@ -60,9 +60,11 @@ def quantize(
         None, "--sym/--asym", help="symmetric or asymmetric (zero-point) weights (default asym for int weights)"
     ),
     fmt: str | None = typer.Option(None, "--format", help="int (default), lut (a learned codebook per channel or "
-                                      "group; squeezellm's default), nf4, fp4, fp8_e4m3 or fp8_e5m2"),
+                                      "group; squeezellm's default), bcq, vq, nf4, fp4, the fixed grids pot "
+                                      "(powers of two), apot (additive powers of two) and log (powers of sqrt 2), "
+                                      "fp8_e4m3 or fp8_e5m2"),
     mse: bool | None = typer.Option(
-        None, "--mse/--no-mse", help="clip-search each group's range (default: off for rtn, on for gptq)"
+        None, "--mse/--no-mse", help="clip-search each group's range or scale (default: off for rtn, on for gptq)"
     ),
     scale_bits: int | None = typer.Option(
         None, "--scale-bits", help="store the scales quantized to this many bits (QLoRA's double quantization: 8; "
@@ -456,13 +458,15 @@ def _loaded_coverage(path: Path):
     return cov
 
 
-EXPORT_FORMATS = ("compressed-tensors", "gptq", "gguf", "onnx")
+EXPORT_FORMATS = ("compressed-tensors", "gptq", "gguf", "onnx", "bnb")
+EXPORT_ALIASES = {"bitsandbytes": "bnb"}
 
 
 @app.command()
 def export(
     path: Path = typer.Argument(..., help="a lowbit checkpoint (or a model directory, for gguf)"),
-    fmt: str = typer.Option(..., "--format", help="target layout: compressed-tensors, gptq, gguf or onnx"),
+    fmt: str = typer.Option(..., "--format", help="target layout: compressed-tensors, gptq, gguf, onnx or bnb "
+                            "(bitsandbytes' 4-bit nf4, for nf4 checkpoints)"),
     out: Path = typer.Option(..., "--out", help="directory to write (a .gguf file for gguf); must not exist"),
     gguf_type: str = typer.Option("q4_0", "--type", help="gguf only: f32, q8_0, q4_0 or q4_1"),
     onload: bool = typer.Option(False, "--onload", help="compressed-tensors only: a checkpoint larger than memory, "
@@ -472,6 +476,7 @@ def export(
     """Write a checkpoint in a layout other runtimes load."""
     from lowbit.io.native import check_output_dir
 
+    fmt = EXPORT_ALIASES.get(fmt, fmt)
     try:
         if fmt not in EXPORT_FORMATS:
             raise ValueError(f"unknown export format {fmt!r}; available: {', '.join(EXPORT_FORMATS)}")
@@ -502,6 +507,10 @@ def export(
             from lowbit.io.onnx_export import export_onnx
 
             export_onnx(net, out, tokenizer)
+        elif fmt == "bnb":
+            from lowbit.io.bnb_export import export_bnb
+
+            export_bnb(net, out, tokenizer)
         else:
             from lowbit.io.compressed_tensors import export_compressed_tensors
 
