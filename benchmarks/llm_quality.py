@@ -132,6 +132,7 @@ def supports(toolkit, bits, group_size):
     return True
 
 
+DECODE = [32]  # greedy tokens timed per causal row (--decode; 0: off)
 ITERS = [200]  # signround's and auto-round's steps per block (--iters)
 SAVED: list = []  # every row so far, written to --json after each one (a cut-off run keeps what it measured)
 JSON_PATH: list = []
@@ -144,6 +145,23 @@ def _keep(row: dict) -> None:
         Path(JSON_PATH[0]).write_text(json.dumps(SAVED, indent=1))
 
 
+def decode_speed(fp32, q, rounds: int = 3) -> dict:
+    """Greedy decode tokens/s of ``q`` on lowbit's kernels (its fused decoder step where the
+    architecture has one) and its ratio to the fp32 model, rounds interleaved, medians."""
+    from lowbit.generate import greedy_decode
+
+    ids = (torch.arange(16)[None] * 7 + 3) % fp32.config.vocab_size
+    with torch.no_grad():
+        for m in (fp32, q):  # warm-up: packed layouts built, kernels loaded
+            greedy_decode(m, ids, 4)
+        ref, got = [], []
+        for _ in range(rounds):
+            ref.append(greedy_decode(fp32, ids, DECODE[0]).tokens_per_s)
+            got.append(greedy_decode(q, ids, DECODE[0]).tokens_per_s)
+    med = lambda v: sorted(v)[len(v) // 2]
+    return {"decode_tok_s": med(got), "decode_x_fp32": med(got) / med(ref)}
+
+
 def table(name, model, model_dir, kind, calib, score, metric, configs, methods, peers, workdir):
     rows = [{"model": name, "config": "fp32", "method": "fp32", metric: score(model)}]
     _keep(rows[-1])
@@ -151,6 +169,8 @@ def table(name, model, model_dir, kind, calib, score, metric, configs, methods, 
         bits, g = CONFIGS[cfg]
         for method in methods:
             q, info = run_lowbit(model, method, calib, bits, g)
+            if kind == "causal" and DECODE[0] > 0:
+                info.update(decode_speed(model, q))
             rows.append({"model": name, "config": cfg, "method": method, metric: score(q), **info})
             _keep(rows[-1])
         for peer in peers:
@@ -207,7 +227,7 @@ def smollm2(args, workdir):
     model, tok = load_pretrained(str(asset("smollm2-135m")))
     text = read_text(asset("text", "wikitext2_test_raw.txt"))
     cut = len(text) // 2
-    calib = calibration_windows(tok, text[:cut], args.nsamples or 64, 512, 0)
+    calib = calibration_windows(tok, text[:cut], args.nsamples or 64, args.seqlen or 512, 0)
     held = tok.decode(token_chunks(tok, text[cut:], 512)[:48].reshape(-1))
     return causal("SmolLM2-135M", model, tok, calib, held, args, workdir)
 
@@ -219,7 +239,9 @@ def _fmt(r: dict) -> str:
     bpw = f"{r['bits_per_weight']:.3f}" if r.get("bits_per_weight") else "-"
     secs = f"{r['seconds']:.1f}" if r.get("seconds") is not None else "-"
     cov = r.get("coverage", "-")
-    return f"{r['model']:<14}{r['config']:<8}{r['method']:<16}{metric}={shown:<10} bpw={bpw:<7} cov={cov:<8} s={secs}"
+    dec = f" decode={r['decode_tok_s']:.1f} tok/s ({r['decode_x_fp32']:.2f}x fp32)" if "decode_tok_s" in r else ""
+    return (f"{r['model']:<14}{r['config']:<8}{r['method']:<16}{metric}={shown:<10} bpw={bpw:<7} cov={cov:<8} "
+            f"s={secs}{dec}")  # fmt: skip
 
 
 def main() -> None:
@@ -230,6 +252,8 @@ def main() -> None:
     ap.add_argument("--peers", default="autoround,hqq,bnb-nf4,llmcompressor")
     ap.add_argument("--nsamples", type=int, default=None, help="calibration windows (default per model)")
     ap.add_argument("--json", default=None, help="write the rows here too")
+    ap.add_argument("--seqlen", type=int, default=None, help="SmolLM2 only: tokens per calibration window (512)")
+    ap.add_argument("--decode", type=int, default=32, help="greedy tokens timed per causal row (0: off)")
     ap.add_argument("--iters", type=int, default=200, help="signround's and auto-round's steps per block")
     args = ap.parse_args()
     args.configs = [c for c in args.configs.split(",") if c]
@@ -244,6 +268,7 @@ def main() -> None:
     torch.manual_seed(0)
     if args.json:
         JSON_PATH.append(args.json)
+    DECODE[0] = args.decode
     rows = []
     runners = {"minilm": minilm, "stories": stories, "smollm2": smollm2}
     for name in args.model.split(","):
