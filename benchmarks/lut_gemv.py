@@ -1,13 +1,16 @@
-"""lowbit's look-up-table kernel (``kernels/lut.py``) against fp32 ``nn.Linear`` on CPU.
+"""lowbit's look-up-table kernels (``kernels/lut.py``, and ``kernels/vq.py`` for GPTVQ's vector codebooks)
+against fp32 ``nn.Linear`` on CPU.
 
 A decode step's regime: every weight comes from memory. Each implementation runs on a chain of
 distinct layers of one shape whose weights together are at least twice the largest CPU cache
 (read from sysfs), and the time is per layer. All implementations of one batch and thread count
 are timed in the same rounds, interleaved, and reported as medians and as a speed ratio against
 fp32 ``nn.Linear`` measured in those rounds. Codes and tables are random (the kernel's speed does
-not depend on their values); the outliers are 0.45% of the weights, scattered at random.
+not depend on their values); the outliers are 0.45% of the weights, scattered at random. The vq rows
+are 2-D codebooks per 256 columns with GPTVQ's default block (as many rows per codebook as it has entries).
 
     python benchmarks/lut_gemv.py [--shape 4096x4096] [--batches 1,4] [--threads 1,2] [--repeats 15] [--isa avx2]
+                                  [--only vq]
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.formats import WeightFormat, binary, codebook, floating, integer
+from lowbit.formats import WeightFormat, binary, codebook, floating, integer, vector
 from lowbit.formats.sparse import Outliers
 from lowbit.kernels import lut
 from lowbit.kernels.build import cpu_flags
@@ -36,6 +39,9 @@ FORMATS = {  # name: (format, outlier fraction)
     "bcq3 g128": (WeightFormat("bcq", 3, 128), 0.0),
     "bcq4 g128": (WeightFormat("bcq", 4, 128), 0.0),
     "lut4 per-channel +0.45% outliers": (WeightFormat("lut", 4, -1), 0.0045),
+    "vq2 d2": (WeightFormat("vq", 2, 256, vq_dim=2), 0.0),
+    "vq3 d2": (WeightFormat("vq", 3, 256, vq_dim=2), 0.0),
+    "vq4 d2": (WeightFormat("vq", 4, 256, vq_dim=2), 0.0),
 }
 
 
@@ -50,7 +56,11 @@ def l3_bytes() -> int:
 
 
 def random_weight(n: int, k: int, fmt: WeightFormat, outliers: float, gen: torch.Generator) -> QuantizedWeight:
-    """A weight of format ``fmt`` with random codes, tables (or scales) and outliers."""
+    """A weight of format ``fmt`` with random codes, tables (or scales, or codebooks) and outliers."""
+    if fmt.kind == "vq":
+        nbooks, entries, dim = vector.book_shape(n, k, fmt)
+        codes = torch.randint(0, entries, (n, vector.vectors(k, dim)), generator=gen, dtype=torch.uint8)
+        return QuantizedWeight.from_codes(codes, torch.randn(nbooks, entries, dim, generator=gen).half(), None, fmt)
     ngroups = integer.num_groups(k, fmt.group_size)
     codes = torch.randint(0, 1 << fmt.bits, (n, k), generator=gen, dtype=torch.uint8)
     if fmt.kind == "lut":
@@ -68,7 +78,7 @@ def random_weight(n: int, k: int, fmt: WeightFormat, outliers: float, gen: torch
 
 
 def lut_layer(n: int, k: int, fmt: WeightFormat, outliers: float, gen: torch.Generator, _: int) -> QLinear:
-    return QLinear(random_weight(n, k, fmt, outliers, gen), kernel="lut")
+    return QLinear(random_weight(n, k, fmt, outliers, gen), kernel="vq" if fmt.kind == "vq" else "lut")
 
 
 def run_all(layers: list[torch.nn.Module], x: torch.Tensor) -> None:
@@ -91,7 +101,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--isa", default=None, help="force a path of the LUT kernel (portable, avx2, avx512)")
+    ap.add_argument("--isa", default=None, help="force a path of the LUT kernels (portable, avx2, avx512)")
+    ap.add_argument("--only", default="", help="only the formats whose name contains this (fp32 nn.Linear always)")
     args = ap.parse_args()
     n, k = (int(v) for v in args.shape.split("x"))
     if args.isa:
@@ -107,6 +118,8 @@ def main() -> None:
 
     impls = {"fp32 nn.Linear": chain(linear, 4 * n * k)}
     for name, (fmt, frac) in FORMATS.items():
+        if args.only not in name:
+            continue
         make = functools.partial(lut_layer, n, k, fmt, frac, gen)
         first = make(0)
         impls[name] = [first, *chain(make, weight_bytes(first))[1:]]

@@ -7,10 +7,10 @@ from torch import nn
 
 from lowbit.formats.sparse import Outliers
 from lowbit.formats.spec import WeightFormat
-from lowbit.kernels import avx512, cpu, lut, triton_w4a16, wq
+from lowbit.kernels import avx512, cpu, lut, triton_w4a16, vq, wq
 from lowbit.quantized_weight import EXTRAS, QuantizedWeight
 
-KERNELS = ("auto", "native", "lut", "triton_w4a16", "int4_avx512", "int4_cpu", "int8_cpu", "dequant")
+KERNELS = ("auto", "native", "lut", "vq", "triton_w4a16", "int4_avx512", "int4_cpu", "int8_cpu", "dequant")
 BF16_KERNELS = ("int4_avx512", "int4_cpu", "int8_cpu")  # round activations to bf16: opt-in only
 
 
@@ -55,6 +55,10 @@ class QLinear(nn.Module):
       look-up-table kernel of ``kernels/lut.py``, each code looked up in its group's table held in
       registers, fp32 activations and accumulation (equal to dequantize-then-matmul to fp32
       rounding); kept outliers are added by the kernel in the same pass.
+    - ``vq`` (what ``auto`` picks on CPU for vector-quantized weights, GPTVQ's ``vq``): lowbit's kernel of
+      ``kernels/vq.py``, each index looked up in its block's codebook across 16 or 64 rows at once (for one
+      row, the dot products of each vector with all codewords, formed once per block), fp32 activations and
+      accumulation (equal to dequantize-then-matmul to fp32 rounding).
     - ``dequant``: dequantize, then ``x @ W.T`` (every other format, and GPUs
       without triton).
 
@@ -182,6 +186,8 @@ class QLinear(nn.Module):
             return "native"
         if device.type == "cpu" and lut.supported(self.quantized_weight) and lut.extension() is not None:
             return "lut"
+        if device.type == "cpu" and vq.supported(self.quantized_weight) and vq.extension() is not None:
+            return "vq"
         if device.type == "cuda" and triton_w4a16.supported(self.quantized_weight) and triton_w4a16.available(device):
             return "triton_w4a16"
         return "dequant"
@@ -195,6 +201,8 @@ class QLinear(nn.Module):
                 self._cache[key] = wq.Packed(qw, device)
             elif kernel == "lut":
                 self._cache[key] = lut.Packed(qw, device)
+            elif kernel == "vq":
+                self._cache[key] = vq.Packed(qw, device)
             elif kernel == "triton_w4a16":
                 self._cache[key] = triton_w4a16.Packed(qw, device)
             elif kernel == "int4_avx512":
@@ -244,7 +252,7 @@ class QLinear(nn.Module):
                 return self._add_outliers(y, x, sparse=False) if extra else y
 
             return run_lut
-        if kernel in ("native", "triton_w4a16"):
+        if kernel in ("native", "vq", "triton_w4a16"):
             packed = self._prepare(kernel, device)
 
             def run(x):
