@@ -86,3 +86,16 @@ def test_bcq_method_on_a_llama_reloads_exactly_and_beats_rtn(tmp_path):
         assert torch.equal(back(ids).logits, q(ids).logits)
     with pytest.raises(ValueError, match="bcq"):
         lowbit.methods.make_method("bcq", format="int")
+
+
+def test_degenerate_groups_keep_a_finite_fit():
+    """A constant group, or one of two values, gives planes of identical signs: the least-squares
+    step is singular there (MiniLM hit it), and such groups keep the parameters of the step before."""
+    w = torch.randn(64, 256)
+    w[3, :128] = 0.5
+    w[5, :128] = torch.where(torch.rand(128) > 0.5, 1.0, -1.0)
+    p = binary.fit(w, 3, 128)
+    assert bool(torch.isfinite(p.float()).all())
+    q = binary.dequantize(binary.quantize(w, p, 3, 128), p, 3, 128)
+    assert float((q - w)[3, :128].abs().max()) == 0.0
+    assert float((q - w)[5, :128].abs().max()) == 0.0

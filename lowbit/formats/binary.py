@@ -80,9 +80,14 @@ def fit(w: torch.Tensor, bits: int, group_size: int | None, iters: int = 15) -> 
     for _ in range(iters):
         # least squares for [alphas, offset] given the signs: A = [B | 1] per group, masked
         B = torch.cat([signs[codes], torch.ones_like(x)[..., None]], -1) * valid[..., None]  # [R, g, b+1]
-        AtA = B.transpose(1, 2) @ B + 1e-8 * torch.eye(bits + 1, device=w.device)
+        AtA = B.transpose(1, 2) @ B
+        AtA = AtA + 1e-6 * AtA.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * torch.eye(bits + 1, device=w.device)
         Atx = B.transpose(1, 2) @ (x * valid)[..., None]
-        params = torch.linalg.solve(AtA, Atx)[..., 0]
+        # two planes with the same signs (or a plane of one sign) leave A singular: such groups keep their
+        # parameters from the step before
+        solved, info = torch.linalg.solve_ex(AtA, Atx)
+        ok = (info == 0) & torch.isfinite(solved).all(1)[:, 0]
+        params = torch.where(ok[:, None], solved[..., 0], params)
         codes = _nearest(x, params[:, bits:] + params[:, :bits] @ signs.t())
         err = error(params, codes)
         better = err < best_err
