@@ -122,7 +122,7 @@ class QuantizedWeight:
         # scales from elsewhere that fp16 would change stay fp32
         exact = scale.float().to(torch.float16).float()
         fp16_ok = torch.equal(exact, scale.float()) and (
-            fmt.kind in ("lut", "vq") or integer.scale_storage_dtype(scale) == torch.float16  # codebooks may hold 0
+            fmt.kind in ("lut", "vq", "bcq") or integer.scale_storage_dtype(scale) == torch.float16  # tables may hold 0
         )
         storage = torch.float16 if fp16_ok else torch.float32
         if fmt.has_zero and zero is None:

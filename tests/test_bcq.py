@@ -99,3 +99,21 @@ def test_degenerate_groups_keep_a_finite_fit():
     q = binary.dequantize(binary.quantize(w, p, 3, 128), p, 3, 128)
     assert float((q - w)[3, :128].abs().max()) == 0.0
     assert float((q - w)[5, :128].abs().max()) == 0.0
+
+
+def test_a_checkpoint_with_zero_alphas_loads(tmp_path):
+    """A constant group fits alphas of 0 (its planes carry nothing): valid binary coding, which the
+    loader's zero-scale check must not take for corruption (SmolLM2-135M's weights produce it)."""
+    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)  # fmt: skip
+    model = tf.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[:4, :32] = 0.25
+    q = lowbit.quantize(copy.deepcopy(model), "bcq", bits=3, group_size=32, progress=False)
+    qw = q.model.layers[0].mlp.down_proj.quantized_weight
+    assert bool((qw.scale.float() == 0).any())
+    lowbit.save(q, tmp_path / "bcq")
+    back = lowbit.load(tmp_path / "bcq", model=copy.deepcopy(model))
+    ids = torch.randint(0, 64, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, q(ids).logits)

@@ -300,7 +300,10 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, kernel: str = 
         qw = getattr(m, "quantized_weight", None)
         if isinstance(qw, QuantizedWeight):
             scale = qw.scale.float()
-            if not bool(torch.isfinite(scale).all()) or (qw.fmt.kind not in ("lut", "vq") and bool((scale == 0).any())):
+            # codebooks and binary coding may hold 0 (an entry, an alpha or an offset); a scale may not
+            if not bool(torch.isfinite(scale).all()) or (
+                qw.fmt.kind not in ("lut", "vq", "bcq") and bool((scale == 0).any())
+            ):
                 raise CheckpointError(f"{path}: {name} holds NaN, Inf or zero scales; the file is corrupted")
     return loaded
 
