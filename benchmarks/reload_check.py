@@ -123,6 +123,8 @@ def check(model_name: str, method: str, args, workdir: Path) -> dict:
     out = workdir / f"{model_name}-{method.replace(':', '-')}"
     for d in (out, workdir / f"{out.name}-again", workdir / f"{out.name}-inproc"):
         shutil.rmtree(d, ignore_errors=True)
+    for marker in workdir.glob(f".{out.name}.lowbit-progress*"):  # an earlier run of this check cut off
+        shutil.rmtree(marker, ignore_errors=True) if marker.is_dir() else marker.unlink()
     cmd = [sys.executable, "-m", "lowbit", "quantize", src, "--method", name, "--bits", "4", "--calib", calib,
            "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--out", str(out), "--json",
            *METHODS[method]]  # fmt: skip
