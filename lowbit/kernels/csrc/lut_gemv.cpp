@@ -418,45 +418,78 @@ LOWBIT_AVX512 inline __m512 avx512_lookup(const uint8_t* at, __m512 t) {
   return _mm512_permutexvar_ps(_mm512_srlv_epi32(word, shift), t);
 }
 
-template <int BITS, int MB>
+// SCALED (a shared table times each group's scale: nf4, fp4, the grids): the lookups read the shared
+// table itself and each group's sums are multiplied by its scale once, so no lookup waits on the
+// scale's load and conversion (the same products to fp32 rounding, as on the AVX2 byte path).
+template <int BITS, int MB, bool SCALED>
 LOWBIT_AVX512 void row_avx512(const Lut& p, const float* x, const float* xi, float* y, int64_t n, int64_t m0, int,
                               int64_t c0, int64_t c1) {
   const int64_t K = p.K;
   const uint8_t* row = p.codes + n * K * BITS / 8;
   __m512 shared = _mm512_setzero_ps();
   if (!p.half_tables && !p.float_tables) shared = avx512_load(p, p.shared, false);
-  __m512 a0[MB], a1[MB];
-  LOWBIT_UNROLL for (int m = 0; m < MB; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
+  // four accumulators per activation row: one row's FMAs would otherwise wait on each other's latency
+  __m512 a0[MB], a1[MB], a2[MB], a3[MB];
+  LOWBIT_UNROLL for (int m = 0; m < MB; ++m) a0[m] = a1[m] = a2[m] = a3[m] = _mm512_setzero_ps();
   float sums[MB];
   LOWBIT_UNROLL for (int m = 0; m < MB; ++m) sums[m] = 0.f;
   const float* xr = xi + m0 * K;
+  __m512 b0[MB], b1[MB], b2[MB], b3[MB];  // SCALED: the group's own sums
   for (int64_t g = c0 / p.group; g * p.group < c1; ++g) {
-    const __m512 t = avx512_table(p, shared, n, g);
+    const __m512 t = SCALED ? shared : avx512_table(p, shared, n, g);
     const int64_t k0 = std::max(c0, g * p.group), k1 = std::min(c1, (g + 1) * p.group);
     int64_t ka = std::min(k1, (k0 + 15) & ~int64_t{15}), kb = std::max(ka, k1 & ~int64_t{15});
     if (ka > k0 || kb < k1) {
       alignas(64) float tt[16];
-      _mm512_store_ps(tt, t);
+      _mm512_store_ps(tt, SCALED ? avx512_table(p, shared, n, g) : t);
       scalar_span(p, tt, x, n, m0, MB, k0, ka, sums);
       scalar_span(p, tt, x, n, m0, MB, kb, k1, sums);
     }
+    if (SCALED) {
+      LOWBIT_UNROLL for (int m = 0; m < MB; ++m) b0[m] = b1[m] = b2[m] = b3[m] = _mm512_setzero_ps();
+    }
+    __m512* c0a = SCALED ? b0 : a0;
+    __m512* c1a = SCALED ? b1 : a1;
+    __m512* c2a = SCALED ? b2 : a2;
+    __m512* c3a = SCALED ? b3 : a3;
     const uint8_t* cp = row + ka / 8 * BITS;
     const float* xp = xr + ka;
     int64_t k = ka;
+    for (; k + 64 <= kb; k += 64, cp += 8 * BITS, xp += 64) {
+      const __m512 w0 = avx512_lookup<BITS>(cp, t);
+      const __m512 w1 = avx512_lookup<BITS>(cp + 2 * BITS, t);
+      const __m512 w2 = avx512_lookup<BITS>(cp + 4 * BITS, t);
+      const __m512 w3 = avx512_lookup<BITS>(cp + 6 * BITS, t);
+      LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
+        c0a[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp + m * K), c0a[m]);
+        c1a[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp + m * K + 16), c1a[m]);
+        c2a[m] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xp + m * K + 32), c2a[m]);
+        c3a[m] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xp + m * K + 48), c3a[m]);
+      }
+    }
     for (; k + 32 <= kb; k += 32, cp += 4 * BITS, xp += 32) {
       const __m512 w0 = avx512_lookup<BITS>(cp, t);
       const __m512 w1 = avx512_lookup<BITS>(cp + 2 * BITS, t);
       LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
-        a0[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp + m * K), a0[m]);
-        a1[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp + m * K + 16), a1[m]);
+        c0a[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp + m * K), c0a[m]);
+        c1a[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp + m * K + 16), c1a[m]);
       }
     }
     if (k < kb) {
       const __m512 w0 = avx512_lookup<BITS>(cp, t);
-      LOWBIT_UNROLL for (int m = 0; m < MB; ++m) a0[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp + m * K), a0[m]);
+      LOWBIT_UNROLL for (int m = 0; m < MB; ++m) c0a[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp + m * K), c0a[m]);
+    }
+    if (SCALED) {
+      const int64_t i = n * p.G + g;
+      const __m512 sc = _mm512_set1_ps(p.half_scales ? _cvtsh_ss(p.half_scales[i].x) : p.float_scales[i]);
+      LOWBIT_UNROLL for (int m = 0; m < MB; ++m)
+        a0[m] = _mm512_fmadd_ps(_mm512_add_ps(_mm512_add_ps(b0[m], b1[m]), _mm512_add_ps(b2[m], b3[m])), sc, a0[m]);
     }
   }
-  LOWBIT_UNROLL for (int m = 0; m < MB; ++m) y[(m0 + m) * p.N + n] += _mm512_reduce_add_ps(_mm512_add_ps(a0[m], a1[m])) + sums[m];
+  LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
+    const __m512 acc = _mm512_add_ps(_mm512_add_ps(a0[m], a1[m]), _mm512_add_ps(a2[m], a3[m]));
+    y[(m0 + m) * p.N + n] += _mm512_reduce_add_ps(acc) + sums[m];
+  }
 }
 #endif  // LOWBIT_X86
 
@@ -494,7 +527,11 @@ template <int MB>
 RowFn row_fn(const Lut& p, int64_t isa) {
 #ifdef LOWBIT_X86
   const int64_t bits = p.bits;
-  if (isa == kAvx512) return bits == 4 ? row_avx512<4, MB> : bits == 3 ? row_avx512<3, MB> : row_avx512<2, MB>;
+  if (isa == kAvx512) {
+    if (!p.half_tables && !p.float_tables)
+      return bits == 4 ? row_avx512<4, MB, true> : bits == 3 ? row_avx512<3, MB, true> : row_avx512<2, MB, true>;
+    return bits == 4 ? row_avx512<4, MB, false> : bits == 3 ? row_avx512<3, MB, false> : row_avx512<2, MB, false>;
+  }
   const int planes = nibble_planes(p, isa);
   if (planes >= 0) return planes == kHalfPlanes ? row_nibble_avx2<kHalfPlanes, MB> : row_nibble_avx2<kFloatPlanes, MB>;
   if (isa == kAvx2) return bits == 4 ? row_avx2<4, MB> : bits == 3 ? row_avx2<3, MB> : row_avx2<2, MB>;
