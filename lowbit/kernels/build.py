@@ -28,6 +28,23 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def resolve_isa(isa: str | None, isas: dict[str, int], available, what: str,
+                best: tuple[str, ...] = ("auto",)) -> int:  # fmt: skip
+    """``isa`` (or ``LOWBIT_ISA``, or the best available: ``-1``) as a kernel's integer code, from
+    ``isas``; an unknown name or one this CPU lacks (``available()``, asked only then) is an error
+    naming ``what``.
+    ``best``: the names that mean "the best path" for this kernel."""
+    name = isa or os.environ.get("LOWBIT_ISA") or "auto"
+    if name in best:
+        return -1
+    if name not in isas:
+        raise ValueError(f"unknown instruction set {name!r}; choose auto, {', '.join(isas)}")
+    have = available()
+    if name not in have:
+        raise ValueError(f"this CPU cannot run lowbit's {name} {what} (it has: {', '.join(have) or 'none'})")
+    return isas[name]
+
+
 def build_extension(name: str, source: str, cflags: list[str], what: str):
     """Compile ``csrc/source`` as module ``name``, or return ``None`` (with a warning) if that fails."""
     if os.environ.get("LOWBIT_DISABLE_CPP") == "1":

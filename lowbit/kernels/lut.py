@@ -18,13 +18,12 @@ the same pass (``y += x @ S^T``), or by its CSR add after the GEMM.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
 from lowbit.formats import binary, codebook, floating, integer
 from lowbit.formats.spec import SCALED_CODEBOOKS
-from lowbit.kernels.build import build_extension
+from lowbit.kernels.build import build_extension, resolve_isa
 from lowbit.quantized_weight import QuantizedWeight
 
 ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
@@ -51,15 +50,7 @@ def isa_code(isa: str | None = None) -> int:
 
     ``neon`` (a path of the integer kernels only) runs this kernel's best path: portable C++ on AArch64.
     """
-    name = isa or os.environ.get("LOWBIT_ISA") or "auto"
-    if name in ("auto", "neon"):
-        return -1
-    if name not in ISAS:
-        raise ValueError(f"unknown instruction set {name!r}; choose auto, {', '.join(ISAS)}")
-    have = available_isas()
-    if name not in have:
-        raise ValueError(f"this CPU cannot run lowbit's {name} LUT kernel (it has: {', '.join(have) or 'none'})")
-    return ISAS[name]
+    return resolve_isa(isa, ISAS, available_isas, "LUT kernel", best=("auto", "neon"))
 
 
 def supported(qw: QuantizedWeight) -> bool:

@@ -26,12 +26,11 @@ Kept outliers, low-rank terms and REx rows are not the kernel's: ``QLinear`` add
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
 from lowbit.formats import vector
-from lowbit.kernels.build import build_extension
+from lowbit.kernels.build import build_extension, resolve_isa
 from lowbit.kernels.lut import ISAS
 from lowbit.quantized_weight import QuantizedWeight
 
@@ -55,15 +54,7 @@ def available_isas() -> list[str]:
 
 def isa_code(isa: str | None = None) -> int:
     """``isa`` (or ``LOWBIT_ISA``, or the best available) as the kernel's integer code (``neon``: the best)."""
-    name = isa or os.environ.get("LOWBIT_ISA") or "auto"
-    if name in ("auto", "neon"):
-        return -1
-    if name not in ISAS:
-        raise ValueError(f"unknown instruction set {name!r}; choose auto, {', '.join(ISAS)}")
-    have = available_isas()
-    if name not in have:
-        raise ValueError(f"this CPU cannot run lowbit's {name} vq kernel (it has: {', '.join(have) or 'none'})")
-    return ISAS[name]
+    return resolve_isa(isa, ISAS, available_isas, "vq kernel", best=("auto", "neon"))
 
 
 def supported(qw: QuantizedWeight) -> bool:

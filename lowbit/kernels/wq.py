@@ -25,7 +25,7 @@ import os
 import torch
 
 from lowbit.formats import integer
-from lowbit.kernels.build import build_extension
+from lowbit.kernels.build import build_extension, resolve_isa
 from lowbit.quantized_weight import QuantizedWeight
 
 ISAS = {"portable": 0, "avx2": 1, "avx512": 2, "neon": 3}
@@ -46,15 +46,7 @@ def available_isas() -> list[str]:
 
 def isa_code(isa: str | None = None) -> int:
     """``isa`` (or ``LOWBIT_ISA``, or the best available) as the kernel's integer code."""
-    name = isa or os.environ.get("LOWBIT_ISA") or "auto"
-    if name == "auto":
-        return -1
-    if name not in ISAS:
-        raise ValueError(f"unknown instruction set {name!r}; choose auto, {', '.join(ISAS)}")
-    have = available_isas()
-    if name not in have:
-        raise ValueError(f"this CPU cannot run lowbit's {name} kernels (it has: {', '.join(have) or 'none'})")
-    return ISAS[name]
+    return resolve_isa(isa, ISAS, available_isas, "kernels")
 
 
 def selected_isa(isa: str | None = None) -> str:
