@@ -100,6 +100,9 @@ def test_torchrun_two_processes_write_the_one_process_checkpoint(stories_dir, tm
 def test_methods_that_score_their_own_share_are_refused(tmp_path):
     from lowbit.assets import asset
 
-    r = _quantize(tmp_path / "awq", "awq", 2, asset("text", "tinystories_dev.txt"))
+    text = asset("text", "tinystories_dev.txt")
+    if not text.exists():
+        pytest.skip(f"{text} is absent; set LOWBIT_ASSETS to the shared assets folder")
+    r = _quantize(tmp_path / "awq", "awq", 2, text)
     assert r.returncode != 0 and "awq cannot run data-parallel yet" in r.stderr
     shutil.rmtree(tmp_path / "awq", ignore_errors=True)
