@@ -14,6 +14,7 @@ from torch import nn
 
 from lowbit.engine import distributed
 from lowbit.engine.loop import run
+from lowbit.io.model_card import api_command, file_sha256, lowbit_version
 from lowbit.methods import MethodConfig, check_recipe, parse_recipe
 from lowbit.models.adapters import adapter_for, plan
 from lowbit.nn.qmodule import op_kind
@@ -45,6 +46,7 @@ def quantize(
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
     onload=None,
+    provenance: dict | None = None,
     **config,
 ) -> nn.Module:
     """Quantize ``model`` in place and return it: any ``nn.Module`` (a language model, an encoder,
@@ -71,6 +73,11 @@ def quantize(
     calls it once the checkpoint is written).
 
     ``onload``: used by ``quantize_to_disk`` (a model larger than memory, read and written unit by unit).
+
+    ``model.lowbit_provenance`` records what the model card of a saved checkpoint shows: the source,
+    the calibration data (windows, seed, sha256 of the inputs; the file and its sha256 when ``calib``
+    is a path), the time, the versions and the call; ``provenance`` overrides its fields (the CLI
+    passes its command line and calibration file).
     """
     start = time.perf_counter()
     adapter = adapter_for(model)
@@ -133,7 +140,40 @@ def quantize(
     model.lowbit_family = adapter.family
     model.lowbit_notes = notes
     model.lowbit_seconds = time.perf_counter() - start
+    call = dict(config, nsamples=nsamples, seqlen=seqlen, seed=seed) if given is not None else config
+    model.lowbit_provenance = {
+        "source": str(getattr(model, "lowbit_source", None) or type(model).__name__),
+        "command": api_command(method_or_recipe, call, calib if given is not None else None),
+        "calibration": _calibration_record(calib, given, seed) if needs_data else None,
+        "seconds": round(model.lowbit_seconds, 3),
+        "lowbit": lowbit_version(),
+        "torch": torch.__version__,
+        "evaluation": [],
+    }
+    for key, value in (provenance or {}).items():
+        if key == "calibration" and model.lowbit_provenance["calibration"] is not None:
+            model.lowbit_provenance["calibration"].update(value or {})
+        elif key != "calibration":
+            model.lowbit_provenance[key] = value
     return model
+
+
+def _calibration_record(calib, batches, seed: int) -> dict:
+    """What the model card says of the calibration data."""
+    from lowbit.engine.checkpoint import fingerprint_batches
+
+    record: dict = {"windows": 0, "seed": seed, "sha256": fingerprint_batches(batches)}
+    for b in batches or []:
+        if torch.is_tensor(b):
+            record["windows"] += b.shape[0]
+            if not b.is_floating_point() and b.dim() == 2:
+                record["tokens_per_window"] = b.shape[1]
+        else:
+            record["windows"] += 1
+    if isinstance(calib, (str, os.PathLike)):
+        record["path"] = str(calib)
+        record["file_sha256"] = file_sha256(calib)
+    return record
 
 
 def quantize_to_disk(

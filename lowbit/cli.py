@@ -119,6 +119,7 @@ def quantize(
     import lowbit
     from lowbit.engine import distributed
     from lowbit.engine.checkpoint import progress_dir_for
+    from lowbit.io.model_card import cli_command, file_sha256
     from lowbit.io.native import check_output_dir
     from lowbit.methods import check_recipe, load_recipe, parse_recipe
     from lowbit.models.adapters import adapter_for
@@ -159,7 +160,10 @@ def quantize(
         # by name, so that the model family fills what the flags leave unset (as the Python API does)
         target, overrides = (recipe, {}) if recipe_file else (method, {k: v for k, v in config.items() if v is not None})
         flb = "auto" if first_last_bits is None else (first_last_bits or None)
-        common = dict(calib=data, skip=skip, include_lm_head=include_lm_head, first_last_bits=flb,
+        card = {"command": cli_command()}  # what the model card shows
+        if data is not None:
+            card["calibration"] = {"path": str(calib), "file_sha256": file_sha256(calib) if calib.is_file() else None}
+        common = dict(calib=data, skip=skip, include_lm_head=include_lm_head, first_last_bits=flb, provenance=card,
                       progress=not as_json and rank == 0, resume=resume,
                       checkpoint_dir=progress_dir_for(out) if world_size == 1 else None)  # fmt: skip
         if onload:  # written unit by unit as it runs
@@ -522,6 +526,57 @@ def export(
     if report is not None:
         result.update({k: report[k] for k in ("type", "native", "requantized", "fallback_f32")})
     _emit(result, as_json, f"wrote {out} ({fmt}, {result['size_bytes'] / 1e6:.2f} MB)")
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"{what} takes comma-separated integers (e.g. 4,3), got {text!r}") from None
+
+
+@app.command()
+def compare(
+    model: str = typer.Argument(..., help="the float model: directory, hub id or alias (stories260K)"),
+    dirs: list[Path] = typer.Argument(None, help="finished output directories to evaluate beside the runs"),
+    out: Path = typer.Option(..., "--out", help="report directory (index.html, results.json, results.csv, runs/)"),
+    methods: str = typer.Option("rtn,gptq", help="comma-separated methods or +-joined recipes"),
+    bits: str = typer.Option("4", help="comma-separated weight widths"),
+    group_size: str = typer.Option("128", "--group-size", help="comma-separated group sizes; -1 per-channel, 0 each method's default"),
+    calib: Path | None = typer.Option(None, "--calib", help="calibration text file (the same windows for every run)"),
+    eval_text: Path | None = typer.Option(None, "--eval", help="text file scored by perplexity, as lowbit eval --ppl"),
+    nsamples: int = typer.Option(128, help="calibration windows"),
+    seqlen: int = typer.Option(512, help="tokens per calibration window"),
+    eval_seqlen: int = typer.Option(512, "--eval-seqlen", help="tokens per perplexity chunk"),
+    seed: int = typer.Option(0, help="calibration sampling seed"),
+    decode: int = typer.Option(32, help="greedy tokens timed per run against fp32 (0: off)"),
+    as_json: bool = typer.Option(False, "--json", help="print the rows as JSON on stdout"),
+):
+    """Run every method x bits x group size on the same calibration windows, evaluate each the same way, and
+    write a report (example: lowbit compare stories260K --methods rtn,gptq --bits 4,3 --group-size 32
+    --calib ../shared/assets/text/tinystories_dev.txt --eval ../shared/assets/text/tinystories_dev.txt
+    --nsamples 16 --seqlen 256 --out report/). Finished rows are kept: the same command resumes."""
+    import sys
+
+    from lowbit.compare import compare as run_compare
+
+    try:
+        _quiet_transformers()
+        for path, what in ((calib, "calibration data"), (eval_text, "evaluation text"), *((d, "directory")
+                                                                                         for d in dirs or [])):
+            if path is not None and not path.exists():
+                raise FileNotFoundError(f"{what} {path} does not exist")
+        widths = _int_list(bits, "--bits")
+        groups = [None if g == 0 else g for g in _int_list(group_size, "--group-size")]
+        names = [m.strip() for m in methods.split(",") if m.strip()]
+        rows = run_compare(model, names, widths, groups, out=out, dirs=list(dirs or []), calib=calib,
+                           eval_text=eval_text, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                           eval_seqlen=eval_seqlen, decode_tokens=decode, progress=not as_json,
+                           argv=sys.argv[1:])  # fmt: skip
+    except USER_ERRORS as e:
+        _fail(e)
+    lines = [f"{r['name']:<24} ppl {r['ppl']:.4f}  bpw {r['bits_per_weight']:.3f}" for r in rows]
+    _emit({"out": str(out), "rows": rows}, as_json, "\n".join(lines) + f"\nwrote {out / 'index.html'}")
 
 
 @app.command()

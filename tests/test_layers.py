@@ -18,8 +18,8 @@ LAYERS = {
     "models": 4,
     "methods": 5,
     "engine": 6,
-    "io": 7, "eval": 7, "generate": 7, "fused_decode": 7,
-    "api": 8, "plan": 8,
+    "io": 7, "eval": 7, "generate": 7, "fused_decode": 7, "report": 7,
+    "api": 8, "plan": 8, "compare": 8,
     "cli": 9, "demo": 9, "__init__": 9, "__main__": 9,
 }  # fmt: skip
 

@@ -73,7 +73,11 @@ def test_onloaded_run_writes_the_in_memory_checkpoint(sharded, sharded_tied, cal
     assert _digests(tmp_path / "onload") == _digests(tmp_path / "memory")
     a = json.loads((tmp_path / "memory" / "config.json").read_text())["quantization_config"]
     b = json.loads((tmp_path / "onload" / "config.json").read_text())["quantization_config"]
-    assert a == b  # layers, structure, tied names, coverage (the method that decided each layer)
+    ta, tb = a["provenance"].pop("seconds"), b["provenance"].pop("seconds")
+    assert ta > 0 and tb > 0  # the model card's time: each run's own
+    assert a == b  # layers, structure, tied names, coverage (the method that decided each layer), provenance
+    card = (tmp_path / "onload" / "README.md").read_text()
+    assert "## Calibration data" in card and "## Coverage" in card
     assert skeleton.lowbit_coverage.to_dict() == ref.lowbit_coverage.to_dict()
     shards = sorted(p.name for p in (tmp_path / "onload").glob("model-*.safetensors"))
     assert len(shards) >= 4  # one per block, and the rest

@@ -42,6 +42,7 @@ from torch import nn
 
 from lowbit.formats import integer
 from lowbit.formats.floating import NF4_LEVELS
+from lowbit.io import model_card
 from lowbit.io.native import (
     WEIGHTS,
     _structure,
@@ -183,4 +184,5 @@ def export_bnb(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> 
         config["quantization_config"] = quantization_config(skip)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         copy_tokenizer(model, tokenizer, tmp)
+        model_card.write(model, tmp, layout="bitsandbytes")
     return Path(out_dir)

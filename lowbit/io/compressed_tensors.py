@@ -49,6 +49,7 @@ from torch import nn
 from lowbit.formats import integer
 from lowbit.formats.activation import ActFormat
 from lowbit.formats.spec import WeightFormat
+from lowbit.io import model_card
 from lowbit.io.native import WEIGHTS, atomic_directory, copy_tokenizer, hf_config, plain_state, qlinear_state_keys
 from lowbit.models.adapters import is_linear, set_module
 from lowbit.nn.qconv import QConv
@@ -236,6 +237,7 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, toke
         config["quantization_config"] = qconfig
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         copy_tokenizer(model, tokenizer, tmp)
+        model_card.write(model, tmp, layout="compressed-tensors")
     return Path(out_dir)
 
 
@@ -410,4 +412,5 @@ def export_compressed_tensors_streamed(path: str | os.PathLike, out_dir: str | o
         config["quantization_config"] = _quantization_config(groups, ignore, version)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         copy_tokenizer(model, None, tmp)
+        model_card.write(model, tmp, layout="compressed-tensors")
     return Path(out_dir)

@@ -36,6 +36,7 @@ from torch import nn
 
 from lowbit.formats import integer
 from lowbit.formats.spec import WeightFormat
+from lowbit.io import model_card
 from lowbit.io.native import WEIGHTS, atomic_directory, copy_tokenizer, hf_config, plain_state, qlinear_state_keys
 from lowbit.models.adapters import set_module
 from lowbit.nn.qconv import QConv
@@ -139,6 +140,7 @@ def export_gptq(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) ->
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         (tmp / "quantize_config.json").write_text(json.dumps(qconfig, indent=2))
         copy_tokenizer(model, tokenizer, tmp)
+        model_card.write(model, tmp, layout="gptq")
     return Path(out_dir)
 
 

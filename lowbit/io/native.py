@@ -22,6 +22,7 @@ from lowbit.coverage import Coverage
 from lowbit.files import make_ordinary
 from lowbit.formats.activation import ActFormat
 from lowbit.formats.spec import WeightFormat
+from lowbit.io import model_card
 from lowbit.models.adapters import set_module
 from lowbit.models.loading import build_skeleton, skeleton_config
 from lowbit.nn.qconv import QConv
@@ -186,9 +187,11 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
             "structure": _structure(model),
             "tied": tied,
             "coverage": coverage.to_dict() if coverage else None,
+            "provenance": getattr(model, "lowbit_provenance", None),
         }
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         copy_tokenizer(model, tokenizer, tmp)
+        model_card.write(model, tmp)
     return Path(out_dir)
 
 
@@ -374,5 +377,6 @@ def _load(path: Path, model: nn.Module | None, kernel: str) -> nn.Module:
     if qc.get("coverage"):
         model.lowbit_coverage = Coverage.from_dict(qc["coverage"])
     model.lowbit_recipe = qc.get("recipe", [])
+    model.lowbit_provenance = qc.get("provenance")
     model.lowbit_source = str(path)
     return model

@@ -422,6 +422,7 @@ class Onload:
     def close(self, model: nn.Module, tokenizer=None) -> None:
         """Write what no unit wrote (from memory or, tensor by tensor, from the source), the index
         and the config; the hooks and the spilled activations go."""
+        from lowbit.io import model_card
         from lowbit.io.native import QUANT_METHOD, _structure, copy_tokenizer, hf_config
 
         for h in self._hooks:
@@ -457,9 +458,11 @@ class Onload:
             "structure": _structure(model),
             "tied": self.tied,
             "coverage": coverage.to_dict() if coverage else None,
+            "provenance": getattr(model, "lowbit_provenance", None),
         }
         (self.out / "config.json").write_text(json.dumps(config, indent=2, default=str))
         copy_tokenizer(model, tokenizer, self.out)
+        model_card.write(model, self.out)
         self.cleanup()
 
     def cleanup(self) -> None:

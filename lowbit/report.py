@@ -1,0 +1,196 @@
+"""The comparison report: ``results.csv`` and a self-contained ``index.html`` (inline CSS and SVG
+plots, nothing fetched from a network).
+
+The page has the results table, a quality-versus-bits plot with the Pareto front (the runs no
+other run beats at fewer or equal bits), a plot of each quantized layer's relative output error per
+run, and each row's command and versions. Plots are drawn with matplotlib (``pip install
+'lowbit[report]'``); without it the page says so and keeps the table.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import os
+from pathlib import Path
+
+COLUMNS = [  # (key, heading, format)
+    ("name", "run", "{}"),
+    ("ppl", "perplexity", "{:.4f}"),
+    ("bits_per_weight", "bits / weight", "{:.3f}"),
+    ("size_bytes", "size (MB)", "mb"),
+    ("quant_seconds", "quantization (s)", "{:.1f}"),
+    ("decode_tok_s", "decode (tok/s)", "{:.1f}"),
+    ("decode_x_fp32", "decode vs fp32", "{:.2f}x"),
+    ("layers_quantized", "layers quantized", "{}"),
+]
+CSV_KEYS = ["name", "method", "bits", "group_size", "ppl", "eval_tokens", "bits_per_weight", "size_bytes",
+            "quant_seconds", "decode_tok_s", "fp32_decode_tok_s", "decode_x_fp32", "layers_quantized",
+            "layers_skipped", "dir", "command", "eval_command", "lowbit", "torch"]  # fmt: skip
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; }
+table { border-collapse: collapse; width: 100%; font-size: 0.9em; }
+th, td { border-bottom: 1px solid #ddd; padding: 4px 8px; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+tr.pareto td:first-child { font-weight: bold; }
+code { font-size: 0.85em; background: #f4f4f4; padding: 1px 3px; word-break: break-all; }
+.plot svg { max-width: 100%; height: auto; }
+.note { color: #666; font-size: 0.9em; }
+"""
+
+
+def pareto(rows: list[dict]) -> set[str]:
+    """Names of the runs on the Pareto front of (bits per weight, perplexity): none is beaten on both."""
+    pts = [(r["bits_per_weight"], r["ppl"], r["name"]) for r in rows
+           if r.get("bits_per_weight") is not None and r.get("ppl") is not None]  # fmt: skip
+    front = set()
+    for b, p, n in pts:
+        if not any((b2 <= b and p2 < p) or (b2 < b and p2 <= p) for b2, p2, _ in pts):
+            front.add(n)
+    return front
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_KEYS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k) for k in CSV_KEYS})
+
+
+def _cell(value, fmt: str) -> str:
+    if value is None:
+        return "-"
+    if fmt == "mb":
+        return f"{value / 1e6:.2f}"
+    return fmt.format(value)
+
+
+def _svg(fig) -> str:
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight")
+    text = buf.getvalue()
+    return text[text.index("<svg"):]  # drop the XML prologue and doctype: the SVG goes inline
+
+
+def plots(rows: list[dict]) -> tuple[str, str] | None:
+    """``(pareto_svg, layer_error_svg)``, or ``None`` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    quantized = [r for r in rows if r["name"] != "fp32" and r.get("bits_per_weight") is not None]
+    front = pareto(quantized)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for r in quantized:
+        on = r["name"] in front
+        ax.scatter(r["bits_per_weight"], r["ppl"], s=40 if on else 25, zorder=3,
+                   color="tab:blue" if on else "tab:gray")  # fmt: skip
+        ax.annotate(r["name"], (r["bits_per_weight"], r["ppl"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    pts = sorted((r["bits_per_weight"], r["ppl"]) for r in quantized if r["name"] in front)
+    if pts:
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color="tab:blue", lw=1, label="Pareto front")
+    base = next((r for r in rows if r["name"] == "fp32"), None)
+    if base is not None:
+        ax.axhline(base["ppl"], color="tab:green", ls="--", lw=1, label=f"fp32 ({base['ppl']:.3f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (as stored, every overhead counted)")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    pareto_svg = _svg(fig)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    names: list[str] = []
+    for r in quantized:
+        for n in r.get("layer_error") or {}:
+            if n not in names:
+                names.append(n)
+    for r in quantized:
+        errs = r.get("layer_error") or {}
+        xs = [i for i, n in enumerate(names) if n in errs]
+        ax.plot(xs, [errs[names[i]] for i in xs], marker=".", lw=1, ms=4, label=r["name"])
+    ax.set_yscale("log")
+    ax.set_xlabel("quantized layer, in model order")
+    ax.set_ylabel("relative output error")
+    ax.grid(True, which="both", alpha=0.3)
+    if quantized:
+        ax.legend(fontsize=7, ncol=2)
+    step = max(1, len(names) // 12)
+    ax.set_xticks(range(0, len(names), step))
+    ax.set_xticklabels([names[i] for i in range(0, len(names), step)], rotation=60, ha="right", fontsize=6)
+    layer_svg = _svg(fig)
+    plt.close(fig)
+    return pareto_svg, layer_svg
+
+
+def render(data: dict) -> str:
+    rows = data.get("rows", [])
+    front = pareto([r for r in rows if r["name"] != "fp32"])
+    esc = html.escape
+    head = "".join(f"<th>{esc(h)}</th>" for _, h, _ in COLUMNS)
+    body = []
+    for r in rows:
+        cls = ' class="pareto"' if r["name"] in front else ""
+        cells = "".join(f"<td>{esc(_cell(r.get(k), f))}</td>" for k, _, f in COLUMNS)
+        body.append(f"<tr{cls}>{cells}</tr>")
+    drawn = plots(rows)
+    if drawn is None:
+        figures = ('<p class="note" id="no-plots">Plots need matplotlib: <code>pip install '
+                   "'lowbit[report]'</code>, then run the same command again (finished rows are kept).</p>")  # fmt: skip
+    else:
+        figures = (f'<h2>Quality against bits per weight</h2><div class="plot" id="pareto-plot">{drawn[0]}</div>'
+                   f'<h2>Each quantized layer\'s output error</h2><p class="note">Relative error of the layer\'s '
+                   "output on calibration windows, given the float model's input to it (its own error, not the "
+                   f'sum of the layers before it).</p><div class="plot" id="layer-plot">{drawn[1]}</div>')  # fmt: skip
+    repro = []
+    for r in rows:
+        cmd = r.get("command") or "(the float model)"
+        evalc = r.get("eval_command") or ""
+        repro.append(f"<li><b>{esc(r['name'])}</b>: <code>{esc(cmd)}</code>"
+                     + (f"<br>evaluated: <code>{esc(evalc)}</code>" if evalc else "")
+                     + f" <span class='note'>lowbit {esc(str(r.get('lowbit')))}, torch {esc(str(r.get('torch')))}"
+                     "</span></li>")  # fmt: skip
+    calib = data.get("calib")
+    setup = (f"Model <code>{esc(str(data.get('model')))}</code>; calibration "
+             + (f"<code>{esc(calib)}</code>, {data.get('nsamples')} windows of {data.get('seqlen')} tokens, "
+                f"seed {data.get('seed')} (the same windows for every run)" if calib else "none")
+             + f"; perplexity on <code>{esc(str(data.get('eval')))}</code> in chunks of {data.get('eval_seqlen')} "
+             "tokens, as <code>lowbit eval</code> computes it.")  # fmt: skip
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>lowbit compare: {esc(str(data.get('model')))}</title>
+<style>{STYLE}</style></head>
+<body>
+<h1>lowbit compare: {esc(str(data.get('model')))}</h1>
+<p>{setup}</p>
+<p class="note">Reproduce the whole comparison: <code>{esc(str(data.get('command')))}</code></p>
+<h2>Results</h2>
+<table id="results"><thead><tr>{head}</tr></thead><tbody>
+{chr(10).join(body)}
+</tbody></table>
+<p class="note">Bold: on the Pareto front (no other run has lower perplexity at fewer or equal bits per weight).
+Decode: greedy tokens/s at batch 1 on lowbit's kernels, timed in interleaved rounds beside the fp32 model.</p>
+{figures}
+<h2>Commands</h2>
+<ul id="commands">{''.join(repro)}</ul>
+</body></html>
+"""
+
+
+def write_report(out: str | os.PathLike, data: dict) -> Path:
+    """``results.csv`` and ``index.html`` in ``out`` (each written whole, then renamed)."""
+    out = Path(out)
+    tmp = out / "results.csv.tmp"
+    write_csv(tmp, data.get("rows", []))
+    os.replace(tmp, out / "results.csv")
+    tmp = out / "index.html.tmp"
+    tmp.write_text(render(data))
+    os.replace(tmp, out / "index.html")
+    return out / "index.html"
