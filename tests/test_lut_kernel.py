@@ -78,6 +78,19 @@ def test_fp32_codebooks_wide_codes_and_unaligned_rows_take_the_paths_that_fit(is
             _check(qw, rows, isa, bias=True)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("group", [*GROUPS.values(), None], ids=[*GROUPS.keys(), "per-tensor"])
+@pytest.mark.parametrize("sym", [False, True], ids=["asym", "sym"])
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_two_and_three_bit_integer_grids_match_dequantize_then_matmul_on_every_path(isa, bits, group, sym, rows):
+    gen = torch.Generator().manual_seed(bits + 7 * (group or 0))
+    qw = QuantizedWeight.quantize(torch.randn(N, K, generator=gen), WeightFormat("int", bits, group, symmetric=sym))
+    packed = lut.Packed(qw, torch.device("cpu"))
+    assert torch.equal(packed.dequantize(), qw.dequantize())  # the tables hold exactly the dequantized values
+    _check(qw, rows, isa, bias=True)
+
+
 def test_dequantize_is_bit_exact_and_gradients_flow_through_the_dequantized_weight():
     qw = _weight("lut", 3, 64, True)
     packed = lut.Packed(qw, torch.device("cpu"))

@@ -2,7 +2,8 @@
 
 A weight ``W[n, k] = T[n, g][q[n, k]]`` is its code looked up in its row's (or group's) table:
 a learned codebook (``kind="lut"``: SqueezeLLM, GOBO, k-means), or a fixed codebook times the
-group's scale (``nf4``, ``fp4``). ``decode_table`` turns each kind into that one form, and the
+group's scale (``nf4``, ``fp4``), and 2- and 3-bit integer grids (each group's levels ``(q - zero) *
+scale``). ``decode_table`` turns each kind into that one form, and the
 kernel reads the codes as ``QuantizedWeight`` stores them, 2, 3 or 4 bits (5 to 8 on the
 portable path). Each group's table is formed once in fp32 and held in registers (AVX2
 ``vpermps`` over two halves of 8 entries, AVX-512 ``vpermps`` over all 16), the activations
@@ -27,7 +28,8 @@ from lowbit.kernels.build import build_extension, resolve_isa
 from lowbit.quantized_weight import QuantizedWeight
 
 ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
-KINDS = ("lut", "bcq", *SCALED_CODEBOOKS)  # the kinds decode_table turns into tables
+KINDS = ("lut", "bcq", *SCALED_CODEBOOKS, "int")  # the kinds decode_table turns into tables
+INT_BITS = (2, 3)  # integer grids the LUT kernel runs (4 and 8 bits have the integer kernels, kernels/wq.py)
 MAX_ROWS = 16  # rows the GEMV takes (the kernel's kMaxRows)
 PAD = 8  # zero bytes after the code stream, so that SIMD loads of the last codes stay inside it
 TILE_BYTES = 8 * 2**20  # one dequantized fp32 tile of weight rows for the GEMM past MAX_ROWS
@@ -56,6 +58,8 @@ def isa_code(isa: str | None = None) -> int:
 def supported(qw: QuantizedWeight) -> bool:
     """Whether the kernel runs ``qw``: a kind of ``KINDS`` with 2- to 8-bit codes and fp16 / fp32 tables."""
     fmt = qw.fmt
+    if fmt.kind == "int" and fmt.bits not in INT_BITS:
+        return False
     return fmt.kind in KINDS and 2 <= fmt.bits <= 8 and qw.scale.dtype in (torch.float16, torch.float32)
 
 
@@ -81,7 +85,15 @@ def decode_table(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor | None
     if kind == "bcq":  # binary coding: each group's 2^bits signed sums of its alphas plus its offset (fp16)
         ngroups = integer.num_groups(k, qw.fmt.group_size)
         return binary.table(qw.scale, bits, rows, ngroups).half().reshape(rows, ngroups, levels), None
-    raise ValueError(f"lowbit's LUT kernel cannot decode {qw.fmt.describe()}; it runs {', '.join(KINDS)}")
+    if kind == "int" and bits in INT_BITS:  # 2- and 3-bit grids: each group's levels (q - zero) * scale in fp32,
+        ngroups = integer.num_groups(k, qw.fmt.group_size)  # the operations dequantize does, so the same values
+        scale, zero = qw.scale.float().reshape(-1), qw.zero_or_default().float().reshape(-1)
+        if scale.numel() == 1:  # per-tensor
+            scale, zero = scale.expand(rows * ngroups), zero.expand(rows * ngroups)
+        q = torch.arange(levels, dtype=torch.float32)
+        return (q - zero.reshape(rows, ngroups, 1)) * scale.reshape(rows, ngroups, 1), None
+    raise ValueError(f"lowbit's LUT kernel cannot decode {qw.fmt.describe()}; it runs {', '.join(KINDS)} "
+                     f"(integer grids of {' and '.join(map(str, INT_BITS))} bits)")
 
 
 class Packed:
