@@ -318,7 +318,11 @@ def evaluate(
     cifar10: Path | None = typer.Option(
         None, "--cifar10", help="CIFAR-10 test images (.tar.gz or a folder of class folders): top-1 accuracy"
     ),
-    limit: int | None = typer.Option(None, "--limit", help="cifar10: a class-balanced subset of this many images"),
+    tasks: str | None = typer.Option(None, "--tasks", help="lm-eval tasks, comma-separated: the local lowbit_lastword "
+                                     "and lowbit_story_choice (built from ../shared/assets text, no network), or any "
+                                     "lm-eval task (hellaswag, arc_easy, lambada_openai, wikitext: need the hub)"),
+    limit: int | None = typer.Option(None, "--limit", help="cifar10: a class-balanced subset of this many images; "
+                                     "--tasks: documents per task"),
     seqlen: int = typer.Option(512, help="tokens per chunk"),
     batch_size: int = typer.Option(8, "--batch-size", help="chunks per forward pass"),
     onload: bool = typer.Option(False, "--onload", help="perplexity of a model larger than memory: one block at "
@@ -328,13 +332,34 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
 ):
     """Evaluate MODEL: perplexity of a text file (non-overlapping --seqlen chunks) for a language
-    model, or top-1 accuracy on CIFAR-10 test images for a vision model."""
+    model, lm-eval tasks (--tasks), or top-1 accuracy on CIFAR-10 test images for a vision model
+    (example: lowbit eval stories260K --tasks lowbit_lastword,lowbit_story_choice --limit 200)."""
     from lowbit.data import read_text
     from lowbit.eval import perplexity
 
     try:
-        if ppl is None and cifar10 is None:
-            raise ValueError("nothing to evaluate; pass --ppl TEXTFILE (language models) or --cifar10 PATH (vision)")
+        if ppl is None and cifar10 is None and tasks is None:
+            raise ValueError("nothing to evaluate; pass --ppl TEXTFILE or --tasks TASKS (language models) or "
+                             "--cifar10 PATH (vision)")
+        if tasks is not None:
+            if ppl is not None or cifar10 is not None or onload:
+                raise ValueError("--tasks runs on its own; evaluate --ppl or --cifar10 in another call")
+            names = [t.strip() for t in tasks.split(",") if t.strip()]
+            if not names:
+                raise ValueError("--tasks is empty; e.g. --tasks lowbit_lastword,lowbit_story_choice")
+            if limit is not None and limit < 1:
+                raise ValueError(f"--limit {limit} is invalid; use at least 1")
+            from lowbit.eval.lm_eval_tasks import run_tasks
+
+            _quiet_transformers()
+            net, tokenizer = _load_any(model)
+            if tokenizer is None:
+                raise ValueError(f"{model} has no tokenizer; lm-eval tasks need one")
+            scores = run_tasks(net, tokenizer, names, limit=limit, batch_size=batch_size)
+            human = "\n".join(f"{t}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "samples")
+                              + f" ({m.get('samples')} documents)" for t, m in scores.items())  # fmt: skip
+            _emit({"model": model, "tasks": scores, "limit": limit}, as_json, human)
+            return
         if (onload or spill_activations) and (cifar10 is not None or not onload):
             raise ValueError("--onload evaluates perplexity (--ppl); --spill-activations goes with --onload")
         if onload:
