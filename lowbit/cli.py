@@ -115,7 +115,9 @@ def quantize(
                                            "activations between units in files beside --out, one batch in memory"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
 ):
-    """Quantize MODEL (any family) and write a lowbit checkpoint to --out."""
+    """Quantize MODEL (any family) and write a lowbit checkpoint to --out, with its model card (README.md)
+    (example: lowbit quantize stories260K --method gptq --bits 4 --group-size 32 --calib
+    ../shared/assets/text/tinystories_dev.txt --nsamples 32 --seqlen 256 --out stories-gptq)."""
     import lowbit
     from lowbit.engine import distributed
     from lowbit.engine.checkpoint import progress_dir_for
@@ -416,7 +418,8 @@ def info(
     path: Path = typer.Argument(..., help="a checkpoint directory (lowbit, GPTQ, compressed-tensors, ONNX) or .gguf"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
 ):
-    """Bits per weight, size on disk, and the layers quantized and skipped."""
+    """Bits per weight, size on disk, and the layers quantized and skipped (example: lowbit info stories-gptq;
+    also GGUF files, ONNX exports and compressed-tensors checkpoints)."""
     from lowbit.coverage import Coverage
     from lowbit.io.native import read_quantization_config
 
@@ -502,7 +505,8 @@ def export(
                                 "converted one block at a time"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
 ):
-    """Write a checkpoint in a layout other runtimes load."""
+    """Write a checkpoint in a layout other runtimes load (example: lowbit export stories-gptq --format gguf
+    --out stories.gguf, after lowbit quantize ... --out stories-gptq)."""
     from lowbit.io.native import check_output_dir
 
     fmt = EXPORT_ALIASES.get(fmt, fmt)
@@ -613,7 +617,8 @@ def demo(
 ):
     """Quantize real pretrained models and report quality, size and speed against fp32: MiniLM
     with SmoothQuant W8A8 (an encoder's batches are compute-bound: integer activations make
-    them fast), stories260K with RTN weight-only (decoding reads the weights once per token)."""
+    them fast), stories260K with RTN weight-only (decoding reads the weights once per token)
+    (example: lowbit demo --model stories260K --bits 3)."""
     from lowbit.demo import run_demo
 
     try:

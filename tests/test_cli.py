@@ -160,3 +160,20 @@ def test_awq_gptq_recipe_from_the_command_line_and_from_yaml(tiny_llama_dir, tex
     assert r.exit_code == 0, r.output
     saved = json.loads((tmp_path / "b" / "config.json").read_text())["quantization_config"]["recipe"]
     assert [m["method"] for m in saved] == ["awq", "gptq"] and saved[1]["act_order"] is False
+
+
+def test_every_command_help_shows_an_example():
+    import re
+
+    from typer.main import get_command
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+
+    runner = CliRunner()
+    names = sorted(get_command(app).commands)
+    assert {"quantize", "eval", "compare", "export", "info", "demo", "generate", "plan"} <= set(names)
+    for name in names:
+        out = runner.invoke(app, [name, "--help"], terminal_width=200).output
+        text = re.sub(r"[\s│]+", " ", out)
+        assert re.search(rf"example: lowbit {name}\b", text, re.IGNORECASE), f"lowbit {name} --help has no example"
