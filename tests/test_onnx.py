@@ -39,6 +39,7 @@ def test_onnxruntime_runs_the_qdq_export_and_matches_lowbit(minilm, tmp_path, sy
     assert r.exit_code == 0, r.output
     graph = onnx.load(str(tmp_path / "o" / "model.onnx")).graph
     assert sum(n.op_type == "DequantizeLinear" for n in graph.node) == 36  # the block linears (the pooler is unused)
+    assert "written as an onnx checkpoint" in (tmp_path / "o" / "README.md").read_text()  # its model card
     for m in q.modules():
         if isinstance(m, lowbit.QLinear):
             m.kernel, m._cache = "dequant", {}

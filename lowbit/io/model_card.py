@@ -28,6 +28,7 @@ LOADERS = {
     "model = AutoModelForCausalLM.from_pretrained({path!r})  # or lowbit.load(...)",
     "gptq": "from transformers import AutoModelForCausalLM\n"
     "model = AutoModelForCausalLM.from_pretrained({path!r})  # GPTQModel / AutoGPTQ layout; or lowbit.load",
+    "onnx": "import onnxruntime as ort\nsession = ort.InferenceSession({path!r} + '/model.onnx')  # QDQ int8 graph",
     "bitsandbytes": "from transformers import AutoModelForCausalLM\n"
     "model = AutoModelForCausalLM.from_pretrained({path!r})  # bitsandbytes NF4",
 }
@@ -103,10 +104,11 @@ def render(model: nn.Module, layout: str = "lowbit") -> str:
     recipe = getattr(model, "lowbit_recipe", None) or []
     source = prov.get("source") or getattr(model, "lowbit_source", None) or type(model).__name__
     methods = "+".join(m["method"] for m in recipe) or "no method"
+    article = "an" if layout[:1] in ("a", "e", "i", "o", "u") else "a"
     lines = [
         f"# {Path(str(source)).name}, {methods}",
         "",
-        f"`{Path(str(source)).name}` quantized with lowbit ({methods}), written as a {layout} checkpoint.",
+        f"`{Path(str(source)).name}` quantized with lowbit ({methods}), written as {article} {layout} checkpoint.",
         "",
     ]
     rows = [

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lowbit.io import model_card
 from lowbit.io.native import atomic_directory, copy_tokenizer
 from lowbit.models.adapters import set_module
 from lowbit.nn.qlinear import QLinear
@@ -236,6 +237,7 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, op
             opset_version=opset,
         )
         copy_tokenizer(model, tokenizer, tmp)
+        model_card.write(model, tmp, layout="onnx")
     return Path(out_dir)
 
 
