@@ -63,38 +63,62 @@ def _now_command(argv: list[str] | None) -> str:
 
 
 def layer_errors(reference: nn.Module, quantized: nn.Module, batches: list[torch.Tensor]) -> dict[str, float]:
-    """``||Q(x) - L(x)|| / ||L(x)||`` of every quantized layer, on the inputs the float model gives it.
+    """Relative output error of every quantized layer: its output in the quantized model against the same
+    layer's output in the float model, both models running the same batches.
 
-    The float model runs the batches; at each layer that ``quantized`` holds as a quantized module,
-    the same input goes through the quantized module, so each layer's error is its own (not what the
-    layers before it added). Sums of squares run over all batches."""
-    qmods = {name: m for name, m in quantized.named_modules() if isinstance(m, (QLinear, QConv, QModule))}
-    num: dict[str, float] = {}
-    den: dict[str, float] = {}
-    hooks = []
+    The error is the one the model carries at that layer (the layers before it included), which is what a
+    user sees grow through the network; it is taken up to one scale per output channel, because
+    scale-migrating transforms (AWQ, SmoothQuant) fold per-channel factors from a layer's input into the
+    layer before it, so a producer's output legitimately differs from the float model's by such a factor.
+    Per channel ``j`` the residual is ``|y_f|^2 - <y_q, y_f>^2 / |y_q|^2`` (the least-squares gain removed);
+    sums run over all batches; the result is ``sqrt(sum residual / sum |y_f|^2)``."""
+    names = [n for n, m in quantized.named_modules() if n and isinstance(m, (QLinear, QConv, QModule))]
+    ref_mods = dict(reference.named_modules())
+    names = [n for n in names if n in ref_mods]
+    qq: dict[str, torch.Tensor] = {}
+    ff: dict[str, torch.Tensor] = {}
+    qf: dict[str, torch.Tensor] = {}
+    captured: dict[str, torch.Tensor] = {}
 
-    def hook(name):
+    def keep(name):
         def fn(module, args, output):
-            if not torch.is_tensor(output):
-                return
-            with torch.no_grad():
-                q = qmods[name](*args)
-            num[name] = num.get(name, 0.0) + float((q.float() - output.float()).pow(2).sum())
-            den[name] = den.get(name, 0.0) + float(output.float().pow(2).sum())
+            if torch.is_tensor(output):
+                captured[name] = output.detach().float().reshape(-1, output.shape[-1])
 
         return fn
 
-    for name, module in reference.named_modules():
-        if name in qmods and name:
-            hooks.append(module.register_forward_hook(hook(name)))
+    def compare_to_float(name):
+        def fn(module, args, output):
+            f = captured.pop(name, None)
+            if f is None or not torch.is_tensor(output):
+                return
+            q = output.detach().float().reshape(-1, output.shape[-1])
+            qq[name] = qq.get(name, 0) + q.pow(2).sum(0).double()
+            ff[name] = ff.get(name, 0) + f.pow(2).sum(0).double()
+            qf[name] = qf.get(name, 0) + (q * f).sum(0).double()
+
+        return fn
+
+    hooks = [ref_mods[n].register_forward_hook(keep(n)) for n in names]
+    qmods = dict(quantized.named_modules())
+    hooks += [qmods[n].register_forward_hook(compare_to_float(n)) for n in names]
     try:
         with torch.no_grad():
             for b in batches:
                 reference(b)
+                quantized(b)
+                captured.clear()
     finally:
         for h in hooks:
             h.remove()
-    return {n: math.sqrt(num[n] / den[n]) if den[n] > 0 else 0.0 for n in num}
+    out = {}
+    for n in names:
+        if n not in ff:
+            continue
+        residual = (ff[n] - torch.where(qq[n] > 0, qf[n].pow(2) / qq[n].clamp_min(1e-300), 0)).clamp_min(0)
+        total = float(ff[n].sum())
+        out[n] = math.sqrt(float(residual.sum()) / total) if total > 0 else 0.0
+    return out
 
 
 def decode_speed(model: nn.Module, reference: nn.Module, prompt: torch.Tensor, tokens: int, rounds: int = 3) -> dict:

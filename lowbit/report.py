@@ -92,7 +92,8 @@ def plots(rows: list[dict]) -> tuple[str, str] | None:
         on = r["name"] in front
         ax.scatter(r["bits_per_weight"], r["ppl"], s=40 if on else 25, zorder=3,
                    color="tab:blue" if on else "tab:gray")  # fmt: skip
-        ax.annotate(r["name"], (r["bits_per_weight"], r["ppl"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.annotate(r["name"], (r["bits_per_weight"], r["ppl"]), textcoords="offset points", xytext=(4, 4),
+                    fontsize=6 if len(quantized) > 8 else 7)
     pts = sorted((r["bits_per_weight"], r["ppl"]) for r in quantized if r["name"] in front)
     if pts:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], color="tab:blue", lw=1, label="Pareto front")
@@ -113,10 +114,16 @@ def plots(rows: list[dict]) -> tuple[str, str] | None:
         for n in r.get("layer_error") or {}:
             if n not in names:
                 names.append(n)
+    # one colour per method, one line style per width, so a dozen runs stay tellable apart
+    methods = list(dict.fromkeys(str(r.get("method")) for r in quantized))
+    widths = list(dict.fromkeys(r.get("bits") for r in quantized))
+    palette, styles = plt.get_cmap("tab10"), ["-", "--", ":", "-."]
     for r in quantized:
         errs = r.get("layer_error") or {}
         xs = [i for i, n in enumerate(names) if n in errs]
-        ax.plot(xs, [errs[names[i]] for i in xs], marker=".", lw=1, ms=4, label=r["name"])
+        ax.plot(xs, [errs[names[i]] for i in xs], marker=".", lw=1, ms=4, label=r["name"],
+                color=palette(methods.index(str(r.get("method"))) % 10),
+                ls=styles[widths.index(r.get("bits")) % len(styles)])  # fmt: skip
     ax.set_yscale("log")
     ax.set_xlabel("quantized layer, in model order")
     ax.set_ylabel("relative output error")

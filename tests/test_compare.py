@@ -122,19 +122,48 @@ def test_refusals(tmp_path, small_text):
         Comparison("stories260K", tmp_path / "x", calib=small_text, eval_text=small_text, **KW)
 
 
-def test_layer_errors_measure_each_layer_alone():
+def _aligned_error(q_outs, f_outs):
+    qq = sum(q.pow(2).sum(0) for q in q_outs)
+    ff = sum(f.pow(2).sum(0) for f in f_outs)
+    qf = sum((q * f).sum(0) for q, f in zip(q_outs, f_outs))
+    return float(((ff - qf.pow(2) / qq).sum() / ff.sum()).sqrt())
+
+
+def test_layer_errors_are_each_layers_output_against_the_float_models():
+    import copy
+
     torch.manual_seed(0)
     ref = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64))
-    q = lowbit.quantize(__import__("copy").deepcopy(ref), "rtn", bits=2, group_size=32, progress=False)
+    q = lowbit.quantize(copy.deepcopy(ref), "rtn", bits=2, group_size=32, progress=False)
     x = [torch.randn(8, 64) for _ in range(2)]
     errs = layer_errors(ref, q, x)
     assert set(errs) == {"0", "2"}
-    # layer 2 alone, on the float model's input to it
+    with torch.no_grad():  # each layer's output in each model, the error accumulated up to it
+        assert errs["0"] == pytest.approx(_aligned_error([q[0](b) for b in x], [ref[0](b) for b in x]), rel=1e-5)
+        assert errs["2"] == pytest.approx(_aligned_error([q(b) for b in x], [ref(b) for b in x]), rel=1e-5)
+    assert 0.05 < errs["0"] < errs["2"] < 1
+
+
+def test_layer_errors_ignore_per_channel_scales_moved_between_layers():
+    """An AWQ-style fold (layer 0's rows times s, layer 2's columns divided by s) changes layer 0's output
+    by a per-channel factor and the model's output not at all: at 8 bits both errors stay small."""
+    import copy
+
+    torch.manual_seed(1)
+    ref = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64))
+    folded = copy.deepcopy(ref)
+    s = torch.rand(64) * 3 + 0.25
     with torch.no_grad():
-        h = [ref[1](ref[0](b)) for b in x]
-        num = sum(float((q[2](b) - ref[2](b)).pow(2).sum()) for b in h)
-        den = sum(float(ref[2](b).pow(2).sum()) for b in h)
-    assert errs["2"] == pytest.approx((num / den) ** 0.5, rel=1e-6)
+        folded[0].weight.mul_(s[:, None])
+        folded[0].bias.mul_(s)
+        folded[2].weight.div_(s[None, :])
+    q = lowbit.quantize(folded, "rtn", bits=8, group_size=-1, progress=False)
+    x = torch.randn(16, 64)
+    errs = layer_errors(ref, q, [x])
+    with torch.no_grad():
+        raw = float((q[0](x) - ref[0](x)).norm() / ref[0](x).norm())
+    assert raw > 0.5  # compared as they are, the fold alone would look like a broken layer
+    assert errs["0"] < 0.01 and errs["2"] < 0.05
 
 
 def test_report_without_matplotlib(monkeypatch):
