@@ -18,6 +18,7 @@ from lowbit.catalog import method_help
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Quantize trained neural networks.")
 
+TOKENIZER_HINT = "save its tokenizer files (tokenizer.json or tokenizer.model) in the model directory"
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, TypeError, ImportError)
 
 
@@ -144,7 +145,9 @@ def quantize(
         check_recipe(recipe)
         method = "+".join(m.name for m in recipe)
         if calib is not None and not calib.exists():
-            raise FileNotFoundError(f"calibration data {calib} does not exist")
+            raise FileNotFoundError(f"calibration data {calib} does not exist; pass a text file for language models and "
+                                    "encoders (e.g. ../shared/assets/text/wikitext2_test_raw.txt) or CIFAR-10 images "
+                                    "for vision models")
         _quiet_transformers()
         if spill_activations and not onload:
             raise ValueError("--spill-activations goes with --onload")
@@ -257,7 +260,8 @@ def _calibration(net, tokenizer, path: Path, nsamples, seqlen: int, seed: int):
     from lowbit.data import calibration_windows, read_text
 
     if tokenizer is None:
-        raise ValueError("this model has no tokenizer to read a --calib text file with")
+        raise ValueError(f"this model has no tokenizer to read the --calib text file {path} with; {TOKENIZER_HINT}, "
+                         "or pass token ids as input_ids [n, seqlen] in a .safetensors file")
     return calibration_windows(tokenizer, read_text(path), nsamples or 128, seqlen, seed)
 
 
@@ -356,7 +360,7 @@ def evaluate(
             _quiet_transformers()
             net, tokenizer = _load_any(model)
             if tokenizer is None:
-                raise ValueError(f"{model} has no tokenizer; lm-eval tasks need one")
+                raise ValueError(f"{model} has no tokenizer; lm-eval tasks need one: {TOKENIZER_HINT}")
             scores = run_tasks(net, tokenizer, names, limit=limit, batch_size=batch_size)
             human = "\n".join(f"{t}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "samples")
                               + f" ({m.get('samples')} documents)" for t, m in scores.items())  # fmt: skip
@@ -376,21 +380,25 @@ def evaluate(
             try:
                 tokenizer = AutoTokenizer.from_pretrained(path)
             except (OSError, ValueError):
-                raise ValueError(f"{model} has no tokenizer; perplexity needs one") from None
+                raise ValueError(f"{model} has no tokenizer; perplexity needs one: {TOKENIZER_HINT}") from None
             result = streamed_perplexity(path, tokenizer, text, seqlen, batch_size, progress=not as_json,
                                          spill_dir=tempfile.gettempdir() if spill_activations else None)  # fmt: skip
         elif cifar10 is not None:
             if not cifar10.exists():
-                raise FileNotFoundError(f"CIFAR-10 images {cifar10} do not exist")
+                raise FileNotFoundError(f"CIFAR-10 images {cifar10} do not exist; pass the CIFAR-10 .tar.gz or a folder of "
+                                        "class folders (the shared assets hold ../shared/assets/cifar10)")
             result = _eval_cifar(model, cifar10, limit, as_json)
         else:
             text = read_text(ppl)
             _quiet_transformers()
             net, tokenizer = _load_any(model)
             if tokenizer is None:
-                raise ValueError(f"{model} has no tokenizer; perplexity needs one (use --cifar10 for vision models)")
+                raise ValueError(f"{model} has no tokenizer; perplexity needs one: {TOKENIZER_HINT} "
+                                 "(vision models: --cifar10 PATH)")
             if not hasattr(net(input_ids=tokenizer("a", return_tensors="pt").input_ids), "logits"):
-                raise ValueError(f"{model} is not a language model; perplexity needs next-token logits")
+                raise ValueError(f"{model} is not a language model (no next-token logits), so it has no perplexity; "
+                                 "vision models: --cifar10 PATH; encoders: lowbit demo --model minilm reports "
+                                 "embedding fidelity")
             result = perplexity(net, tokenizer, text, seqlen=seqlen, batch_size=batch_size)
     except USER_ERRORS as e:
         _fail(e)
@@ -433,11 +441,13 @@ def info(
 
             qc, cov = {"quant_method": "onnx qdq"}, onnx_coverage(path)
         elif not path.is_dir():
-            raise FileNotFoundError(f"{path} is not a checkpoint directory or a .gguf file")
+            raise FileNotFoundError(f"{path} is not a checkpoint directory or a .gguf file; pass the --out directory "
+                                    "of lowbit quantize (or an export, a GGUF or ONNX file)")
         else:
             qc = read_quantization_config(path)
             if not qc:
-                raise ValueError(f"{path} holds no quantization_config; it is not a quantized checkpoint")
+                raise ValueError(f"{path} holds no quantization_config, so it is not a quantized checkpoint; quantize "
+                                 f"it first: lowbit quantize {path} --out DIR")
             if qc.get("quant_method") == "gptq":
                 from lowbit.io.gptq_layout import checkpoint_coverage
 
@@ -516,7 +526,7 @@ def export(
         if fmt != "gguf":
             check_output_dir(out)
         if not path.is_dir():
-            raise FileNotFoundError(f"{path} is not a directory")
+            raise FileNotFoundError(f"{path} is not a directory; pass the --out directory of lowbit quantize")
         _quiet_transformers()
         report = None
         if onload and fmt != "compressed-tensors":
@@ -656,7 +666,7 @@ def generate(
         _quiet_transformers()
         net, tokenizer = _load_any(model)
         if tokenizer is None:
-            raise ValueError(f"{model} has no tokenizer; generation needs one")
+            raise ValueError(f"{model} has no tokenizer; generation needs one: {TOKENIZER_HINT}")
         text, r = run(net, tokenizer, prompt, max_new_tokens, fused=None if fused else False)
     except USER_ERRORS as e:
         _fail(e)

@@ -177,3 +177,23 @@ def test_every_command_help_shows_an_example():
         out = runner.invoke(app, [name, "--help"], terminal_width=200).output
         text = re.sub(r"[\s│]+", " ", out)
         assert re.search(rf"example: lowbit {name}\b", text, re.IGNORECASE), f"lowbit {name} --help has no example"
+
+
+@pytest.mark.parametrize("args,says", [
+    (["quantize", "stories260K", "--method", "gptq", "--calib", "/no/such.txt", "--out", "{tmp}/q"],
+     ["/no/such.txt", "does not exist", "pass a text file"]),
+    (["info", "/no/such/dir"], ["/no/such/dir", "pass the --out directory of lowbit quantize"]),
+    (["export", "/no/such/dir", "--format", "gguf", "--out", "{tmp}/x.gguf"], ["/no/such/dir", "pass the --out"]),
+    (["compare", "stories260K", "--out", "{tmp}/r", "--eval", "/no/eval.txt"], ["/no/eval.txt", "does not exist"]),
+    (["compare", "stories260K", "--out", "{tmp}/r", "--bits", "4,x"], ["--bits", "comma-separated integers"]),
+    (["eval", "stories260K"], ["nothing to evaluate", "--ppl", "--tasks", "--cifar10"]),
+])  # fmt: skip
+def test_errors_name_the_input_the_problem_and_what_to_do(tmp_path, args, says):
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+
+    r = CliRunner().invoke(app, [a.format(tmp=tmp_path) for a in args])
+    assert r.exit_code == 2
+    for part in says:
+        assert part in r.output, (part, r.output)
