@@ -582,9 +582,12 @@ def compare(
     methods: str = typer.Option("rtn,gptq", help="comma-separated methods or +-joined recipes"),
     bits: str = typer.Option("4", help="comma-separated weight widths"),
     group_size: str = typer.Option("128", "--group-size", help="comma-separated group sizes; -1 per-channel, 0 each method's default"),
-    calib: Path | None = typer.Option(None, "--calib", help="calibration text file (the same windows for every run)"),
-    eval_text: Path | None = typer.Option(None, "--eval", help="text file scored by perplexity, as lowbit eval --ppl"),
-    nsamples: int = typer.Option(128, help="calibration windows"),
+    calib: Path | None = typer.Option(None, "--calib", help="calibration text file, or CIFAR-10 images for a vision "
+                                      "model (the same sample for every run)"),
+    eval_text: Path | None = typer.Option(None, "--eval", help="text file scored by perplexity (as lowbit eval --ppl), "
+                                          "or CIFAR-10 test images scored by top-1 (as lowbit eval --cifar10)"),
+    eval_limit: int | None = typer.Option(None, "--eval-limit", help="vision: a class-balanced subset of the test images"),
+    nsamples: int = typer.Option(128, help="calibration windows (or images)"),
     seqlen: int = typer.Option(512, help="tokens per calibration window"),
     eval_seqlen: int = typer.Option(512, "--eval-seqlen", help="tokens per perplexity chunk"),
     seed: int = typer.Option(0, help="calibration sampling seed"),
@@ -594,7 +597,10 @@ def compare(
     """Run every method x bits x group size on the same calibration windows, evaluate each the same way, and
     write a report (example: lowbit compare stories260K --methods rtn,gptq --bits 4,3 --group-size 32
     --calib ../shared/assets/text/tinystories_dev.txt --eval ../shared/assets/text/tinystories_dev.txt
-    --nsamples 16 --seqlen 256 --out report/). Finished rows are kept: the same command resumes."""
+    --nsamples 16 --seqlen 256 --out report/; a CIFAR-10 model: lowbit compare resnet20 --methods rtn,gptq --bits 4
+    --group-size -1 --calib ../shared/assets/cifar10/cifar10_train_jpeg.tar.gz --eval
+    ../shared/assets/cifar10/cifar10_test_jpeg.tar.gz --nsamples 256 --eval-limit 1000 --out report-r20/).
+    Finished rows are kept: the same command resumes."""
     import sys
 
     from lowbit.compare import compare as run_compare
@@ -610,11 +616,12 @@ def compare(
         names = [m.strip() for m in methods.split(",") if m.strip()]
         rows = run_compare(model, names, widths, groups, out=out, dirs=list(dirs or []), calib=calib,
                            eval_text=eval_text, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                           eval_seqlen=eval_seqlen, decode_tokens=decode, progress=not as_json,
+                           eval_seqlen=eval_seqlen, eval_limit=eval_limit, decode_tokens=decode, progress=not as_json,
                            argv=sys.argv[1:])  # fmt: skip
     except USER_ERRORS as e:
         _fail(e)
-    lines = [f"{r['name']:<24} ppl {r['ppl']:.4f}  bpw {r['bits_per_weight']:.3f}" for r in rows]
+    key = "top1" if rows and "top1" in rows[0] else "ppl"
+    lines = [f"{r['name']:<24} {key} {r[key]:.4f}  bpw {r['bits_per_weight']:.3f}" for r in rows]
     _emit({"out": str(out), "rows": rows}, as_json, "\n".join(lines) + f"\nwrote {out / 'index.html'}")
 
 

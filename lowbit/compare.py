@@ -145,14 +145,17 @@ def _is_causal_lm(model: nn.Module) -> bool:
 
 
 class Comparison:
-    """One model, one calibration sample, one evaluation: ``run`` adds a row per setting or directory."""
+    """One model, one calibration sample, one evaluation: ``run`` adds a row per setting or directory.
+
+    Language models are scored by perplexity of ``eval_text`` (as ``lowbit eval --ppl``); CIFAR-10 vision
+    models (the ResNets, the ViT) by top-1 accuracy on the test images at ``eval_text`` (as ``lowbit eval
+    --cifar10``, ``eval_limit`` a class-balanced subset), calibrated on ``nsamples`` training images."""
 
     def __init__(self, model: str, out: str | os.PathLike, *, calib=None, eval_text=None, nsamples: int = 128,
                  seqlen: int = 512, seed: int = 0, eval_seqlen: int = 512, batch_size: int = 8,
-                 decode_tokens: int = 32, layer_windows: int = 4, progress: bool = True,
-                 argv: list[str] | None = None):  # fmt: skip
-        from lowbit.data import calibration_windows, read_text
-        from lowbit.models.loading import load_model
+                 decode_tokens: int = 32, layer_windows: int = 4, eval_limit: int | None = None,
+                 progress: bool = True, argv: list[str] | None = None):  # fmt: skip
+        from lowbit.models.loading import load_model, normalization
 
         self.model_name = model
         self.out = Path(out)
@@ -160,24 +163,43 @@ class Comparison:
         self.command = _now_command(argv)
         self.base, self.tokenizer = load_model(model)
         self.base.eval()
-        if self.tokenizer is None or not hasattr(self.base(input_ids=torch.tensor([[1]])), "logits"):
-            raise ValueError(f"compare scores language models by perplexity; {model} is not one (no tokenizer or "
-                             "no next-token logits)")  # fmt: skip
+        self.norm = normalization(self.base)
+        self.vision = self.norm is not None
         if eval_text is None:
-            raise ValueError("compare needs text to score: pass --eval TEXTFILE (e.g. ../shared/assets/text/"
-                             "tinystories_dev.txt for stories260K)")  # fmt: skip
+            raise ValueError("compare needs data to score: pass --eval TEXTFILE for a language model (e.g. "
+                             "../shared/assets/text/tinystories_dev.txt for stories260K) or --eval the CIFAR-10 "
+                             "test images for a vision model (../shared/assets/cifar10/cifar10_test_jpeg.tar.gz)")  # fmt: skip
+        if not self.vision and (self.tokenizer is None or not hasattr(self.base(input_ids=torch.tensor([[1]])),
+                                                                       "logits")):  # fmt: skip
+            raise ValueError(f"compare scores language models by perplexity and CIFAR-10 vision models by top-1; "
+                             f"{model} is neither (no tokenizer or no next-token logits, and no image normalisation)")
         self.eval_path = Path(eval_text)
-        self.eval_text = read_text(self.eval_path)
-        self.eval_seqlen, self.batch_size = eval_seqlen, batch_size
+        self.eval_seqlen, self.batch_size, self.eval_limit = eval_seqlen, batch_size, eval_limit
         self.calib_path = None if calib is None else Path(calib)
-        self.windows = None
-        if self.calib_path is not None:
-            self.windows = calibration_windows(self.tokenizer, read_text(self.calib_path), nsamples, seqlen, seed)
         self.nsamples, self.seqlen, self.seed = nsamples, seqlen, seed
-        probe = self.windows if self.windows is not None else self._eval_chunks()
-        self.layer_batches = list(probe[:layer_windows].split(1))
-        self.decode_tokens = decode_tokens
-        self.prompt = probe[:1, :16]
+        self.decode_tokens = 0 if self.vision else decode_tokens
+        if self.vision:
+            from lowbit.data.cifar10 import load_cifar10
+
+            self.metric = {"key": "top1", "label": "top-1 (%)", "higher_is_better": True}
+            self.eval_images = load_cifar10(self.eval_path, split="test", limit=eval_limit, normalize=self.norm)
+            self.windows = None
+            if self.calib_path is not None:  # as lowbit quantize reads --calib images
+                self.windows, _ = load_cifar10(self.calib_path, split="train", limit=nsamples, seed=seed,
+                                               normalize=self.norm)  # fmt: skip
+            probe = self.windows if self.windows is not None else self.eval_images[0]
+            self.layer_batches = list(probe[: 16 * layer_windows].split(16))
+        else:
+            from lowbit.data import calibration_windows, read_text
+
+            self.metric = {"key": "ppl", "label": "perplexity", "higher_is_better": False}
+            self.eval_text = read_text(self.eval_path)
+            self.windows = None
+            if self.calib_path is not None:
+                self.windows = calibration_windows(self.tokenizer, read_text(self.calib_path), nsamples, seqlen, seed)
+            probe = self.windows if self.windows is not None else self._eval_chunks()
+            self.layer_batches = list(probe[:layer_windows].split(1))
+            self.prompt = probe[:1, :16]
         self.rows: list[dict] = self._read_rows()
 
     # ---- rows on disk
@@ -198,7 +220,8 @@ class Comparison:
         from lowbit.report import write_report
 
         self.out.mkdir(parents=True, exist_ok=True)
-        data = {"model": self.model_name, "eval": str(self.eval_path), "eval_seqlen": self.eval_seqlen,
+        data = {"model": self.model_name, "eval": str(self.eval_path), "metric": self.metric,
+                "eval_seqlen": None if self.vision else self.eval_seqlen, "eval_limit": self.eval_limit,
                 "calib": None if self.calib_path is None else str(self.calib_path),
                 "nsamples": self.nsamples, "seqlen": self.seqlen, "seed": self.seed,
                 "command": self.command, "rows": self.rows}  # fmt: skip
@@ -217,20 +240,30 @@ class Comparison:
         return token_chunks(self.tokenizer, self.eval_text, self.eval_seqlen)
 
     def _evaluate(self, model: nn.Module) -> dict:
+        """``{"value", "count"}`` by the function ``lowbit eval`` uses for this model's family."""
+        if self.vision:
+            from lowbit.eval.classification import top1
+
+            images, labels = self.eval_images
+            return {"value": top1(model, images, labels), "count": int(labels.numel())}
         from lowbit.eval import perplexity
 
-        return perplexity(model, self.tokenizer, self.eval_text, seqlen=self.eval_seqlen, batch_size=self.batch_size,
-                          progress=False)  # fmt: skip
+        r = perplexity(model, self.tokenizer, self.eval_text, seqlen=self.eval_seqlen, batch_size=self.batch_size,
+                       progress=False)  # fmt: skip
+        return {"value": r["ppl"], "count": r["tokens"]}
 
     def _eval_command(self, directory: Path) -> str:
+        if self.vision:
+            limit = [] if self.eval_limit is None else ["--limit", str(self.eval_limit)]
+            return shlex.join(["lowbit", "eval", str(directory), "--cifar10", str(self.eval_path), *limit])
         return shlex.join(["lowbit", "eval", str(directory), "--ppl", str(self.eval_path), "--seqlen",
                            str(self.eval_seqlen), "--batch-size", str(self.batch_size)])  # fmt: skip
 
-    def _measure(self, name: str, model: nn.Module, directory: Path | None, ppl: dict) -> dict:
+    def _measure(self, name: str, model: nn.Module, directory: Path | None, score: dict) -> dict:
         cov = getattr(model, "lowbit_coverage", None)
         prov = dict(getattr(model, "lowbit_provenance", None) or {})
-        row = {"name": name, "dir": None if directory is None else str(directory), "ppl": ppl["ppl"],
-               "eval_tokens": ppl["tokens"],
+        row = {"name": name, "dir": None if directory is None else str(directory),
+               self.metric["key"]: score["value"], "eval_count": score["count"],
                "bits_per_weight": None if cov is None else cov.mean_bits_per_weight(),
                "layers_quantized": None if cov is None else len(cov.quantized),
                "layers_skipped": None if cov is None else len(cov.skipped),
@@ -251,8 +284,8 @@ class Comparison:
         if s.group_size is not None:
             args += ["--group-size", str(s.group_size)]
         if self.calib_path is not None:
-            args += ["--calib", str(self.calib_path), "--nsamples", str(self.nsamples), "--seqlen", str(self.seqlen),
-                     "--seed", str(self.seed)]  # fmt: skip
+            args += ["--calib", str(self.calib_path), "--nsamples", str(self.nsamples)]
+            args += ["--seed", str(self.seed)] if self.vision else ["--seqlen", str(self.seqlen), "--seed", str(self.seed)]
         return shlex.join([*args, "--out", str(directory)])
 
     # ---- the runs
@@ -279,12 +312,12 @@ class Comparison:
         if self.calib_path is not None:
             card["calibration"] = {"path": str(self.calib_path), "file_sha256": file_sha256(self.calib_path)}
         quantize(model, s.method, calib=self.windows, progress=self.progress, provenance=card, **knobs)
-        ppl = self._evaluate(model)
+        score = self._evaluate(model)
         model.lowbit_provenance["evaluation"] = [
-            {"metric": "perplexity", "value": ppl["ppl"], "data": str(self.eval_path),
+            {"metric": self.metric["label"], "value": score["value"], "data": str(self.eval_path),
              "command": self._eval_command(directory)}]  # fmt: skip
         save(model, directory, tokenizer=self.tokenizer)
-        row = self._measure(s.name, model, directory, ppl)
+        row = self._measure(s.name, model, directory, score)
         row.update(method=s.method, bits=s.bits, group_size=s.group_size)
         self.rows.append(row)
         self._write_rows()

@@ -15,9 +15,9 @@ import io
 import os
 from pathlib import Path
 
-COLUMNS = [  # (key, heading, format)
+PPL = {"key": "ppl", "label": "perplexity", "higher_is_better": False}  # results written before "metric" existed
+COLUMNS = [  # (key, heading, format); the metric's column goes second
     ("name", "run", "{}"),
-    ("ppl", "perplexity", "{:.4f}"),
     ("bits_per_weight", "bits / weight", "{:.3f}"),
     ("size_bytes", "size (MB)", "mb"),
     ("quant_seconds", "quantization (s)", "{:.1f}"),
@@ -25,7 +25,7 @@ COLUMNS = [  # (key, heading, format)
     ("decode_x_fp32", "decode vs fp32", "{:.2f}x"),
     ("layers_quantized", "layers quantized", "{}"),
 ]
-CSV_KEYS = ["name", "method", "bits", "group_size", "ppl", "eval_tokens", "bits_per_weight", "size_bytes",
+CSV_KEYS = ["name", "method", "bits", "group_size", "ppl", "top1", "eval_count", "bits_per_weight", "size_bytes",
             "quant_seconds", "decode_tok_s", "fp32_decode_tok_s", "decode_x_fp32", "layers_quantized",
             "layers_skipped", "dir", "command", "eval_command", "lowbit", "torch"]  # fmt: skip
 
@@ -42,10 +42,13 @@ code { font-size: 0.85em; background: #f4f4f4; padding: 1px 3px; word-break: bre
 """
 
 
-def pareto(rows: list[dict]) -> set[str]:
-    """Names of the runs on the Pareto front of (bits per weight, perplexity): none is beaten on both."""
-    pts = [(r["bits_per_weight"], r["ppl"], r["name"]) for r in rows
-           if r.get("bits_per_weight") is not None and r.get("ppl") is not None]  # fmt: skip
+def pareto(rows: list[dict], metric: dict | None = None) -> set[str]:
+    """Names of the runs on the Pareto front of (bits per weight, quality): no other run is at least as good on
+    both and better on one (quality: the metric's key, lower is better unless ``higher_is_better``)."""
+    metric = metric or PPL
+    sign = -1.0 if metric["higher_is_better"] else 1.0
+    pts = [(r["bits_per_weight"], sign * r[metric["key"]], r["name"]) for r in rows
+           if r.get("bits_per_weight") is not None and r.get(metric["key"]) is not None]  # fmt: skip
     front = set()
     for b, p, n in pts:
         if not any((b2 <= b and p2 < p) or (b2 < b and p2 <= p) for b2, p2, _ in pts):
@@ -76,7 +79,7 @@ def _svg(fig) -> str:
     return text[text.index("<svg"):]  # drop the XML prologue and doctype: the SVG goes inline
 
 
-def plots(rows: list[dict]) -> tuple[str, str] | None:
+def plots(rows: list[dict], metric: dict | None = None) -> tuple[str, str] | None:
     """``(pareto_svg, layer_error_svg)``, or ``None`` without matplotlib."""
     try:
         import matplotlib
@@ -85,24 +88,27 @@ def plots(rows: list[dict]) -> tuple[str, str] | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    quantized = [r for r in rows if r["name"] != "fp32" and r.get("bits_per_weight") is not None]
-    front = pareto(quantized)
+    metric = metric or PPL
+    key = metric["key"]
+    quantized = [r for r in rows if r["name"] != "fp32" and r.get(key) is not None and r.get("bits_per_weight")]
+    front = pareto(quantized, metric)
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for r in quantized:
         on = r["name"] in front
-        ax.scatter(r["bits_per_weight"], r["ppl"], s=40 if on else 25, zorder=3,
+        ax.scatter(r["bits_per_weight"], r[key], s=40 if on else 25, zorder=3,
                    color="tab:blue" if on else "tab:gray")  # fmt: skip
-        ax.annotate(r["name"], (r["bits_per_weight"], r["ppl"]), textcoords="offset points", xytext=(4, 4),
+        ax.annotate(r["name"], (r["bits_per_weight"], r[key]), textcoords="offset points", xytext=(4, 4),
                     fontsize=6 if len(quantized) > 8 else 7)
-    pts = sorted((r["bits_per_weight"], r["ppl"]) for r in quantized if r["name"] in front)
+    pts = sorted((r["bits_per_weight"], r[key]) for r in quantized if r["name"] in front)
     if pts:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], color="tab:blue", lw=1, label="Pareto front")
     base = next((r for r in rows if r["name"] == "fp32"), None)
     if base is not None:
-        ax.axhline(base["ppl"], color="tab:green", ls="--", lw=1, label=f"fp32 ({base['ppl']:.3f})")
-    ax.set_yscale("log")
+        ax.axhline(base[key], color="tab:green", ls="--", lw=1, label=f"fp32 ({base[key]:.3f})")
+    if not metric["higher_is_better"]:
+        ax.set_yscale("log")
     ax.set_xlabel("bits per weight (as stored, every overhead counted)")
-    ax.set_ylabel("perplexity (log scale)")
+    ax.set_ylabel(metric["label"] + ("" if metric["higher_is_better"] else " (log scale)"))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     pareto_svg = _svg(fig)
@@ -140,15 +146,18 @@ def plots(rows: list[dict]) -> tuple[str, str] | None:
 
 def render(data: dict) -> str:
     rows = data.get("rows", [])
-    front = pareto([r for r in rows if r["name"] != "fp32"])
+    metric = data.get("metric") or PPL
+    columns = [COLUMNS[0], (metric["key"], metric["label"], "{:.4f}" if metric["key"] == "ppl" else "{:.2f}"),
+               *COLUMNS[1:]]  # fmt: skip
+    front = pareto([r for r in rows if r["name"] != "fp32"], metric)
     esc = html.escape
-    head = "".join(f"<th>{esc(h)}</th>" for _, h, _ in COLUMNS)
+    head = "".join(f"<th>{esc(h)}</th>" for _, h, _ in columns)
     body = []
     for r in rows:
         cls = ' class="pareto"' if r["name"] in front else ""
-        cells = "".join(f"<td>{esc(_cell(r.get(k), f))}</td>" for k, _, f in COLUMNS)
+        cells = "".join(f"<td>{esc(_cell(r.get(k), f))}</td>" for k, _, f in columns)
         body.append(f"<tr{cls}>{cells}</tr>")
-    drawn = plots(rows)
+    drawn = plots(rows, metric)
     if drawn is None:
         figures = ('<p class="note" id="no-plots">Plots need matplotlib: <code>pip install '
                    "'lowbit[report]'</code>, then run the same command again (finished rows are kept).</p>")  # fmt: skip
@@ -166,11 +175,19 @@ def render(data: dict) -> str:
                      + f" <span class='note'>lowbit {esc(str(r.get('lowbit')))}, torch {esc(str(r.get('torch')))}"
                      "</span></li>")  # fmt: skip
     calib = data.get("calib")
+    if metric["key"] == "ppl":
+        sample = f"{data.get('nsamples')} windows of {data.get('seqlen')} tokens"
+        scored = (f"perplexity on <code>{esc(str(data.get('eval')))}</code> in chunks of {data.get('eval_seqlen')} "
+                  "tokens")  # fmt: skip
+    else:
+        sample = f"{data.get('nsamples')} training images"
+        limit = data.get("eval_limit")
+        scored = (f"top-1 on <code>{esc(str(data.get('eval')))}</code>"
+                  + (f" ({limit} test images, class-balanced)" if limit else " (all test images)"))  # fmt: skip
     setup = (f"Model <code>{esc(str(data.get('model')))}</code>; calibration "
-             + (f"<code>{esc(calib)}</code>, {data.get('nsamples')} windows of {data.get('seqlen')} tokens, "
-                f"seed {data.get('seed')} (the same windows for every run)" if calib else "none")
-             + f"; perplexity on <code>{esc(str(data.get('eval')))}</code> in chunks of {data.get('eval_seqlen')} "
-             "tokens, as <code>lowbit eval</code> computes it.")  # fmt: skip
+             + (f"<code>{esc(calib)}</code>, {sample}, seed {data.get('seed')} (the same for every run)"
+                if calib else "none")
+             + f"; {scored}, as <code>lowbit eval</code> computes it.")  # fmt: skip
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>lowbit compare: {esc(str(data.get('model')))}</title>
 <style>{STYLE}</style></head>
@@ -182,7 +199,7 @@ def render(data: dict) -> str:
 <table id="results"><thead><tr>{head}</tr></thead><tbody>
 {chr(10).join(body)}
 </tbody></table>
-<p class="note">Bold: on the Pareto front (no other run has lower perplexity at fewer or equal bits per weight).
+<p class="note">Bold: on the Pareto front (no other run is better at fewer or equal bits per weight).
 Decode: greedy tokens/s at batch 1 on lowbit's kernels, timed in interleaved rounds beside the fp32 model.</p>
 {figures}
 <h2>Commands</h2>

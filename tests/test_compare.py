@@ -65,7 +65,7 @@ def test_rows_files_and_cards(report, small_text):
     fp32 = rows[0]
     for r in rows[1:]:
         assert r["bits_per_weight"] == pytest.approx(4.643 if r["bits"] == 4 else 3.611, abs=1e-3)
-        assert r["ppl"] > fp32["ppl"] and r["eval_tokens"] == fp32["eval_tokens"]
+        assert r["ppl"] > fp32["ppl"] and r["eval_count"] == fp32["eval_count"]
         assert r["size_bytes"] > 0 and r["quant_seconds"] > 0 and r["decode_tok_s"] > 0
         errs = r["layer_error"]
         assert len(errs) == r["layers_quantized"] == 35
@@ -208,3 +208,29 @@ def test_report_renders_in_a_browser(report):
         svg = svg[: svg.index("</svg>")]
         assert svg.count("<path") > 10, plot
     print(f"screenshot: {shot}")
+
+
+CIFAR = asset("cifar10", "cifar10_test_jpeg.tar.gz")
+CIFAR_TRAIN = asset("cifar10", "cifar10_train_jpeg.tar.gz")
+
+
+@pytest.mark.skipif(not CIFAR.exists() or not CIFAR_TRAIN.exists(), reason="the CIFAR-10 images are not in ../shared/assets")
+def test_vision_models_are_compared_by_top1_as_lowbit_eval_scores_them(tmp_path):
+    from lowbit.data.cifar10 import load_cifar10
+    from lowbit.eval.classification import top1
+    from lowbit.models.loading import normalization
+
+    out = tmp_path / "r20"
+    rows = compare("resnet20", ["rtn"], [4], [-1], out=out, calib=CIFAR_TRAIN, eval_text=CIFAR, nsamples=32,
+                   eval_limit=120, progress=False)  # fmt: skip
+    assert [r["name"] for r in rows] == ["fp32", "rtn-w4pc"]
+    r = rows[1]
+    assert r["eval_count"] == 120 and 0 < r["top1"] <= 100 and "decode_tok_s" not in r
+    assert r["command"].startswith("lowbit quantize resnet20 --method rtn --bits 4 --group-size -1 --calib ")
+    assert r["eval_command"].endswith(f"--cifar10 {CIFAR} --limit 120")
+    model = lowbit.load(r["dir"])
+    images, labels = load_cifar10(CIFAR, split="test", limit=120, normalize=normalization(model))
+    assert top1(model, images, labels) == r["top1"]
+    assert len(r["layer_error"]) == r["layers_quantized"] > 15
+    page = (out / "index.html").read_text()
+    assert "top-1 (%)" in page and page.count("<svg") == 2
