@@ -163,9 +163,11 @@ def render(data: dict) -> str:
                    "'lowbit[report]'</code>, then run the same command again (finished rows are kept).</p>")  # fmt: skip
     else:
         figures = (f'<h2>Quality against bits per weight</h2><div class="plot" id="pareto-plot">{drawn[0]}</div>'
-                   f'<h2>Each quantized layer\'s output error</h2><p class="note">Relative error of the layer\'s '
-                   "output on calibration windows, given the float model's input to it (its own error, not the "
-                   f'sum of the layers before it).</p><div class="plot" id="layer-plot">{drawn[1]}</div>')  # fmt: skip
+                   f'<h2>Each quantized layer\'s output error</h2><p class="note">Relative error of each quantized '
+                   "layer's output in the quantized model against the same layer's output in the float model, both "
+                   "running the same calibration windows: the error the model carries at that layer (the layers "
+                   "before it included), up to one scale per output channel (which AWQ-style transforms move "
+                   f'between layers).</p><div class="plot" id="layer-plot">{drawn[1]}</div>')  # fmt: skip
     repro = []
     for r in rows:
         cmd = r.get("command") or "(the float model)"
