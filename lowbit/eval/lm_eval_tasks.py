@@ -135,8 +135,9 @@ def _harness():
         from lm_eval import evaluator
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
-    except ImportError:
-        raise ImportError("lm-eval tasks need lm-evaluation-harness: pip install 'lowbit[lmeval]'") from None
+    except ImportError as e:
+        raise ImportError(f"lm-eval tasks need lm-evaluation-harness and what its Hugging Face model class imports "
+                          f"({e}): pip install 'lowbit[lmeval]'") from None
     return evaluator, HFLM, TaskManager
 
 
