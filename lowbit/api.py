@@ -14,7 +14,8 @@ from torch import nn
 
 from lowbit.engine import distributed
 from lowbit.engine.loop import run
-from lowbit.io.model_card import api_command, file_sha256, lowbit_version
+from lowbit.files import file_sha256
+from lowbit.io.model_card import api_command, lowbit_version
 from lowbit.methods import MethodConfig, check_recipe, parse_recipe
 from lowbit.models.adapters import adapter_for, plan
 from lowbit.nn.qmodule import op_kind

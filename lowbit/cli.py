@@ -122,7 +122,8 @@ def quantize(
     import lowbit
     from lowbit.engine import distributed
     from lowbit.engine.checkpoint import progress_dir_for
-    from lowbit.io.model_card import cli_command, file_sha256
+    from lowbit.files import file_sha256
+    from lowbit.io.model_card import cli_command
     from lowbit.io.native import check_output_dir
     from lowbit.methods import check_recipe, load_recipe, parse_recipe
     from lowbit.models.adapters import adapter_for
@@ -601,8 +602,6 @@ def compare(
     --group-size -1 --calib ../shared/assets/cifar10/cifar10_train_jpeg.tar.gz --eval
     ../shared/assets/cifar10/cifar10_test_jpeg.tar.gz --nsamples 256 --eval-limit 1000 --out report-r20/).
     Finished rows are kept: the same command resumes."""
-    import sys
-
     from lowbit.compare import compare as run_compare
 
     try:

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import shlex
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,8 @@ from torch import nn
 from tqdm import tqdm
 
 from lowbit.api import quantize
-from lowbit.io.model_card import file_sha256, lowbit_version
+from lowbit.files import file_sha256
+from lowbit.io.model_card import lowbit_version
 from lowbit.io.native import load, save
 from lowbit.nn.qconv import QConv
 from lowbit.nn.qlinear import QLinear
@@ -342,11 +342,9 @@ def compare(model: str, methods: list[str], bits: list[int], group_sizes: list[i
     """Run (or resume) a comparison into ``out`` and return its rows (``Comparison``'s keywords)."""
     run = Comparison(model, out, **kwargs)
     todo = settings(methods, bits, group_sizes)
-    start = time.perf_counter()
     run.baseline()
     for s in tqdm(todo, desc="compare", unit="run", disable=not run.progress):
         run.run_setting(s)
     for d in dirs:
         run.add_directory(d)
-    run.total_seconds = time.perf_counter() - start
     return run.rows

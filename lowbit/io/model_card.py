@@ -11,7 +11,6 @@ temporary directory, so it appears atomically with the weights.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shlex
 import sys
@@ -41,14 +40,6 @@ def lowbit_version() -> str:
         return version("lowbit")
     except PackageNotFoundError:
         return "unknown"
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def cli_command() -> str:

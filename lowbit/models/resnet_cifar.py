@@ -12,7 +12,6 @@ them with ``trust_pickle=True``, because a full unpickle runs arbitrary code.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -26,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lowbit.files import make_ordinary
+from lowbit.files import file_sha256, make_ordinary
 
 # The checkpoints were trained on inputs normalised with ImageNet statistics.
 NORMALIZE: tuple[tuple[float, float, float], tuple[float, float, float]] = (
@@ -149,14 +148,6 @@ def model_from_state(state: dict[str, torch.Tensor], depth: int | None = None) -
     return model.eval()
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def cache_dir() -> Path:
     root = os.environ.get("LOWBIT_CACHE")
     return (Path(root) if root else Path.home() / ".cache" / "lowbit") / ARCHITECTURE
@@ -197,7 +188,7 @@ def state_from_pickle(path: Path, digest: str, trust_pickle: bool) -> dict[str, 
 
 def converted_pickle(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
     """The state dict of a legacy pickle, converted to safetensors once and read from the cache after."""
-    digest = sha256(path)
+    digest = file_sha256(path)
     cached = cache_dir() / f"{digest[:16]}.safetensors"
     if cached.is_file():
         return load_file(cached)
