@@ -249,3 +249,27 @@ def test_gptvq_beats_rtn_at_2_bits_on_stories260k_and_reloads_exactly(stories, t
     lowbit.save(q, tmp_path / "q")
     ids = calib[0].reshape(1, -1)[:, :64]
     assert torch.equal(lowbit.load(tmp_path / "q")(input_ids=ids).logits, q(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("d", vector.DIMS)
+def test_kmeans_assignment_kernel_is_the_direct_sum_on_every_instruction_set(d):
+    """The compiled E-step (``kernels.vq.nearest``) against PyTorch's direct form of the weighted distance:
+    the same indices on every path this CPU has, ties to the lowest index, and ``weighted_kmeans`` itself
+    unchanged by it."""
+    from lowbit.kernels import vq as vq_kernel
+
+    if vq_kernel.assign_extension() is None:
+        pytest.skip("lowbit's C++ kernels cannot be built here")
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(3, 517, d, generator=g)
+    w = torch.rand(3, 517, d, generator=g)
+    w[1, :40] = 0  # padding vectors: every entry scores 0, so entry 0 wins
+    books = torch.randn(3, 37, d, generator=g)
+    books[:, 20] = books[:, 5]  # a duplicated entry: the lower index wins
+    x[2, :10] = books[2, 5]
+    want = ((x[:, :, None] - books[:, None]) ** 2 * w[:, :, None]).sum(-1).argmin(-1)
+    assert bool((want[2, :10] == 5).all()) and bool((want[1, :40] == 0).all())
+    got = {isa: vq_kernel.nearest(x, books, w, isa) for isa in vq_kernel.assign_extension().available_isas()}
+    for isa, code in got.items():
+        assert torch.equal(code, want), isa
+    assert torch.equal(vector.assign(x, books, w), want)

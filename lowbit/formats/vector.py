@@ -129,9 +129,22 @@ def to_blocks(w: torch.Tensor, rows: int, k: int, fmt) -> torch.Tensor:
     return x.reshape(nrb * ng, r * g // d, d)
 
 
+def _kernel_assign(x: torch.Tensor, books: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """``assign`` on lowbit's compiled kernel (``kernels.vq.nearest``: the same sum, in the same order, with no
+    ``[B, n, E]`` scores in memory), or ``None`` where it does not run."""
+    from lowbit.kernels import vq  # the kernels import this module
+
+    return vq.nearest(x, books, weight.expand(x.shape))
+
+
 def assign(x: torch.Tensor, books: torch.Tensor, weight: torch.Tensor | None = None, chunk: int = 1 << 24):
     """``long [B, n]``: the entry of ``books: [B, E, d]`` nearest each of ``x: [B, n, d]`` under
-    ``sum_d weight * (x - c)^2`` (``weight``: ``[B, n, d]`` or broadcastable; ``None``: plain)."""
+    ``sum_d weight * (x - c)^2`` (``weight``: ``[B, n, d]`` or broadcastable; ``None``: plain), the lowest
+    index on a tie. On CPU the compiled kernel computes it (the same on every instruction set); PyTorch's
+    direct form elsewhere."""
+    code = _kernel_assign(x, books, torch.ones_like(x) if weight is None else weight)
+    if code is not None:
+        return code
     B, n, d = x.shape
     E = books.shape[1]
     out = torch.empty(B, n, dtype=torch.long, device=x.device)
@@ -147,11 +160,15 @@ def assign(x: torch.Tensor, books: torch.Tensor, weight: torch.Tensor | None = N
 
 
 def assign_fast(x: torch.Tensor, books: torch.Tensor, weight: torch.Tensor, chunk: int = 1 << 24) -> torch.Tensor:
-    """``assign`` for the k-means iterations, as two batched matrix products: under the weighted
-    distance ``sum_d w (x - c)^2 = sum_d w x^2 - 2 sum_d (w x) c + sum_d w c^2`` the first term is
-    the same for every entry, so the nearest entry minimises ``w @ (c^2)^T - 2 (w x) @ c^T``
-    (``[n, E]`` per block, no ``[n, E, d]`` difference tensor). Near-ties may round the other
-    way than ``assign``'s direct form; the stored codes always come from ``assign``."""
+    """``assign`` for the k-means iterations: ``assign`` itself where the compiled kernel runs; elsewhere as
+    two batched matrix products: under the weighted distance ``sum_d w (x - c)^2 = sum_d w x^2 - 2 sum_d
+    (w x) c + sum_d w c^2`` the first term is the same for every entry, so the nearest entry minimises
+    ``w @ (c^2)^T - 2 (w x) @ c^T`` (``[n, E]`` per block, no ``[n, E, d]`` difference tensor). Near-ties
+    may then round the other way than ``assign``'s direct form; the stored codes always come from
+    ``assign``."""
+    code = _kernel_assign(x, books, weight)
+    if code is not None:
+        return code
     B, n, d = x.shape
     E = books.shape[1]
     out = torch.empty(B, n, dtype=torch.long, device=x.device)

@@ -46,6 +46,27 @@ def extension():
     return build_extension("lowbit_vq_gemv", "vq_gemv.cpp", [], "its vector-quantized CPU kernel")
 
 
+@functools.cache
+def assign_extension():
+    """The compiled k-means assignment (``csrc/vq_assign.cpp``), or ``None`` where it cannot be built. Built
+    without fused multiply-adds, so every instruction set gives the same indices."""
+    return build_extension("lowbit_vq_assign", "vq_assign.cpp", ["-ffp-contract=off"], "its k-means assignment kernel")
+
+
+def nearest(x: torch.Tensor, books: torch.Tensor, weight: torch.Tensor, isa: str | None = None) -> torch.Tensor | None:
+    """``long [B, n]``: the entry of ``books: [B, E, d]`` nearest each of ``x: [B, n, d]`` under
+    ``sum_j weight_j * (x_j - c_j)^2`` (``weight``: ``[B, n, d]``), the lowest index on a tie, computed without
+    forming the ``[B, n, E]`` scores; ``None`` where the kernel does not run (no compiler, a non-CPU tensor,
+    vectors of other than 1, 2 or 4 components)."""
+    if x.device.type != "cpu" or x.shape[-1] not in vector.DIMS:
+        return None
+    ext = assign_extension()
+    if ext is None:
+        return None
+    code = resolve_isa(isa, ISAS, lambda: list(ext.available_isas()), "k-means assignment", best=("auto", "neon"))
+    return ext.vq_assign(x.float(), weight.float().expand_as(x), books.float(), code)
+
+
 def available_isas() -> list[str]:
     """The instruction sets this CPU runs the kernel with, ``portable`` first."""
     ext = extension()
