@@ -67,6 +67,16 @@ def test_nf4_and_fp4_match_dequantize_then_matmul_on_every_path(isa, kind, group
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("kind", "bits"), [("nf4", 4), ("fp4", 4), ("lut", 3), ("lut", 2), ("bcq", 3)])
+@pytest.mark.parametrize("group", [64, 128])
+@pytest.mark.parametrize("rows", [1, 3, 4, 6])
+def test_whole_groups_of_64_and_128_columns_match_dequantize_then_matmul(isa, kind, bits, group, rows):
+    """Rows that are whole groups of 64 or 128 columns (the AVX-512 path's loop without ragged spans), with
+    outliers and bias, one row to past a block of four."""
+    _check(_weight(kind, bits, group, rows == 3, k=384), rows, isa, bias=rows != 4)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_fp32_codebooks_wide_codes_and_unaligned_rows_take_the_paths_that_fit(isa):
     gen = torch.Generator().manual_seed(1)
     books = torch.randn(N, 4 * 16, generator=gen).reshape(N, 4, 16).sort(-1).values.reshape(N, -1)
