@@ -93,7 +93,13 @@ def plain_weighted_em(x, w, n_entries, iters):
     return c
 
 
-def test_weighted_em_is_lloyds_algorithm_from_the_mahalanobis_start():
+@pytest.mark.parametrize("kernel", ["compiled", "pytorch"])
+def test_weighted_em_is_lloyds_algorithm_from_the_mahalanobis_start(kernel, monkeypatch):
+    """On the compiled E-step and on PyTorch's fallback (no compiler, or a GPU tensor)."""
+    from lowbit.kernels import vq as vq_kernel
+
+    if kernel == "pytorch":
+        monkeypatch.setattr(vq_kernel, "nearest", lambda *a, **k: None)
     torch.manual_seed(0)
     x = torch.randn(2, 60, 2) * torch.tensor([1.0, 3.0])
     w = torch.rand(2, 60, 2) + 0.1
