@@ -99,7 +99,9 @@ def test_weighted_em_is_lloyds_algorithm_from_the_mahalanobis_start(kernel, monk
     from lowbit.kernels import vq as vq_kernel
 
     if kernel == "pytorch":
-        monkeypatch.setattr(vq_kernel, "nearest", lambda *a, **k: None)
+        monkeypatch.setattr(vector, "_nearest_kernel", None)
+    else:
+        assert vector._nearest_kernel is vq_kernel.nearest
     torch.manual_seed(0)
     x = torch.randn(2, 60, 2) * torch.tensor([1.0, 3.0])
     w = torch.rand(2, 60, 2) + 0.1

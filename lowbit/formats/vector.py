@@ -129,12 +129,20 @@ def to_blocks(w: torch.Tensor, rows: int, k: int, fmt) -> torch.Tensor:
     return x.reshape(nrb * ng, r * g // d, d)
 
 
-def _kernel_assign(x: torch.Tensor, books: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
-    """``assign`` on lowbit's compiled kernel (``kernels.vq.nearest``: the same sum, in the same order, with no
-    ``[B, n, E]`` scores in memory), or ``None`` where it does not run."""
-    from lowbit.kernels import vq  # the kernels import this module
+# The compiled E-step, ``fn(x, books, weight) -> long [B, n]`` or ``None`` where it does not run: registered by
+# ``lowbit.kernels.vq`` when it loads (the kernels are a layer above the formats and import this module).
+_nearest_kernel = None
 
-    return vq.nearest(x, books, weight.expand(x.shape))
+
+def register_nearest(fn) -> None:
+    """Make ``fn`` (``kernels.vq.nearest``: the same sum, in the same order, with no ``[B, n, E]`` scores in
+    memory) compute ``assign`` and ``assign_fast`` where it runs."""
+    global _nearest_kernel
+    _nearest_kernel = fn
+
+
+def _kernel_assign(x: torch.Tensor, books: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    return None if _nearest_kernel is None else _nearest_kernel(x, books, weight.expand(x.shape))
 
 
 def assign(x: torch.Tensor, books: torch.Tensor, weight: torch.Tensor | None = None, chunk: int = 1 << 24):

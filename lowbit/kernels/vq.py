@@ -67,6 +67,9 @@ def nearest(x: torch.Tensor, books: torch.Tensor, weight: torch.Tensor, isa: str
     return ext.vq_assign(x.float(), weight.float().expand_as(x), books.float(), code)
 
 
+vector.register_nearest(nearest)
+
+
 def available_isas() -> list[str]:
     """The instruction sets this CPU runs the kernel with, ``portable`` first."""
     ext = extension()
