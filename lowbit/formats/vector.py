@@ -148,8 +148,9 @@ def _kernel_assign(x: torch.Tensor, books: torch.Tensor, weight: torch.Tensor) -
 def assign(x: torch.Tensor, books: torch.Tensor, weight: torch.Tensor | None = None, chunk: int = 1 << 24):
     """``long [B, n]``: the entry of ``books: [B, E, d]`` nearest each of ``x: [B, n, d]`` under
     ``sum_d weight * (x - c)^2`` (``weight``: ``[B, n, d]`` or broadcastable; ``None``: plain), the lowest
-    index on a tie. On CPU the compiled kernel computes it (the same on every instruction set); PyTorch's
-    direct form elsewhere."""
+    index on a tie. On CPU, once ``lowbit.kernels`` is loaded (``lowbit.quantize`` and the command line load
+    it), the compiled kernel computes it (the same indices on every instruction set); PyTorch's direct form
+    elsewhere."""
     code = _kernel_assign(x, books, torch.ones_like(x) if weight is None else weight)
     if code is not None:
         return code
