@@ -491,11 +491,12 @@ LOWBIT_AVX512 void row_avx512(const Lut& p, const float* x, const float* xi, flo
     y[(m0 + m) * p.N + n] += _mm512_reduce_add_ps(acc) + sums[m];
   }
 }
+
 // Every group of [c0, c1) whole and a multiple of 64 columns (per-channel rows, g64, g128, ...): the same
 // lookups and products as row_avx512 without its per-group bookkeeping (ragged spans, tails), which cost
-// about as much as the lookups themselves at 64 columns a group. Each group's table is formed as row_avx512
-// forms it (the shared table times the scale for nf4 / fp4 and the grids), so the products are the
-// dequantized weights' exactly.
+// about as much as the lookups themselves at 64 columns a group. Each group's table is avx512_table's: the
+// stored values, or for nf4 / fp4 and the grids the shared table times the group's scale, the products
+// QuantizedWeight.dequantize forms; so the lookups give the dequantized weights exactly.
 template <int BITS, int MB>
 LOWBIT_AVX512 void row_avx512_whole(const Lut& p, const float* x, const float* xi, float* y, int64_t n, int64_t m0,
                                     int, int64_t c0, int64_t c1) {
@@ -725,7 +726,7 @@ torch::Tensor lut_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor table
     pxi = interleaved.data();
   }
   float* py = y.data_ptr<float>();
-  RowFn full = row_fn_for(kBlock, p, isa), rest = row_fn_for(static_cast<int>(M % kBlock), p, isa);
+  const RowFn full = row_fn_for(kBlock, p, isa), rest = row_fn_for(static_cast<int>(M % kBlock), p, isa);
   // blocks of columns whose activations (all rows) stay in L1 while the weight rows stream by
   const int64_t cblock = std::max<int64_t>(256, (16384 / (4 * M)) & ~int64_t{63});
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
