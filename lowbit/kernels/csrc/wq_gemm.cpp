@@ -84,6 +84,11 @@ void parallel_for(int64_t begin, int64_t end, int64_t, const F& f) {
 #include <cstring>
 #include <vector>
 
+// Loops over small register arrays (accumulators, a tile's rows) unrolled early, so that the
+// arrays stay in registers: GCC otherwise keeps such an array in memory and stores every
+// element back on every step (measured: the AVX2 tile kernel spent as many stores as FMAs).
+#define LOWBIT_UNROLL _Pragma("GCC unroll 16")
+
 #if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
 #include <immintrin.h>
 #if defined(__linux__)
@@ -151,24 +156,24 @@ void int4_row_portable(const Problem& p, int64_t n, int64_t m0, int64_t g0, int6
     float part[MB][8] = {};
     int64_t j = j0;
     for (; j + 8 <= j1; j += 8)
-      for (int m = 0; m < MB; ++m) {
+      LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
         const float* e = p.xa + (m0 + m) * hk + j;
         const float* o = p.xb + (m0 + m) * hk + j;
         for (int u = 0; u < 8; ++u)
           part[m][u] += static_cast<float>(row[j + u] & 0x0F) * e[u] + static_cast<float>(row[j + u] & 0xF0) * o[u];
       }
     for (; j < j1; ++j)
-      for (int m = 0; m < MB; ++m)
+      LOWBIT_UNROLL for (int m = 0; m < MB; ++m)
         part[m][0] += static_cast<float>(row[j] & 0x0F) * p.xa[(m0 + m) * hk + j] +
                       static_cast<float>(row[j] & 0xF0) * p.xb[(m0 + m) * hk + j];
     const float s = scale_of(p, n * p.G + g), z = zero_of(p, n * p.G + g);
-    for (int m = 0; m < MB; ++m) {
+    LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
       float dot = 0.f;
       for (int u = 0; u < 8; ++u) dot += part[m][u];
       total[m] += s * (dot - z * p.xsum[(m0 + m) * p.G + g]);
     }
   }
-  for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.N + n] += total[m];
+  LOWBIT_UNROLL for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.N + n] += total[m];
 }
 
 template <int MB>
@@ -180,20 +185,20 @@ void int8_row_portable(const Problem& p, int64_t n, int64_t m0, int64_t g0, int6
     float part[MB][8] = {};
     int64_t k = k0;
     for (; k + 8 <= k1; k += 8)
-      for (int m = 0; m < MB; ++m) {
+      LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
         const float* x = p.xa + (m0 + m) * p.K + k;
         for (int u = 0; u < 8; ++u) part[m][u] += static_cast<float>(row[k + u]) * x[u];
       }
     for (; k < k1; ++k)
-      for (int m = 0; m < MB; ++m) part[m][0] += static_cast<float>(row[k]) * p.xa[(m0 + m) * p.K + k];
+      LOWBIT_UNROLL for (int m = 0; m < MB; ++m) part[m][0] += static_cast<float>(row[k]) * p.xa[(m0 + m) * p.K + k];
     const float s = scale_of(p, n * p.G + g), z = zero_of(p, n * p.G + g);
-    for (int m = 0; m < MB; ++m) {
+    LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
       float dot = 0.f;
       for (int u = 0; u < 8; ++u) dot += part[m][u];
       total[m] += s * (dot - z * p.xsum[(m0 + m) * p.G + g]);
     }
   }
-  for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.N + n] += total[m];
+  LOWBIT_UNROLL for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.N + n] += total[m];
 }
 
 #ifdef LOWBIT_X86
@@ -222,7 +227,7 @@ LOWBIT_AVX2 void int4_row_avx2(const Problem& p, int64_t n, int64_t m0, int64_t 
   const float* xa[MB];
   const float* xb[MB];
   const float* xs[MB];
-  for (int m = 0; m < MB; ++m) {
+  LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
     xa[m] = p.xa + (m0 + m) * hk;
     xb[m] = p.xb + (m0 + m) * hk;
     xs[m] = p.xsum + (m0 + m) * p.G;
@@ -230,7 +235,7 @@ LOWBIT_AVX2 void int4_row_avx2(const Problem& p, int64_t n, int64_t m0, int64_t 
   const __m256i low = _mm256_set1_epi32(0x0F), high = _mm256_set1_epi32(0xF0);
   __m256 total[MB];
   float extra[MB];
-  for (int m = 0; m < MB; ++m) {
+  LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
     total[m] = _mm256_setzero_ps();
     extra[m] = 0.f;
   }
@@ -240,7 +245,7 @@ LOWBIT_AVX2 void int4_row_avx2(const Problem& p, int64_t n, int64_t m0, int64_t 
     // instead of a reduction per group; the accumulators run across groups
     const int64_t gfull = std::min(g1, p.K / p.group);
     __m256 acc[MB][2];
-    for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    LOWBIT_UNROLL for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
     for (; g < gfull; ++g) {
       const int64_t j0 = g * hg;
       if (j0 % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(row + kAhead + j0), _MM_HINT_T0);
@@ -250,21 +255,21 @@ LOWBIT_AVX2 void int4_row_avx2(const Problem& p, int64_t n, int64_t m0, int64_t 
         const __m256i b = load8_u8(row + j);
         const __m256 l = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, low)), vs);
         const __m256 h = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, high)), vs);
-        for (int m = 0; m < MB; ++m) {
+        LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
           acc[m][0] = _mm256_fmadd_ps(l, _mm256_loadu_ps(xa[m] + j), acc[m][0]);
           acc[m][1] = _mm256_fmadd_ps(h, _mm256_loadu_ps(xb[m] + j), acc[m][1]);
         }
       }
       const float zs = sc * zero_of(p, n * p.G + g);
-      for (int m = 0; m < MB; ++m) extra[m] -= zs * xs[m][g];
+      LOWBIT_UNROLL for (int m = 0; m < MB; ++m) extra[m] -= zs * xs[m][g];
     }
-    for (int m = 0; m < MB; ++m) total[m] = _mm256_add_ps(total[m], _mm256_add_ps(acc[m][0], acc[m][1]));
+    LOWBIT_UNROLL for (int m = 0; m < MB; ++m) total[m] = _mm256_add_ps(total[m], _mm256_add_ps(acc[m][0], acc[m][1]));
   }
   for (; g < g1; ++g) {
     const int64_t j0 = g * hg, j1 = std::min(hk, j0 + hg);
     for (int64_t o = j0; o < j1; o += 64) _mm_prefetch(reinterpret_cast<const char*>(row + kAhead + o), _MM_HINT_T0);
     __m256 acc[MB][NA];
-    for (int m = 0; m < MB; ++m)
+    LOWBIT_UNROLL for (int m = 0; m < MB; ++m)
       for (int a = 0; a < NA; ++a) acc[m][a] = _mm256_setzero_ps();
     int64_t j = j0;
     for (; j + 16 <= j1; j += 16) {
@@ -273,7 +278,7 @@ LOWBIT_AVX2 void int4_row_avx2(const Problem& p, int64_t n, int64_t m0, int64_t 
       const __m256 h0 = _mm256_cvtepi32_ps(_mm256_and_si256(b0, high));
       const __m256 l1 = _mm256_cvtepi32_ps(_mm256_and_si256(b1, low));
       const __m256 h1 = _mm256_cvtepi32_ps(_mm256_and_si256(b1, high));
-      for (int m = 0; m < MB; ++m) {
+      LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
         acc[m][0] = _mm256_fmadd_ps(l0, _mm256_loadu_ps(xa[m] + j), acc[m][0]);
         acc[m][1 % NA] = _mm256_fmadd_ps(h0, _mm256_loadu_ps(xb[m] + j), acc[m][1 % NA]);
         acc[m][2 % NA] = _mm256_fmadd_ps(l1, _mm256_loadu_ps(xa[m] + j + 8), acc[m][2 % NA]);
@@ -286,25 +291,25 @@ LOWBIT_AVX2 void int4_row_avx2(const Problem& p, int64_t n, int64_t m0, int64_t 
         const __m256i b = load8_u8(row + j);
         const __m256 l = _mm256_cvtepi32_ps(_mm256_and_si256(b, low));
         const __m256 h = _mm256_cvtepi32_ps(_mm256_and_si256(b, high));
-        for (int m = 0; m < MB; ++m) {
+        LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
           acc[m][0] = _mm256_fmadd_ps(l, _mm256_loadu_ps(xa[m] + j), acc[m][0]);
           acc[m][1] = _mm256_fmadd_ps(h, _mm256_loadu_ps(xb[m] + j), acc[m][1]);
         }
       }
       for (; j < j1; ++j)
-        for (int m = 0; m < MB; ++m)
+        LOWBIT_UNROLL for (int m = 0; m < MB; ++m)
           tail[m] += static_cast<float>(row[j] & 0x0F) * xa[m][j] + static_cast<float>(row[j] & 0xF0) * xb[m][j];
     }
     const float s = scale_f16c(p, n * p.G + g), zs = s * zero_of(p, n * p.G + g);
     const __m256 vs = _mm256_set1_ps(s);
-    for (int m = 0; m < MB; ++m) {
+    LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
       __m256 sum = acc[m][0];
       for (int a = 1; a < NA; ++a) sum = _mm256_add_ps(sum, acc[m][a]);
       total[m] = _mm256_fmadd_ps(sum, vs, total[m]);
       extra[m] += s * tail[m] - zs * xs[m][g];
     }
   }
-  for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.N + n] += hsum256(total[m]) + extra[m];
+  LOWBIT_UNROLL for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.N + n] += hsum256(total[m]) + extra[m];
 }
 
 template <int MB>
@@ -313,13 +318,13 @@ LOWBIT_AVX2 void int8_row_avx2(const Problem& p, int64_t n, int64_t m0, int64_t 
   const uint8_t* row = p.codes + n * p.K;
   const float* xa[MB];
   const float* xs[MB];
-  for (int m = 0; m < MB; ++m) {
+  LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
     xa[m] = p.xa + (m0 + m) * p.K;
     xs[m] = p.xsum + (m0 + m) * p.G;
   }
   __m256 total[MB];
   float extra[MB];
-  for (int m = 0; m < MB; ++m) {
+  LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
     total[m] = _mm256_setzero_ps();
     extra[m] = 0.f;
   }
@@ -327,35 +332,35 @@ LOWBIT_AVX2 void int8_row_avx2(const Problem& p, int64_t n, int64_t m0, int64_t 
     const int64_t k0 = g * p.group, k1 = std::min(p.K, k0 + p.group);
     for (int64_t o = k0; o < k1; o += 64) _mm_prefetch(reinterpret_cast<const char*>(row + kAhead + o), _MM_HINT_T0);
     __m256 acc[MB][NA];
-    for (int m = 0; m < MB; ++m)
+    LOWBIT_UNROLL for (int m = 0; m < MB; ++m)
       for (int a = 0; a < NA; ++a) acc[m][a] = _mm256_setzero_ps();
     int64_t k = k0;
     for (; k + 32 <= k1; k += 32) {
       __m256 w[4];
-      for (int u = 0; u < 4; ++u) w[u] = _mm256_cvtepi32_ps(load8_u8(row + k + 8 * u));
-      for (int m = 0; m < MB; ++m)
-        for (int u = 0; u < 4; ++u)
+      LOWBIT_UNROLL for (int u = 0; u < 4; ++u) w[u] = _mm256_cvtepi32_ps(load8_u8(row + k + 8 * u));
+      LOWBIT_UNROLL for (int m = 0; m < MB; ++m)
+        LOWBIT_UNROLL for (int u = 0; u < 4; ++u)
           acc[m][u % NA] = _mm256_fmadd_ps(w[u], _mm256_loadu_ps(xa[m] + k + 8 * u), acc[m][u % NA]);
     }
     float tail[MB] = {};
     if (k < k1) {
       for (; k + 8 <= k1; k += 8) {
         const __m256 w = _mm256_cvtepi32_ps(load8_u8(row + k));
-        for (int m = 0; m < MB; ++m) acc[m][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xa[m] + k), acc[m][0]);
+        LOWBIT_UNROLL for (int m = 0; m < MB; ++m) acc[m][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xa[m] + k), acc[m][0]);
       }
       for (; k < k1; ++k)
-        for (int m = 0; m < MB; ++m) tail[m] += static_cast<float>(row[k]) * xa[m][k];
+        LOWBIT_UNROLL for (int m = 0; m < MB; ++m) tail[m] += static_cast<float>(row[k]) * xa[m][k];
     }
     const float s = scale_f16c(p, n * p.G + g), zs = s * zero_of(p, n * p.G + g);
     const __m256 vs = _mm256_set1_ps(s);
-    for (int m = 0; m < MB; ++m) {
+    LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
       __m256 sum = acc[m][0];
       for (int a = 1; a < NA; ++a) sum = _mm256_add_ps(sum, acc[m][a]);
       total[m] = _mm256_fmadd_ps(sum, vs, total[m]);
       extra[m] += s * tail[m] - zs * xs[m][g];
     }
   }
-  for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.N + n] += hsum256(total[m]) + extra[m];
+  LOWBIT_UNROLL for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.N + n] += hsum256(total[m]) + extra[m];
 }
 
 // ------------------------------------------------------------------ AVX-512
@@ -374,7 +379,7 @@ LOWBIT_AVX512 void int4_row_avx512(const Problem& p, int64_t n, int64_t m0, int6
   const float* xa[MB];
   const float* xb[MB];
   const float* xs[MB];
-  for (int m = 0; m < MB; ++m) {
+  LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
     xa[m] = p.xa + (m0 + m) * hk;
     xb[m] = p.xb + (m0 + m) * hk;
     xs[m] = p.xsum + (m0 + m) * p.G;
@@ -382,7 +387,7 @@ LOWBIT_AVX512 void int4_row_avx512(const Problem& p, int64_t n, int64_t m0, int6
   const __m512i low = _mm512_set1_epi32(0x0F), high = _mm512_set1_epi32(0xF0);
   __m512 total[MB];
   float extra[MB];
-  for (int m = 0; m < MB; ++m) {
+  LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
     total[m] = _mm512_setzero_ps();
     extra[m] = 0.f;
   }
@@ -392,7 +397,7 @@ LOWBIT_AVX512 void int4_row_avx512(const Problem& p, int64_t n, int64_t m0, int6
     // instead of a reduction per group; the accumulators run across groups
     const int64_t gfull = std::min(g1, p.K / p.group);
     __m512 acc[MB][2];
-    for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    LOWBIT_UNROLL for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
     for (; g < gfull; ++g) {
       const int64_t j0 = g * hg;
       if (j0 % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(row + kAhead + j0), _MM_HINT_T0);
@@ -402,22 +407,22 @@ LOWBIT_AVX512 void int4_row_avx512(const Problem& p, int64_t n, int64_t m0, int6
         const __m512i b = load16_u8(row + j);
         const __m512 l = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, low)), vs);
         const __m512 h = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, high)), vs);
-        for (int m = 0; m < MB; ++m) {
+        LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
           acc[m][0] = _mm512_fmadd_ps(l, _mm512_loadu_ps(xa[m] + j), acc[m][0]);
           acc[m][1] = _mm512_fmadd_ps(h, _mm512_loadu_ps(xb[m] + j), acc[m][1]);
         }
       }
       const float zs = sc * zero_of(p, n * p.G + g);
-      for (int m = 0; m < MB; ++m) extra[m] -= zs * xs[m][g];
+      LOWBIT_UNROLL for (int m = 0; m < MB; ++m) extra[m] -= zs * xs[m][g];
     }
-    for (int m = 0; m < MB; ++m) total[m] = _mm512_add_ps(total[m], _mm512_add_ps(acc[m][0], acc[m][1]));
+    LOWBIT_UNROLL for (int m = 0; m < MB; ++m) total[m] = _mm512_add_ps(total[m], _mm512_add_ps(acc[m][0], acc[m][1]));
   }
   for (; g < g1; ++g) {
     const int64_t j0 = g * hg, j1 = std::min(hk, j0 + hg);
     for (int64_t o = j0; o < j1; o += 64) _mm_prefetch(reinterpret_cast<const char*>(row + kAhead + o), _MM_HINT_T0);
     __m512 acc[MB][4];
-    for (int m = 0; m < MB; ++m)
-      for (int a = 0; a < 4; ++a) acc[m][a] = _mm512_setzero_ps();
+    LOWBIT_UNROLL for (int m = 0; m < MB; ++m)
+      LOWBIT_UNROLL for (int a = 0; a < 4; ++a) acc[m][a] = _mm512_setzero_ps();
     int64_t j = j0;
     for (; j + 32 <= j1; j += 32) {
       const __m512i b0 = load16_u8(row + j), b1 = load16_u8(row + j + 16);
@@ -425,7 +430,7 @@ LOWBIT_AVX512 void int4_row_avx512(const Problem& p, int64_t n, int64_t m0, int6
       const __m512 h0 = _mm512_cvtepi32_ps(_mm512_and_si512(b0, high));
       const __m512 l1 = _mm512_cvtepi32_ps(_mm512_and_si512(b1, low));
       const __m512 h1 = _mm512_cvtepi32_ps(_mm512_and_si512(b1, high));
-      for (int m = 0; m < MB; ++m) {
+      LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
         acc[m][0] = _mm512_fmadd_ps(l0, _mm512_loadu_ps(xa[m] + j), acc[m][0]);
         acc[m][1] = _mm512_fmadd_ps(h0, _mm512_loadu_ps(xb[m] + j), acc[m][1]);
         acc[m][2] = _mm512_fmadd_ps(l1, _mm512_loadu_ps(xa[m] + j + 16), acc[m][2]);
@@ -438,20 +443,20 @@ LOWBIT_AVX512 void int4_row_avx512(const Problem& p, int64_t n, int64_t m0, int6
       const __m512i b = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, row + j));
       const __m512 l = _mm512_cvtepi32_ps(_mm512_and_si512(b, low));
       const __m512 h = _mm512_cvtepi32_ps(_mm512_and_si512(b, high));
-      for (int m = 0; m < MB; ++m) {
+      LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
         acc[m][0] = _mm512_fmadd_ps(l, _mm512_maskz_loadu_ps(k, xa[m] + j), acc[m][0]);
         acc[m][1] = _mm512_fmadd_ps(h, _mm512_maskz_loadu_ps(k, xb[m] + j), acc[m][1]);
       }
     }
     const float s = scale_f16c(p, n * p.G + g), zs = s * zero_of(p, n * p.G + g);
     const __m512 vs = _mm512_set1_ps(s);
-    for (int m = 0; m < MB; ++m) {
+    LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
       const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3]));
       total[m] = _mm512_fmadd_ps(sum, vs, total[m]);
       extra[m] -= zs * xs[m][g];
     }
   }
-  for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.N + n] += _mm512_reduce_add_ps(total[m]) + extra[m];
+  LOWBIT_UNROLL for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.N + n] += _mm512_reduce_add_ps(total[m]) + extra[m];
 }
 
 template <int MB>
@@ -459,13 +464,13 @@ LOWBIT_AVX512 void int8_row_avx512(const Problem& p, int64_t n, int64_t m0, int6
   const uint8_t* row = p.codes + n * p.K;
   const float* xa[MB];
   const float* xs[MB];
-  for (int m = 0; m < MB; ++m) {
+  LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
     xa[m] = p.xa + (m0 + m) * p.K;
     xs[m] = p.xsum + (m0 + m) * p.G;
   }
   __m512 total[MB];
   float extra[MB];
-  for (int m = 0; m < MB; ++m) {
+  LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
     total[m] = _mm512_setzero_ps();
     extra[m] = 0.f;
   }
@@ -473,30 +478,30 @@ LOWBIT_AVX512 void int8_row_avx512(const Problem& p, int64_t n, int64_t m0, int6
     const int64_t k0 = g * p.group, k1 = std::min(p.K, k0 + p.group);
     for (int64_t o = k0; o < k1; o += 64) _mm_prefetch(reinterpret_cast<const char*>(row + kAhead + o), _MM_HINT_T0);
     __m512 acc[MB][4];
-    for (int m = 0; m < MB; ++m)
-      for (int a = 0; a < 4; ++a) acc[m][a] = _mm512_setzero_ps();
+    LOWBIT_UNROLL for (int m = 0; m < MB; ++m)
+      LOWBIT_UNROLL for (int a = 0; a < 4; ++a) acc[m][a] = _mm512_setzero_ps();
     int64_t k = k0;
     for (; k + 64 <= k1; k += 64) {
       __m512 w[4];
-      for (int u = 0; u < 4; ++u) w[u] = _mm512_cvtepi32_ps(load16_u8(row + k + 16 * u));
-      for (int m = 0; m < MB; ++m)
-        for (int u = 0; u < 4; ++u) acc[m][u] = _mm512_fmadd_ps(w[u], _mm512_loadu_ps(xa[m] + k + 16 * u), acc[m][u]);
+      LOWBIT_UNROLL for (int u = 0; u < 4; ++u) w[u] = _mm512_cvtepi32_ps(load16_u8(row + k + 16 * u));
+      LOWBIT_UNROLL for (int m = 0; m < MB; ++m)
+        LOWBIT_UNROLL for (int u = 0; u < 4; ++u) acc[m][u] = _mm512_fmadd_ps(w[u], _mm512_loadu_ps(xa[m] + k + 16 * u), acc[m][u]);
     }
     for (; k < k1; k += 16) {
       const int64_t left = std::min<int64_t>(16, k1 - k);
       const __mmask16 mk = static_cast<__mmask16>((1u << left) - 1);
       const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, row + k)));
-      for (int m = 0; m < MB; ++m) acc[m][0] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(mk, xa[m] + k), acc[m][0]);
+      LOWBIT_UNROLL for (int m = 0; m < MB; ++m) acc[m][0] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(mk, xa[m] + k), acc[m][0]);
     }
     const float s = scale_f16c(p, n * p.G + g), zs = s * zero_of(p, n * p.G + g);
     const __m512 vs = _mm512_set1_ps(s);
-    for (int m = 0; m < MB; ++m) {
+    LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
       const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3]));
       total[m] = _mm512_fmadd_ps(sum, vs, total[m]);
       extra[m] -= zs * xs[m][g];
     }
   }
-  for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.N + n] += _mm512_reduce_add_ps(total[m]) + extra[m];
+  LOWBIT_UNROLL for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.N + n] += _mm512_reduce_add_ps(total[m]) + extra[m];
 }
 #endif  // LOWBIT_X86
 
@@ -524,33 +529,33 @@ void int4_row_neon(const Problem& p, int64_t n, int64_t m0, int64_t g0, int64_t 
     const int64_t j0 = g * (p.group / 2), j1 = std::min(hk, j0 + p.group / 2);
     float32x4_t acc[MB][2];
     float tail[MB] = {};
-    for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = vdupq_n_f32(0.f);
+    LOWBIT_UNROLL for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = vdupq_n_f32(0.f);
     int64_t j = j0;
     for (; j + 16 <= j1; j += 16) {
       const uint8x16_t b = vld1q_u8(row + j);
       float32x4_t l[4], h[4];
       widen_u8(vandq_u8(b, low), l);
       widen_u8(vandq_u8(b, high), h);
-      for (int m = 0; m < MB; ++m) {
+      LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
         const float* e = p.xa + (m0 + m) * hk + j;
         const float* o = p.xb + (m0 + m) * hk + j;
-        for (int u = 0; u < 4; ++u) {
+        LOWBIT_UNROLL for (int u = 0; u < 4; ++u) {
           acc[m][0] = vfmaq_f32(acc[m][0], l[u], vld1q_f32(e + 4 * u));
           acc[m][1] = vfmaq_f32(acc[m][1], h[u], vld1q_f32(o + 4 * u));
         }
       }
     }
     for (; j < j1; ++j)
-      for (int m = 0; m < MB; ++m)
+      LOWBIT_UNROLL for (int m = 0; m < MB; ++m)
         tail[m] += static_cast<float>(row[j] & 0x0F) * p.xa[(m0 + m) * hk + j] +
                    static_cast<float>(row[j] & 0xF0) * p.xb[(m0 + m) * hk + j];
     const float s = scale_of(p, n * p.G + g), z = zero_of(p, n * p.G + g);
-    for (int m = 0; m < MB; ++m) {
+    LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
       const float dot = vaddvq_f32(vaddq_f32(acc[m][0], acc[m][1])) + tail[m];
       total[m] += s * (dot - z * p.xsum[(m0 + m) * p.G + g]);
     }
   }
-  for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.N + n] += total[m];
+  LOWBIT_UNROLL for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.N + n] += total[m];
 }
 
 template <int MB>
@@ -561,25 +566,25 @@ void int8_row_neon(const Problem& p, int64_t n, int64_t m0, int64_t g0, int64_t 
     const int64_t k0 = g * p.group, k1 = std::min(p.K, k0 + p.group);
     float32x4_t acc[MB][2];
     float tail[MB] = {};
-    for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = vdupq_n_f32(0.f);
+    LOWBIT_UNROLL for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = vdupq_n_f32(0.f);
     int64_t k = k0;
     for (; k + 16 <= k1; k += 16) {
       float32x4_t w[4];
       widen_u8(vld1q_u8(row + k), w);
-      for (int m = 0; m < MB; ++m) {
+      LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
         const float* x = p.xa + (m0 + m) * p.K + k;
-        for (int u = 0; u < 4; ++u) acc[m][u & 1] = vfmaq_f32(acc[m][u & 1], w[u], vld1q_f32(x + 4 * u));
+        LOWBIT_UNROLL for (int u = 0; u < 4; ++u) acc[m][u & 1] = vfmaq_f32(acc[m][u & 1], w[u], vld1q_f32(x + 4 * u));
       }
     }
     for (; k < k1; ++k)
-      for (int m = 0; m < MB; ++m) tail[m] += static_cast<float>(row[k]) * p.xa[(m0 + m) * p.K + k];
+      LOWBIT_UNROLL for (int m = 0; m < MB; ++m) tail[m] += static_cast<float>(row[k]) * p.xa[(m0 + m) * p.K + k];
     const float s = scale_of(p, n * p.G + g), z = zero_of(p, n * p.G + g);
-    for (int m = 0; m < MB; ++m) {
+    LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
       const float dot = vaddvq_f32(vaddq_f32(acc[m][0], acc[m][1])) + tail[m];
       total[m] += s * (dot - z * p.xsum[(m0 + m) * p.G + g]);
     }
   }
-  for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.N + n] += total[m];
+  LOWBIT_UNROLL for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.N + n] += total[m];
 }
 #endif  // LOWBIT_NEON
 
@@ -616,7 +621,7 @@ struct GroupWalk {
 template <int MB>
 inline void add_zero_term(const Problem& p, int64_t n, int64_t m0, int64_t g, float s, float* extra) {
   const float sz = s * zero_of(p, n * p.G + g);
-  for (int m = 0; m < MB; ++m) extra[m] -= sz * p.xsum[(m0 + m) * p.G + g];
+  LOWBIT_UNROLL for (int m = 0; m < MB; ++m) extra[m] -= sz * p.xsum[(m0 + m) * p.G + g];
 }
 
 #ifdef LOWBIT_X86
@@ -634,7 +639,7 @@ LOWBIT_AVX2 void chunk_scales(const Problem& p, int64_t n, int64_t m0, GroupWalk
     const float a = scale_f16c(p, n * p.G + ga), b = scale_f16c(p, n * p.G + gb);
     if (start_a) add_zero_term<MB>(p, n, m0, ga, a, extra);
     if (start_b && gb != ga) add_zero_term<MB>(p, n, m0, gb, b, extra);
-    for (int m = 0; m < MB; ++m) {
+    LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
       const float bs = p.block_scale[(m0 + m) * p.NB + c0 + i];
       sa[m][i] = a * bs;
       sb[m][i] = b * bs;
@@ -655,7 +660,7 @@ LOWBIT_AVX2 void chunk_scales_g128_avx2(const Problem& p, int64_t n, int64_t m0,
                          : _mm256_loadu_ps(p.float_scales + at + i);
     const __m256 z = p.zeros ? _mm256_cvtepi32_ps(load8_u8(p.zeros + at + i)) : _mm256_set1_ps(p.default_zero);
     const __m256 sz = _mm256_mul_ps(s, z);
-    for (int m = 0; m < MB; ++m) {
+    LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
       ex[m] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(p.xsum + (m0 + m) * p.G + c0 + i), ex[m]);
       _mm256_storeu_ps(sa[m] + i, _mm256_mul_ps(s, _mm256_loadu_ps(p.block_scale + (m0 + m) * p.NB + c0 + i)));
     }
@@ -663,7 +668,7 @@ LOWBIT_AVX2 void chunk_scales_g128_avx2(const Problem& p, int64_t n, int64_t m0,
   for (; i < cn; ++i) {
     const float s = scale_f16c(p, at + i);
     add_zero_term<MB>(p, n, m0, c0 + i, s, extra);
-    for (int m = 0; m < MB; ++m) sa[m][i] = s * p.block_scale[(m0 + m) * p.NB + c0 + i];
+    LOWBIT_UNROLL for (int m = 0; m < MB; ++m) sa[m][i] = s * p.block_scale[(m0 + m) * p.NB + c0 + i];
   }
 }
 
@@ -688,7 +693,7 @@ LOWBIT_AVX2 void int4_digits_avx2(const Problem& p, int64_t n, int64_t m0, int64
   alignas(32) float sb[MB][kChunkBlocks];
   GroupWalk walk(p, b0);
   __m256 total[MB], ex[MB];
-  for (int m = 0; m < MB; ++m) total[m] = ex[m] = _mm256_setzero_ps();
+  LOWBIT_UNROLL for (int m = 0; m < MB; ++m) total[m] = ex[m] = _mm256_setzero_ps();
   for (int64_t c0 = b0; c0 < b1; c0 += kChunkBlocks) {
     const int64_t cn = std::min<int64_t>(kChunkBlocks, b1 - c0);
     if (g128) chunk_scales_g128_avx2<MB>(p, n, m0, c0, cn, sa, ex, extra);
@@ -709,10 +714,10 @@ LOWBIT_AVX2 void int4_digits_avx2(const Problem& p, int64_t n, int64_t m0, int64
       }
       const __m256i lo0 = _mm256_and_si256(v0, m4), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), m4);
       const __m256i lo1 = _mm256_and_si256(v1, m4), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), m4);
-      for (int m = 0; m < MB; ++m) {
+      LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
         const int8_t* d = p.digits + (m0 + m) * 6 * hp + j0;
         __m256i t0[3], t1[3];
-        for (int e = 0; e < 3; ++e) {
+        LOWBIT_UNROLL for (int e = 0; e < 3; ++e) {
           const int8_t* de = d + 2 * e * hp;
           const int8_t* dodd = de + hp;
           t0[e] = _mm256_add_epi16(
@@ -730,13 +735,13 @@ LOWBIT_AVX2 void int4_digits_avx2(const Problem& p, int64_t n, int64_t m0, int64
           total[m] = _mm256_fmadd_ps(fb, _mm256_broadcast_ss(&sb[m][i]), total[m]);
         } else {
           __m256i t[3];
-          for (int e = 0; e < 3; ++e) t[e] = _mm256_add_epi16(t0[e], t1[e]);
+          LOWBIT_UNROLL for (int e = 0; e < 3; ++e) t[e] = _mm256_add_epi16(t0[e], t1[e]);
           total[m] = _mm256_fmadd_ps(combine_avx2(t, ones, c256i), _mm256_broadcast_ss(&sa[m][i]), total[m]);
         }
       }
     }
   }
-  for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.N + n] += hsum256(total[m]) + (extra[m] - hsum256(ex[m]));
+  LOWBIT_UNROLL for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.N + n] += hsum256(total[m]) + (extra[m] - hsum256(ex[m]));
 }
 
 // One activation row against NR weight rows at once (as int4_digits_avx512_rows below).
@@ -755,7 +760,7 @@ LOWBIT_AVX2 inline void digits_block_avx2(const uint8_t* row, int64_t hk, int64_
     const __m256i lo0 = _mm256_and_si256(v0, m4), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), m4);
     const __m256i lo1 = _mm256_and_si256(v1, m4), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), m4);
     __m256i t0[3], t1[3];
-    for (int e = 0; e < 3; ++e) {
+    LOWBIT_UNROLL for (int e = 0; e < 3; ++e) {
       const int8_t* de = d + 2 * e * hp;
       const int8_t* dodd = de + hp;
       t0[e] = _mm256_add_epi16(_mm256_maddubs_epi16(lo0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(de))),
@@ -769,7 +774,7 @@ LOWBIT_AVX2 inline void digits_block_avx2(const uint8_t* row, int64_t hk, int64_
       total[r] = _mm256_fmadd_ps(combine_avx2(t1, ones, c256), _mm256_broadcast_ss(&sb[r][i]), total[r]);
     } else {
       __m256i t[3];
-      for (int e = 0; e < 3; ++e) t[e] = _mm256_add_epi16(t0[e], t1[e]);
+      LOWBIT_UNROLL for (int e = 0; e < 3; ++e) t[e] = _mm256_add_epi16(t0[e], t1[e]);
       total[r] = _mm256_fmadd_ps(combine_avx2(t, ones, c256), _mm256_broadcast_ss(&sa[r][i]), total[r]);
     }
   }
@@ -787,7 +792,7 @@ LOWBIT_AVXVNNI inline void digits_block_avxvnni(const uint8_t* row, int64_t hk, 
                                                 int64_t far, __m256* total) {
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   const int64_t step = hp / 32;  // one digit plane, in vectors
-  for (int h = 0; h < 2; ++h) {  // each half's six digit vectors load once for the NR rows
+  LOWBIT_UNROLL for (int h = 0; h < 2; ++h) {  // each half's six digit vectors load once for the NR rows
     const __m256i* dh = reinterpret_cast<const __m256i*>(d + 32 * h);
     const __m256i d0e = _mm256_loadu_si256(dh), d0o = _mm256_loadu_si256(dh + step);
     const __m256i d1e = _mm256_loadu_si256(dh + 2 * step), d1o = _mm256_loadu_si256(dh + 3 * step);
@@ -824,16 +829,16 @@ LOWBIT_AVX2 void int4_digits_avx2_rows(const Problem& p, int64_t n, int64_t b0, 
   alignas(32) float sb[NR][kChunkBlocks];
   GroupWalk walk(p, b0);
   __m256 total[NR], ex[NR];
-  for (int r = 0; r < NR; ++r) total[r] = ex[r] = _mm256_setzero_ps();
+  LOWBIT_UNROLL for (int r = 0; r < NR; ++r) total[r] = ex[r] = _mm256_setzero_ps();
   const uint8_t* row = p.codes + n * hk;
   alignas(32) uint8_t tails[NR * 64];  // the short last block of each row, zero beyond K
   for (int64_t c0 = b0; c0 < b1; c0 += kChunkBlocks) {
     const int64_t cn = std::min<int64_t>(kChunkBlocks, b1 - c0);
     if (g128) {
-      for (int r = 0; r < NR; ++r) chunk_scales_g128_avx2<1>(p, n + r, 0, c0, cn, sa + r, ex + r, extra + r);
+      LOWBIT_UNROLL for (int r = 0; r < NR; ++r) chunk_scales_g128_avx2<1>(p, n + r, 0, c0, cn, sa + r, ex + r, extra + r);
     } else {
       GroupWalk w = walk;
-      for (int r = 0; r < NR; ++r) {
+      LOWBIT_UNROLL for (int r = 0; r < NR; ++r) {
         w = walk;
         chunk_scales<1>(p, n + r, 0, w, c0, cn, sa + r, sb + r, extra + r);
       }
@@ -846,11 +851,11 @@ LOWBIT_AVX2 void int4_digits_avx2_rows(const Problem& p, int64_t n, int64_t b0, 
     for (int64_t i = cw; i < cn; ++i) {
       const int64_t j0 = 64 * (c0 + i);
       std::memset(tails, 0, sizeof(tails));
-      for (int r = 0; r < NR; ++r) std::memcpy(tails + 64 * r, row + r * hk + j0, static_cast<size_t>(hk - j0));
+      LOWBIT_UNROLL for (int r = 0; r < NR; ++r) std::memcpy(tails + 64 * r, row + r * hk + j0, static_cast<size_t>(hk - j0));
       block(tails, 64, 0, p.digits + j0, hp, sa, sb, i, 0, 0, total);
     }
   }
-  for (int r = 0; r < NR; ++r) p.y[n + r] += hsum256(total[r]) + (extra[r] - hsum256(ex[r]));
+  LOWBIT_UNROLL for (int r = 0; r < NR; ++r) p.y[n + r] += hsum256(total[r]) + (extra[r] - hsum256(ex[r]));
 }
 
 // AVX-512 VNNI: one vpdpbusd multiplies 64 code bytes by 64 digit bytes and adds each
@@ -869,7 +874,7 @@ LOWBIT_AVX512VNNI void chunk_scales_g128(const Problem& p, int64_t n, int64_t m0
   const __m512 z = p.zeros ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(km, p.zeros + at)))
                            : _mm512_set1_ps(p.default_zero);
   const __m512 sz = _mm512_mul_ps(s, z);
-  for (int m = 0; m < MB; ++m) {
+  LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
     ex[m] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(km, p.xsum + (m0 + m) * p.G + c0), ex[m]);
     _mm512_storeu_ps(sa[m], _mm512_mul_ps(s, _mm512_maskz_loadu_ps(km, p.block_scale + (m0 + m) * p.NB + c0)));
   }
@@ -887,7 +892,7 @@ LOWBIT_AVX512VNNI void int4_digits_avx512(const Problem& p, int64_t n, int64_t m
   alignas(64) float sb[MB][kChunkBlocks];
   GroupWalk walk(p, b0);
   __m512 total[MB], ex[MB];
-  for (int m = 0; m < MB; ++m) total[m] = ex[m] = _mm512_setzero_ps();
+  LOWBIT_UNROLL for (int m = 0; m < MB; ++m) total[m] = ex[m] = _mm512_setzero_ps();
   for (int64_t c0 = b0; c0 < b1; c0 += kChunkBlocks) {
     const int64_t cn = std::min<int64_t>(kChunkBlocks, b1 - c0);
     if (g128) chunk_scales_g128<MB>(p, n, m0, c0, cn, sa, ex);
@@ -899,7 +904,7 @@ LOWBIT_AVX512VNNI void int4_digits_avx512(const Problem& p, int64_t n, int64_t m
       const __m512i v = j0 + 64 <= hk ? _mm512_loadu_si512(row + j0)
                                       : _mm512_maskz_loadu_epi8((~0ULL) >> (64 - (hk - j0)), row + j0);
       const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-      for (int m = 0; m < MB; ++m) {
+      LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
         const int8_t* d = p.digits + (m0 + m) * 6 * hp + j0;
         // Horner in int32: ((D2 * 256) + D1) * 256 + D0, |lane| < 8 * 15 * (64 * 2^16 + 128 * 2^8 + 128) < 2^30
         __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(d + 4 * hp));
@@ -917,7 +922,7 @@ LOWBIT_AVX512VNNI void int4_digits_avx512(const Problem& p, int64_t n, int64_t m
       }
     }
   }
-  for (int m = 0; m < MB; ++m)
+  LOWBIT_UNROLL for (int m = 0; m < MB; ++m)
     p.y[(m0 + m) * p.N + n] += _mm512_reduce_add_ps(total[m]) + (extra[m] - _mm512_reduce_add_ps(ex[m]));
 }
 
@@ -966,14 +971,14 @@ LOWBIT_AVX512VNNI void int4_digits_avx512_rows(const Problem& p, int64_t n, int6
   alignas(64) float sb[NR][kChunkBlocks];
   GroupWalk walk(p, b0);
   __m512 total[NR], ex[NR];
-  for (int r = 0; r < NR; ++r) total[r] = ex[r] = _mm512_setzero_ps();
+  LOWBIT_UNROLL for (int r = 0; r < NR; ++r) total[r] = ex[r] = _mm512_setzero_ps();
   for (int64_t c0 = b0; c0 < b1; c0 += kChunkBlocks) {
     const int64_t cn = std::min<int64_t>(kChunkBlocks, b1 - c0);
     if (g128) {
-      for (int r = 0; r < NR; ++r) chunk_scales_g128<1>(p, n + r, 0, c0, cn, sa + r, ex + r);
+      LOWBIT_UNROLL for (int r = 0; r < NR; ++r) chunk_scales_g128<1>(p, n + r, 0, c0, cn, sa + r, ex + r);
     } else {
       GroupWalk w = walk;
-      for (int r = 0; r < NR; ++r) {
+      LOWBIT_UNROLL for (int r = 0; r < NR; ++r) {
         w = walk;
         chunk_scales<1>(p, n + r, 0, w, c0, cn, sa + r, sb + r, extra + r);
       }
@@ -987,7 +992,7 @@ LOWBIT_AVX512VNNI void int4_digits_avx512_rows(const Problem& p, int64_t n, int6
       digits_block_avx512<NR, SPLIT>(row, hk, 64 * (c0 + i), tail, p.digits + 64 * (c0 + i), hp, sa, sb, i, near,
                                      far, total);
   }
-  for (int r = 0; r < NR; ++r)
+  LOWBIT_UNROLL for (int r = 0; r < NR; ++r)
     p.y[n + r] += _mm512_reduce_add_ps(total[r]) + (extra[r] - _mm512_reduce_add_ps(ex[r]));
 }
 
@@ -1006,33 +1011,33 @@ LOWBIT_AVX512VNNI void digits_tile_avx512(const Problem& p, int64_t n, int64_t m
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   alignas(64) float sa[NR][MB][kChunkBlocks];
   __m512 total[NR][MB];
-  for (int r = 0; r < NR; ++r)
-    for (int m = 0; m < MB; ++m) total[r][m] = _mm512_setzero_ps();
+  LOWBIT_UNROLL for (int r = 0; r < NR; ++r)
+    LOWBIT_UNROLL for (int m = 0; m < MB; ++m) total[r][m] = _mm512_setzero_ps();
   for (int64_t c0 = b0; c0 < b1; c0 += kChunkBlocks) {
     const int64_t cn = std::min<int64_t>(kChunkBlocks, b1 - c0);
     const __mmask16 km = static_cast<__mmask16>((1u << cn) - 1);
-    for (int r = 0; r < NR; ++r) {
+    LOWBIT_UNROLL for (int r = 0; r < NR; ++r) {
       const int64_t at = (n + r) * p.G + c0;
       const __m512 sc = p.half_scales ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(km, p.half_scales + at))
                                       : _mm512_maskz_loadu_ps(km, p.float_scales + at);
-      for (int m = 0; m < MB; ++m)
+      LOWBIT_UNROLL for (int m = 0; m < MB; ++m)
         _mm512_store_ps(sa[r][m], _mm512_mul_ps(sc, _mm512_maskz_loadu_ps(km, p.block_scale + (m0 + m) * p.NB + c0)));
     }
     for (int64_t i = 0; i < cn; ++i) {
       const int64_t j0 = 64 * (c0 + i);
       const __mmask64 keep = c0 + i < whole ? ~0ULL : tail;
       __m512i lo[NR], hi[NR];
-      for (int r = 0; r < NR; ++r) {
+      LOWBIT_UNROLL for (int r = 0; r < NR; ++r) {
         const __m512i v = _mm512_maskz_loadu_epi8(keep, row + r * hk + j0);
         lo[r] = _mm512_and_si512(v, m4);
         hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
       }
-      for (int m = 0; m < MB; ++m) {
+      LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
         const int8_t* d = p.digits + (m0 + m) * 6 * hp + j0;
         const __m512i d0e = _mm512_loadu_si512(d), d0o = _mm512_loadu_si512(d + hp);
         const __m512i d1e = _mm512_loadu_si512(d + 2 * hp), d1o = _mm512_loadu_si512(d + 3 * hp);
         const __m512i d2e = _mm512_loadu_si512(d + 4 * hp), d2o = _mm512_loadu_si512(d + 5 * hp);
-        for (int r = 0; r < NR; ++r) {
+        LOWBIT_UNROLL for (int r = 0; r < NR; ++r) {
           __m512i a = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], d2e), hi[r], d2o);
           a = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_slli_epi32(a, 8), lo[r], d1e), hi[r], d1o);
           a = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_slli_epi32(a, 8), lo[r], d0e), hi[r], d0o);
@@ -1041,8 +1046,8 @@ LOWBIT_AVX512VNNI void digits_tile_avx512(const Problem& p, int64_t n, int64_t m
       }
     }
   }
-  for (int r = 0; r < NR; ++r)
-    for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.N + n + r] += _mm512_reduce_add_ps(total[r][m]);
+  LOWBIT_UNROLL for (int r = 0; r < NR; ++r)
+    LOWBIT_UNROLL for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.N + n + r] += _mm512_reduce_add_ps(total[r][m]);
 }
 #endif  // LOWBIT_X86
 
@@ -1334,7 +1339,7 @@ void dequant_block_neon(const Problem& p, int64_t bits, int64_t n0, int64_t n1, 
           float32x4_t l[4], h[4];
           widen_u8(vandq_u8(v, low), l);
           widen_u8(vshrq_n_u8(v, 4), h);
-          for (int u = 0; u < 4; ++u) {  // (q - z) * s, then the even and odd columns interleaved
+          LOWBIT_UNROLL for (int u = 0; u < 4; ++u) {  // (q - z) * s, then the even and odd columns interleaved
             const float32x4_t wl = vmulq_f32(vsubq_f32(l[u], vz), vs), wh = vmulq_f32(vsubq_f32(h[u], vz), vs);
             vst1q_f32(o + 2 * (j + 4 * u), vzip1q_f32(wl, wh));
             vst1q_f32(o + 2 * (j + 4 * u) + 4, vzip2q_f32(wl, wh));
@@ -1350,7 +1355,7 @@ void dequant_block_neon(const Problem& p, int64_t bits, int64_t n0, int64_t n1, 
         for (; k + 16 <= e; k += 16) {
           float32x4_t w[4];
           widen_u8(vld1q_u8(b + k), w);
-          for (int u = 0; u < 4; ++u) vst1q_f32(o + k + 4 * u, vmulq_f32(vsubq_f32(w[u], vz), vs));
+          LOWBIT_UNROLL for (int u = 0; u < 4; ++u) vst1q_f32(o + k + 4 * u, vmulq_f32(vsubq_f32(w[u], vz), vs));
         }
         for (; k < e; ++k) o[k] = (static_cast<float>(b[k]) - z) * s;
       }
@@ -1467,9 +1472,9 @@ LOWBIT_AVX2 bool row_digits_avx2(const Problem& p, const float* x, int8_t* d, fl
     }
     int8_t* de = d + 64 * b;
     for (int plane = 0; plane < 2; ++plane)
-      for (int q = 0; q < 2; ++q) {  // columns 32q .. 32q + 31 of the plane
+      LOWBIT_UNROLL for (int q = 0; q < 2; ++q) {  // columns 32q .. 32q + 31 of the plane
         __m256i d0[4], d1[4], d2[4];
-        for (int t = 0; t < 4; ++t) {
+        LOWBIT_UNROLL for (int t = 0; t < 4; ++t) {
           const __m256i w = v[plane][4 * q + t];
           d0[t] = _mm256_srai_epi32(_mm256_slli_epi32(w, 24), 24);
           const __m256i r = _mm256_srai_epi32(_mm256_sub_epi32(w, d0[t]), 8);
@@ -1601,40 +1606,40 @@ template <int R, int V>
 LOWBIT_AVX512 void fused_tile_avx512(const float* w, int64_t ldw, const float* xt, int64_t kc, float* c, int64_t ldc,
                                      bool first) {
   __m512 acc[R][V];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) acc[r][v] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + r * ldc + 16 * v);
+  LOWBIT_UNROLL for (int r = 0; r < R; ++r)
+    LOWBIT_UNROLL for (int v = 0; v < V; ++v) acc[r][v] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + r * ldc + 16 * v);
   const float* wr[R];
-  for (int r = 0; r < R; ++r) wr[r] = w + r * ldw;
+  LOWBIT_UNROLL for (int r = 0; r < R; ++r) wr[r] = w + r * ldw;
   for (int64_t k = 0; k < kc; ++k) {
     __m512 a[V];
-    for (int v = 0; v < V; ++v) a[v] = _mm512_loadu_ps(xt + (16 * V) * k + 16 * v);
-    for (int r = 0; r < R; ++r) {
+    LOWBIT_UNROLL for (int v = 0; v < V; ++v) a[v] = _mm512_loadu_ps(xt + (16 * V) * k + 16 * v);
+    LOWBIT_UNROLL for (int r = 0; r < R; ++r) {
       const __m512 b = _mm512_set1_ps(wr[r][k]);
-      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(b, a[v], acc[r][v]);
+      LOWBIT_UNROLL for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(b, a[v], acc[r][v]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) _mm512_storeu_ps(c + r * ldc + 16 * v, acc[r][v]);
+  LOWBIT_UNROLL for (int r = 0; r < R; ++r)
+    LOWBIT_UNROLL for (int v = 0; v < V; ++v) _mm512_storeu_ps(c + r * ldc + 16 * v, acc[r][v]);
 }
 
 template <int R, int V>
 LOWBIT_AVX2 void fused_tile_avx2(const float* w, int64_t ldw, const float* xt, int64_t kc, float* c, int64_t ldc,
                                  bool first) {
   __m256 acc[R][V];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) acc[r][v] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(c + r * ldc + 8 * v);
+  LOWBIT_UNROLL for (int r = 0; r < R; ++r)
+    LOWBIT_UNROLL for (int v = 0; v < V; ++v) acc[r][v] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(c + r * ldc + 8 * v);
   const float* wr[R];
-  for (int r = 0; r < R; ++r) wr[r] = w + r * ldw;
+  LOWBIT_UNROLL for (int r = 0; r < R; ++r) wr[r] = w + r * ldw;
   for (int64_t k = 0; k < kc; ++k) {
     __m256 a[V];
-    for (int v = 0; v < V; ++v) a[v] = _mm256_loadu_ps(xt + (8 * V) * k + 8 * v);
-    for (int r = 0; r < R; ++r) {
+    LOWBIT_UNROLL for (int v = 0; v < V; ++v) a[v] = _mm256_loadu_ps(xt + (8 * V) * k + 8 * v);
+    LOWBIT_UNROLL for (int r = 0; r < R; ++r) {
       const __m256 b = _mm256_broadcast_ss(wr[r] + k);
-      for (int v = 0; v < V; ++v) acc[r][v] = _mm256_fmadd_ps(b, a[v], acc[r][v]);
+      LOWBIT_UNROLL for (int v = 0; v < V; ++v) acc[r][v] = _mm256_fmadd_ps(b, a[v], acc[r][v]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) _mm256_storeu_ps(c + r * ldc + 8 * v, acc[r][v]);
+  LOWBIT_UNROLL for (int r = 0; r < R; ++r)
+    LOWBIT_UNROLL for (int v = 0; v < V; ++v) _mm256_storeu_ps(c + r * ldc + 8 * v, acc[r][v]);
 }
 
 using TileFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, bool);
@@ -1799,7 +1804,7 @@ LOWBIT_AMX inline void transpose16(__m512i* v) {
     v[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
   }
   // v[4q + c], lane L, now holds column 4L + c of rows 4q .. 4q + 3: a 4 x 4 transpose of lanes
-  for (int i = 0; i < 4; ++i) {
+  LOWBIT_UNROLL for (int i = 0; i < 4; ++i) {
     const __m512i a = v[i], b = v[4 + i], c = v[8 + i], d = v[12 + i];
     const __m512i ab_lo = _mm512_shuffle_i32x4(a, b, 0x88), ab_hi = _mm512_shuffle_i32x4(a, b, 0xDD);
     const __m512i cd_lo = _mm512_shuffle_i32x4(c, d, 0x88), cd_hi = _mm512_shuffle_i32x4(c, d, 0xDD);
@@ -1965,7 +1970,9 @@ bool amx_digit_gemm(Problem& p, const float* x, float* y) {
 //   of 128: the register-tiled digit GEMM, 2.7x fp32 at 8 rows, 1.9x at 16), else 4 (the AVX2
 //   digit kernel gives 3.4x at 4 rows but 1.3x at 8, where the fused GEMM gives 1.6x);
 // - up to fused_rows, the fused dequantize-GEMM: 192 on AVX-512 (1.5x fp32 at 32 rows, 1.1x
-//   at 128, 1.0x at 192), 48 on AVX2 (1.2x at 32, 0.9x at 64);
+//   at 128, 1.0x at 192) and on AVX2 (Zen 4, AVX2-held MKL: 1.30x at 32 and 64 rows, 1.14x at
+//   128, 1.19x at 192, where tiles + BLAS gave 1.06x / 1.05x / 1.00x / 1.06x; before its tile
+//   kept the accumulators in registers it ran 0.6x from 32 rows, hence an earlier limit of 48);
 // - beyond, dequantized tiles + BLAS (0.9x to 1.0x: the BLAS's own work plus the dequantization).
 // Where AMX-INT8 runs (and for 4-bit groups of a multiple of 128), every batch past the GEMV
 // kernels takes the digit GEMM on AMX tiles instead: 2.2x fp32 at 16 rows, 2.6x at 32, 1.9x at
@@ -1981,7 +1988,7 @@ int64_t gemv_rows(int64_t bits, int64_t group, int64_t isa, bool allow_digits) {
 
 int64_t fused_rows(int64_t isa) {
   isa = resolve_isa(isa);
-  return isa == kAvx512 ? 192 : isa == kAvx2 ? 48 : 0;
+  return isa == kAvx512 || isa == kAvx2 ? 192 : 0;
 }
 
 #ifndef LOWBIT_NO_TORCH
