@@ -68,13 +68,16 @@ def test_nf4_and_fp4_match_dequantize_then_matmul_on_every_path(isa, kind, group
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize(
-    ("kind", "bits"), [("nf4", 4), ("fp4", 4), ("lut", 3), ("lut", 2), ("bcq", 3), ("pot", 2), ("log", 3), ("apot", 4)]
+    ("kind", "bits"),
+    [("nf4", 4), ("fp4", 4), ("lut", 4), ("lut", 3), ("lut", 2), ("bcq", 4), ("bcq", 3), ("pot", 2), ("log", 3),
+     ("apot", 4)],
 )
-@pytest.mark.parametrize("group", [64, 128])
-@pytest.mark.parametrize("rows", [1, 3, 4, 6])
-def test_whole_groups_of_64_and_128_columns_match_dequantize_then_matmul(isa, kind, bits, group, rows):
-    """Rows that are whole groups of 64 or 128 columns (the AVX-512 path's loop without ragged spans), with
-    outliers and bias, one row to past a block of four."""
+@pytest.mark.parametrize("group", [32, 64, 96, 128])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5])
+def test_whole_groups_match_dequantize_then_matmul(isa, kind, bits, group, rows):
+    """Rows made of whole groups (the loops without ragged spans: AVX-512 at 64 and 128 columns, AVX2 from 32 to
+    128 for one activation row, here also the fifth row of five), with outliers and bias, one row to past a
+    block of four."""
     _check(_weight(kind, bits, group, rows == 3, k=384), rows, isa, bias=rows != 4)
 
 

@@ -370,6 +370,84 @@ LOWBIT_AVX2 void row_nibble_avx2(const Lut& p, const float* x, const float* xi, 
   LOWBIT_UNROLL for (int m = 0; m < MB; ++m) y[(m0 + m) * p.N + n] += hsum(total[m]) + sums[m];
 }
 
+// Every group of [c0, c1) whole and a multiple of 32 columns (g32, g64, g128, ...): the lookups and products
+// of row_avx2 / row_nibble_avx2 without their per-group bookkeeping (ragged spans, tails, the chunk bounds),
+// which at 64 columns a group cost as much as the lookups (the same finding as row_avx512_whole).
+template <int BITS, int MB>
+LOWBIT_AVX2 void row_avx2_whole(const Lut& p, const float* x, const float*, float* y, int64_t n, int64_t m0, int,
+                                int64_t c0, int64_t c1) {
+  constexpr int kAcc = MB == 1 ? 4 : 2;
+  const int64_t K = p.K;
+  const uint8_t* cp = p.codes + n * K * BITS / 8 + c0 / 8 * BITS;
+  Avx2Table shared{};
+  if (!p.half_tables && !p.float_tables) shared = avx2_load(p, p.shared, false);
+  __m256 acc[MB][kAcc];
+  LOWBIT_UNROLL for (int m = 0; m < MB; ++m)
+    LOWBIT_UNROLL for (int a = 0; a < kAcc; ++a) acc[m][a] = _mm256_setzero_ps();
+  const float* xp = x + m0 * K + c0;
+  for (int64_t g = c0 / p.group, g1 = c1 / p.group; g < g1; ++g) {
+    const Avx2Table t = avx2_table(p, shared, n, g);
+    const uint8_t* end = cp + p.group / 8 * BITS;
+    for (; cp < end; cp += BITS * kAcc, xp += 8 * kAcc) {
+      __m256 w[kAcc];
+      LOWBIT_UNROLL for (int a = 0; a < kAcc; ++a) w[a] = avx2_lookup<BITS>(cp + BITS * a, t);
+      LOWBIT_UNROLL for (int m = 0; m < MB; ++m)
+        LOWBIT_UNROLL for (int a = 0; a < kAcc; ++a)
+          acc[m][a] = _mm256_fmadd_ps(w[a], _mm256_loadu_ps(xp + m * K + 8 * a), acc[m][a]);
+    }
+  }
+  LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
+    __m256 sum = acc[m][0];
+    LOWBIT_UNROLL for (int a = 1; a < kAcc; ++a) sum = _mm256_add_ps(sum, acc[m][a]);
+    y[(m0 + m) * p.N + n] += hsum(sum);
+  }
+}
+
+template <int PLANES, int MB>
+LOWBIT_AVX2 void row_nibble_avx2_whole(const Lut& p, const float* x, const float* xi, float* y, int64_t n, int64_t m0,
+                                       int, int64_t c0, int64_t c1) {
+  (void)x;
+  constexpr int kAcc = MB == 1 ? 4 : 2;
+  const int64_t K = p.K;
+  const uint8_t* cp = p.codes + n * K / 2 + c0 / 2;
+  const float* xp = xi + m0 * K + c0;
+  __m256i planes[4];
+  if (PLANES == kFloatPlanes) float_planes(p.shared, planes);
+  __m256 total[MB], acc[MB][kAcc];
+  LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
+    total[m] = _mm256_setzero_ps();
+    LOWBIT_UNROLL for (int a = 0; a < kAcc; ++a) acc[m][a] = _mm256_setzero_ps();
+  }
+  for (int64_t g = c0 / p.group, g1 = c1 / p.group; g < g1; ++g) {
+    // fp16 tables hold the weights themselves: their sums run on over the groups; a shared table's group sums
+    // are scaled one by one (the same products as row_nibble_avx2)
+    if (PLANES == kHalfPlanes) half_planes(p.half_tables + (n * p.G + g) * 16, planes);
+    const uint8_t* end = cp + p.group / 2;
+    for (; cp < end; cp += 16, xp += 32) {
+      __m256 w[4];
+      nibble_lookup<PLANES>(cp, planes, w);
+      LOWBIT_UNROLL for (int m = 0; m < MB; ++m)
+        LOWBIT_UNROLL for (int v = 0; v < 4; ++v)
+          acc[m][v % kAcc] = _mm256_fmadd_ps(w[v], _mm256_loadu_ps(xp + m * K + 8 * v), acc[m][v % kAcc]);
+    }
+    if (PLANES == kFloatPlanes) {
+      const int64_t i = n * p.G + g;
+      const __m256 sc = _mm256_set1_ps(p.half_scales ? _cvtsh_ss(p.half_scales[i].x) : p.float_scales[i]);
+      LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
+        __m256 sum = acc[m][0];
+        LOWBIT_UNROLL for (int a = 1; a < kAcc; ++a) sum = _mm256_add_ps(sum, acc[m][a]);
+        total[m] = _mm256_fmadd_ps(sum, sc, total[m]);
+        LOWBIT_UNROLL for (int a = 0; a < kAcc; ++a) acc[m][a] = _mm256_setzero_ps();
+      }
+    }
+  }
+  LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
+    if (PLANES == kHalfPlanes)
+      LOWBIT_UNROLL for (int a = 0; a < kAcc; ++a) total[m] = _mm256_add_ps(total[m], acc[m][a]);
+    y[(m0 + m) * p.N + n] += hsum(total[m]);
+  }
+}
+
 // ------------------------------------------------------------------ AVX-512
 // A chunk is 16 codes. Lane 2j holds code j and lane 2j + 1 code 8 + j (the two halves of the
 // chunk interleaved, which makes every width one broadcast and one shift), so the activations are
@@ -577,31 +655,45 @@ RowFn row_fn(const Lut& p, int64_t isa) {
   return row_portable;
 }
 
-// Whether row_avx512_whole runs this weight: groups of 64 or 128 columns, with a shared table (nf4, fp4, the
-// grids) or 3-bit codes. Measured on Zen 4 (one thread, 4096 x 4096): nf4 g64 1.29 -> 0.80 ms, bcq3 g128 1.18
-// -> 0.90 ms; per-channel rows and groups of 512 ran slower on it (0.64 -> 1.17 ms), and so did 4-bit
-// per-group tables (lut4 g128 1.05 -> 1.11-1.36 ms), so those keep row_avx512.
+// Whether a whole-group loop (row_avx512_whole, row_avx2_whole, row_nibble_avx2_whole) runs this weight.
+// AVX-512: groups of 64 or 128 columns, with a shared table (nf4, fp4, the grids) or 3-bit codes. Measured on
+// Zen 4 (one thread, 4096 x 4096): nf4 g64 1.29 -> 0.80 ms, bcq3 g128 1.18 -> 0.90 ms; per-channel rows and
+// groups of 512 ran slower on it (0.64 -> 1.17 ms), and so did 4-bit per-group tables (lut4 g128 1.05 ->
+// 1.11-1.36 ms), so those keep row_avx512. AVX2 (one activation row; see whole_fn): groups of a multiple of 32
+// columns up to 128. Measured on Zen 4 with the AVX2 path forced (one thread, 4096 x 4096, x fp32 before -> after):
+// lut4 g128 2.39 -> 2.87x, nf4 g64 1.97 -> 2.83x, bcq3 g128 2.80 -> 4.25x, bcq4 g128 2.38 -> 2.92x.
 bool whole_groups(const Lut& p, int64_t isa) {
+  if (isa == kAvx2) return p.group % 32 == 0 && p.group <= 128;
   return isa == kAvx512 && (p.group == 64 || p.group == 128) && (p.shared || p.bits == 3);
 }
 
-// row_avx512_whole for mb rows (the caller checked that every group is whole and a multiple of 64 columns).
+// The whole-group loop for mb rows (the caller checked that every group of the column block is whole).
 template <int MB>
-RowFn whole_fn(int64_t bits) {
+RowFn whole_fn(const Lut& p, int64_t isa) {
 #ifdef LOWBIT_X86
+  const int64_t bits = p.bits;
+  if (isa == kAvx2) {
+    // with more rows the per-group loop keeps up: measured at 4 rows, 4-bit tables ran 10-15% slower whole
+    if (MB > 1) return row_fn<MB>(p, isa);
+    const int planes = nibble_planes(p, isa);
+    if (planes >= 0)
+      return planes == kHalfPlanes ? row_nibble_avx2_whole<kHalfPlanes, MB> : row_nibble_avx2_whole<kFloatPlanes, MB>;
+    return bits == 4 ? row_avx2_whole<4, MB> : bits == 3 ? row_avx2_whole<3, MB> : row_avx2_whole<2, MB>;
+  }
   return bits == 4 ? row_avx512_whole<4, MB> : bits == 3 ? row_avx512_whole<3, MB> : row_avx512_whole<2, MB>;
 #else
-  (void)bits;
+  (void)p;
+  (void)isa;
   return row_portable;
 #endif
 }
 
-RowFn whole_fn_for(int mb, int64_t bits) {
+RowFn whole_fn_for(int mb, const Lut& p, int64_t isa) {
   switch (mb) {
-    case 1: return whole_fn<1>(bits);
-    case 2: return whole_fn<2>(bits);
-    case 3: return whole_fn<3>(bits);
-    default: return whole_fn<4>(bits);
+    case 1: return whole_fn<1>(p, isa);
+    case 2: return whole_fn<2>(p, isa);
+    case 3: return whole_fn<3>(p, isa);
+    default: return whole_fn<4>(p, isa);
   }
 }
 
@@ -734,8 +826,8 @@ torch::Tensor lut_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor table
       const int64_t c1 = std::min(K, c0 + cblock);
       RowFn f = full, r = rest;
       if (whole_groups(p, isa) && c0 % group == 0 && c1 % group == 0) {
-        f = whole_fn_for(kBlock, bits);
-        r = whole_fn_for(static_cast<int>(M % kBlock), bits);
+        f = whole_fn_for(kBlock, p, isa);
+        r = whole_fn_for(static_cast<int>(M % kBlock), p, isa);
       }
       for (int64_t n = n0; n < n1; ++n) {
         int64_t m = 0;
