@@ -69,8 +69,18 @@ def test_nf4_and_fp4_match_dequantize_then_matmul_on_every_path(isa, kind, group
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize(
     ("kind", "bits"),
-    [("nf4", 4), ("fp4", 4), ("lut", 4), ("lut", 3), ("lut", 2), ("bcq", 4), ("bcq", 3), ("pot", 2), ("log", 3),
-     ("apot", 4)],
+    [
+        ("nf4", 4),
+        ("fp4", 4),
+        ("lut", 4),
+        ("lut", 3),
+        ("lut", 2),
+        ("bcq", 4),
+        ("bcq", 3),
+        ("pot", 2),
+        ("log", 3),
+        ("apot", 4),
+    ],
 )
 @pytest.mark.parametrize("group", [32, 64, 96, 128])
 @pytest.mark.parametrize("rows", [1, 3, 4, 5])
