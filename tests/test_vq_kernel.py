@@ -30,6 +30,7 @@ LAYOUTS = {
     "vq2-d2-blocks": (WeightFormat("vq", 2, 64, vq_dim=2), 80, 200, "asked"),  # last group: 8 columns
     "vq3-d2-odd-columns": (WeightFormat("vq", 3, 32, vq_dim=2, vq_block=2048), 80, 101, "asked"),
     "vq4-d2-blocks": (WeightFormat("vq", 4, 64, vq_dim=2, vq_block=4096), 80, 130, "asked" if VBMI else "avx2"),
+    "vq2-d2-ragged-rows": (WeightFormat("vq", 2, 64, vq_dim=2), 37, 136, "asked"),  # last row group: 5 rows
     "vq2-d2-merged": (WeightFormat("vq", 2, -1, vq_dim=2), 40, 200, "asked"),  # 20 rows a codebook
     "vq3-d1-blocks": (WeightFormat("vq", 3, 32, vq_dim=1), 48, 70, "asked"),
     "vq2-d1-merged": (WeightFormat("vq", 2, -1, vq_dim=1), 40, 70, "asked"),  # GPTVQ's block: 7 rows a codebook
