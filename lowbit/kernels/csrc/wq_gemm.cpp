@@ -124,7 +124,7 @@ struct Problem {
   // the integer-digit path (4-bit, group a multiple of 64): activations as digits, see below
   const int8_t* digits;          // [M, 3, 2, hp]: digit, even / odd columns, byte column j = k / 2
   const float* block_scale;      // [M, NB]: 2^e of each block of 128 columns
-  int64_t NB, hp;                // blocks per row; bytes per digit plane (64 * NB)
+  int64_t NB, hp;                // blocks per row; bytes per digit plane (64 * NB, plus a line of padding)
 };
 
 inline float scale_of(const Problem& p, int64_t i) {
@@ -1508,7 +1508,7 @@ bool prepare_digits(Problem& p, const float* px, int64_t isa, std::vector<int8_t
 #ifdef LOWBIT_X86
   if (isa != kAvx2 && isa != kAvx512) return false;
   p.NB = (K + 127) / 128;
-  p.hp = 64 * p.NB;
+  p.hp = 64 * p.NB + 64;  // a line of padding per plane: planes 4 KiB apart would share L1 sets
   digits.resize(static_cast<size_t>(M * 6 * p.hp));
   block_scale.resize(static_cast<size_t>(M * p.NB));
   std::atomic<bool> ok{true};
