@@ -262,17 +262,22 @@ def test_native_kernel_with_a_fused_bias_leaves_the_bias_alone():
 
 
 # ---------------------------------------------------------------- the integer-digit GEMV
-# 4-bit codes in groups of a multiple of 64 meet the activations as three signed byte digits
+# 4-bit codes in groups of a multiple of 32 meet the activations as three signed byte digits
 # per block of 128 columns (wq_gemm.cpp): exact integer dot products, one float stage per block.
 
-DIGIT_CASES = [  # (group, K): one group per block, split blocks (64, 192), ragged K, short last block
-    (128, 576),
+DIGIT_CASES = [  # (group, K): one group per block, split blocks (64, 192), quarter scales (32, 96, 160),
+    (128, 576),  # ragged K, short last block, groups across a chunk of 16 blocks (4200)
     (128, 300),
     (64, 576),
     (64, 300),
     (192, 576),
     (256, 1000),
     (128, 4096),
+    (32, 576),
+    (32, 300),
+    (96, 576),
+    (160, 1000),
+    (32, 4200),
 ]
 
 
@@ -302,8 +307,8 @@ def avx_vnni(request):
 def test_digit_gemv_equals_dequantize_then_matmul_on_every_path(group, k, avx_vnni):
     _need_native()
     g = torch.Generator().manual_seed(1)
-    for n in (37, 8):  # 37: groups of four weight rows and a remainder
-        qw = QuantizedWeight.quantize(torch.randn(n, k, generator=g), WeightFormat("int", 4, group))
+    for n in (37, 8):  # 37: groups of four weight rows and a remainder, asymmetric; 8: symmetric
+        qw = QuantizedWeight.quantize(torch.randn(n, k, generator=g), WeightFormat("int", 4, group, n == 8))
         packed = wq.Packed(qw, torch.device("cpu"))
         ref = qw.dequantize().double()
         for rows in (1, 2, 3, 4, 7, 16):  # up to Packed.gemv_rows on every path

@@ -9,7 +9,7 @@ path is checked under qemu-aarch64 by ``tests/native/wq_check.cpp``).
 Activations stay fp32 and products accumulate in fp32, so every path agrees with
 dequantize-then-matmul to fp32 rounding, and a model's outputs (a perplexity, a
 top-1) do not depend on which CPU ran them. Up to ``Packed.gemv_rows`` rows (4; 16 for 4-bit
-codes in groups of a multiple of 64 with AVX-512 VNNI) run the GEMV kernels, which read the
+codes in groups of a multiple of 32 with AVX-512 VNNI) run the GEMV kernels, which read the
 packed codes as ``QuantizedWeight`` stores them; up to ``fused_rows`` more (192 on AVX2 and
 AVX-512) the fused dequantize-GEMM (weight blocks dequantized in L2 and met by a register-tiled
 FMA kernel); more rows dequantize tiles of weight rows and call the BLAS GEMM. Where AMX-INT8
@@ -91,7 +91,7 @@ class Packed:
         self.zeros = None if qw.zero is None else _per_group(qw.zero.to(device), n, ngroups)
         self.tile = max(16, TILE_BYTES // (4 * self.k) // 16 * 16)
         self.isa = isa_code()  # LOWBIT_ISA as it is when the layer first runs
-        # the integer-digit GEMV for 4-bit codes in groups of a multiple of 64 (see wq_gemm.cpp);
+        # the integer-digit GEMV for 4-bit codes in groups of a multiple of 32 (see wq_gemm.cpp);
         # False: fp32 products on every path (LOWBIT_WQ_DIGITS=0)
         self.digits = os.environ.get("LOWBIT_WQ_DIGITS", "1") != "0"
         # the fused dequantize-GEMM past the GEMV rows: -1 up to fused_rows (auto), 1 always, 0 never

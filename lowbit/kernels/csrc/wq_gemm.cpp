@@ -12,7 +12,7 @@
 // group the kernel forms s * (sum_k q x - z * sum_k x): the integer codes meet
 // the activations directly and the zero point costs one multiply per group.
 //
-// On the x86 SIMD paths, 4-bit weights whose group is a multiple of 64 take an integer
+// On the x86 SIMD paths, 4-bit weights whose group is a multiple of 32 take an integer
 // path instead (up to gemv_rows rows): each block of 128 activations is rounded to
 // 23-bit integers against its largest magnitude (x ~ 2^e * v, |v| <= 2^22, the same
 // relative precision as fp32 for the block's largest entries) and v is written as
@@ -121,7 +121,7 @@ struct Problem {
   const float* xsum;             // per-group sums of x [M, G]
   float* y;                      // [M, N]
   int64_t M, N, K, group, G;
-  // the integer-digit path (4-bit, group a multiple of 64): activations as digits, see below
+  // the integer-digit path (4-bit, group a multiple of 32): activations as digits, see below
   const int8_t* digits;          // [M, 3, 2, hp]: digit, even / odd columns, byte column j = k / 2
   const float* block_scale;      // [M, NB]: 2^e of each block of 128 columns
   int64_t NB, hp;                // blocks per row; bytes per digit plane (64 * NB, plus a line of padding)
@@ -589,10 +589,15 @@ void int8_row_neon(const Problem& p, int64_t n, int64_t m0, int64_t g0, int64_t 
 #endif  // LOWBIT_NEON
 
 // ------------------------------------------------------------------ integer-digit path
-// 4-bit codes, groups a multiple of 64: per block of 128 columns (64 code bytes) the
+// 4-bit codes, groups a multiple of 32: per block of 128 columns (64 code bytes) the
 // integer dot products of the codes with each of the three activation digits, then
 // one float stage per block. A block holds one group, or two when the group is 64
-// ("split": columns 0-63 and 64-127 take their own scale).
+// ("split": columns 0-63 and 64-127 take their own scale), or four when it is 32 (each
+// quarter's scale a vector over the int32 lanes of its 32 columns).
+
+// How a block's scales vary (the rows kernels' MODE): kOneScale (a group per block or more), kHalves (groups of
+// an odd multiple of 64 columns: the block's halves), kQuarters (an odd multiple of 32: its quarters).
+enum ScaleMode : int { kOneScale = 0, kHalves = 1, kQuarters = 2 };
 
 constexpr int64_t kFar = 32768;  // bytes of codes prefetched into L2 ahead of the row being read
 
@@ -602,7 +607,7 @@ constexpr int64_t kFar = 32768;  // bytes of codes prefetched into L2 ahead of t
 // at the half (its zero-point term is added there, once).
 struct GroupWalk {
   int64_t g, r, per, G;
-  GroupWalk(const Problem& p, int64_t b0) : per(p.group / 64), G(p.G) {
+  GroupWalk(const Problem& p, int64_t b0) : per(std::max<int64_t>(1, p.group / 64)), G(p.G) {  // (unused for quarters)
     g = 2 * b0 / per;
     r = 2 * b0 % per;
   }
@@ -672,6 +677,78 @@ LOWBIT_AVX2 void chunk_scales_g128_avx2(const Problem& p, int64_t n, int64_t m0,
   }
 }
 
+// Groups of an odd multiple of 32 columns (32, 96, 160, ...): a block's four quarters of 32 columns take their
+// own scales. In the integer sums an int32 lane holds 8 columns (8i .. 8i + 7 of a 128-column block on AVX-512,
+// of a 64-column half on AVX2), so a quarter is 4 lanes and its scale is a lane vector. sq[m][i][q]: scale * 2^e
+// of quarter q of block c0 + i for batch row m; the zero-point terms of the groups that start there go to extra.
+struct QuarterWalk {
+  int64_t g, r, per, G;
+  QuarterWalk(const Problem& p, int64_t b0) : per(std::max<int64_t>(1, p.group / 32)), G(p.G) {
+    g = 4 * b0 / per;
+    r = 4 * b0 % per;
+  }
+  inline int64_t next(bool& start) {
+    const int64_t cur = std::min(g, G - 1);
+    start = r == 0 && g < G;
+    if (++r == per) {
+      r = 0;
+      ++g;
+    }
+    return cur;
+  }
+};
+
+template <int MB>
+LOWBIT_AVX2 void chunk_scales_quarters(const Problem& p, int64_t n, int64_t m0, QuarterWalk& walk, int64_t c0,
+                                       int64_t cn, float (*sq)[kChunkBlocks][4], float* extra) {
+  for (int64_t i = 0; i < cn; ++i) {
+    float s[4];
+    for (int q = 0; q < 4; ++q) {
+      bool start;
+      const int64_t g = walk.next(start);
+      s[q] = scale_f16c(p, n * p.G + g);
+      if (start) add_zero_term<MB>(p, n, m0, g, s[q], extra);
+    }
+    LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
+      const float bs = p.block_scale[(m0 + m) * p.NB + c0 + i];
+      for (int q = 0; q < 4; ++q) sq[m][i][q] = s[q] * bs;
+    }
+  }
+}
+
+// Groups of 32 (four per block): chunk_scales_quarters eight groups per vector operation, the zero-point terms
+// gathered in ex and subtracted once per row (as chunk_scales_g128_avx2 does for groups of 128).
+template <int MB>
+LOWBIT_AVX2 void chunk_scales_g32_avx2(const Problem& p, int64_t n, int64_t m0, int64_t c0, int64_t cn,
+                                       float (*sq)[kChunkBlocks][4], __m256* ex, float* extra) {
+  const int64_t at = n * p.G + 4 * c0, ng = std::min<int64_t>(4 * cn, p.G - 4 * c0);  // the chunk's groups
+  int64_t j = 0;
+  for (; j + 8 <= ng; j += 8) {  // blocks i = j / 4 and i + 1
+    const __m256 s = p.half_scales
+                         ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.half_scales + at + j)))
+                         : _mm256_loadu_ps(p.float_scales + at + j);
+    const __m256 z = p.zeros ? _mm256_cvtepi32_ps(load8_u8(p.zeros + at + j)) : _mm256_set1_ps(p.default_zero);
+    const __m256 sz = _mm256_mul_ps(s, z);
+    const int64_t i = j / 4;
+    LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
+      ex[m] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(p.xsum + (m0 + m) * p.G + 4 * c0 + j), ex[m]);
+      const float* bs = p.block_scale + (m0 + m) * p.NB + c0 + i;
+      _mm256_storeu_ps(sq[m][i], _mm256_mul_ps(s, _mm256_set_m128(_mm_set1_ps(bs[1]), _mm_set1_ps(bs[0]))));
+    }
+  }
+  for (; j < 4 * cn; ++j) {  // the rest, and quarters past the last group (the row's short last block)
+    const int64_t g = std::min<int64_t>(4 * c0 + j, p.G - 1);
+    const float sc = scale_f16c(p, n * p.G + g);
+    if (j < ng) add_zero_term<MB>(p, n, m0, g, sc, extra);
+    LOWBIT_UNROLL for (int m = 0; m < MB; ++m) sq[m][j / 4][j % 4] = sc * p.block_scale[(m0 + m) * p.NB + c0 + j / 4];
+  }
+}
+
+// Quarters 2h and 2h + 1 of a block as the lanes of an AVX2 half (lanes 0-3, 4-7).
+LOWBIT_AVX2 inline __m256 quarter_lanes_avx2(const float* q4, int h) {
+  return _mm256_set_m128(_mm_set1_ps(q4[2 * h + 1]), _mm_set1_ps(q4[2 * h]));
+}
+
 // Three digits' int16 pair sums into one float lane each: (D2 * 256 + D1) * 256 + D0 in int32.
 LOWBIT_AVX2 inline __m256 combine_avx2(const __m256i* t, __m256i ones, __m256i c256) {
   const __m256i hi = _mm256_add_epi32(_mm256_madd_epi16(t[2], c256), _mm256_madd_epi16(t[1], ones));
@@ -685,18 +762,23 @@ template <int MB>
 LOWBIT_AVX2 void int4_digits_avx2(const Problem& p, int64_t n, int64_t m0, int64_t b0, int64_t b1) {
   const int64_t hk = p.K / 2, hp = p.hp;
   const uint8_t* row = p.codes + n * hk;
-  const bool split = p.group % 128 != 0;  // an odd number of halves per group
+  const bool quarters = p.group % 64 != 0;  // an odd number of quarters per group
+  const bool split = !quarters && p.group % 128 != 0;  // an odd number of halves per group
   const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), c256i = _mm256_set1_epi16(256);
   const bool g128 = p.group == 128;
   float extra[MB] = {};
   alignas(32) float sa[MB][kChunkBlocks];
   alignas(32) float sb[MB][kChunkBlocks];
+  alignas(32) float sq[MB][kChunkBlocks][4];
   GroupWalk walk(p, b0);
+  QuarterWalk qwalk(p, b0);
   __m256 total[MB], ex[MB];
   LOWBIT_UNROLL for (int m = 0; m < MB; ++m) total[m] = ex[m] = _mm256_setzero_ps();
   for (int64_t c0 = b0; c0 < b1; c0 += kChunkBlocks) {
     const int64_t cn = std::min<int64_t>(kChunkBlocks, b1 - c0);
     if (g128) chunk_scales_g128_avx2<MB>(p, n, m0, c0, cn, sa, ex, extra);
+    else if (p.group == 32) chunk_scales_g32_avx2<MB>(p, n, m0, c0, cn, sq, ex, extra);
+    else if (quarters) chunk_scales_quarters<MB>(p, n, m0, qwalk, c0, cn, sq, extra);
     else chunk_scales<MB>(p, n, m0, walk, c0, cn, sa, sb, extra);
     for (int64_t i = 0; i < cn; ++i) {
       const int64_t j0 = 64 * (c0 + i);
@@ -729,7 +811,10 @@ LOWBIT_AVX2 void int4_digits_avx2(const Problem& p, int64_t n, int64_t m0, int64
         }
         // int32 lanes ((D2 * 256 + D1) * 256 + D0): vpmaddwd by 256 scales D2 on the way, and
         // |lane| < 4 * 15 * (64 * 2^16 + 128 * 2^8 + 128) < 2^29
-        if (split) {
+        if (quarters) {
+          total[m] = _mm256_fmadd_ps(combine_avx2(t0, ones, c256i), quarter_lanes_avx2(sq[m][i], 0), total[m]);
+          total[m] = _mm256_fmadd_ps(combine_avx2(t1, ones, c256i), quarter_lanes_avx2(sq[m][i], 1), total[m]);
+        } else if (split) {
           const __m256 fa = combine_avx2(t0, ones, c256i), fb = combine_avx2(t1, ones, c256i);
           total[m] = _mm256_fmadd_ps(fa, _mm256_broadcast_ss(&sa[m][i]), total[m]);
           total[m] = _mm256_fmadd_ps(fb, _mm256_broadcast_ss(&sb[m][i]), total[m]);
@@ -745,10 +830,11 @@ LOWBIT_AVX2 void int4_digits_avx2(const Problem& p, int64_t n, int64_t m0, int64
 }
 
 // One activation row against NR weight rows at once (as int4_digits_avx512_rows below).
-template <int NR, bool SPLIT>
+template <int NR, int MODE>
 LOWBIT_AVX2 inline void digits_block_avx2(const uint8_t* row, int64_t hk, int64_t j0, const int8_t* d, int64_t hp,
-                                          const float (*sa)[kChunkBlocks], const float (*sb)[kChunkBlocks], int64_t i,
-                                          int64_t near, int64_t far, __m256* total) {
+                                          const float (*sa)[kChunkBlocks], const float (*sb)[kChunkBlocks],
+                                          const float (*sq)[kChunkBlocks][4], int64_t i, int64_t near, int64_t far,
+                                          __m256* total) {
   const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), c256 = _mm256_set1_epi16(256);
 #pragma GCC unroll 8
   for (int r = 0; r < NR; ++r) {
@@ -769,7 +855,10 @@ LOWBIT_AVX2 inline void digits_block_avx2(const uint8_t* row, int64_t hk, int64_
           _mm256_maddubs_epi16(lo1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(de + 32))),
           _mm256_maddubs_epi16(hi1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dodd + 32))));
     }
-    if (SPLIT) {
+    if (MODE == kQuarters) {
+      total[r] = _mm256_fmadd_ps(combine_avx2(t0, ones, c256), quarter_lanes_avx2(sq[r][i], 0), total[r]);
+      total[r] = _mm256_fmadd_ps(combine_avx2(t1, ones, c256), quarter_lanes_avx2(sq[r][i], 1), total[r]);
+    } else if (MODE == kHalves) {
       total[r] = _mm256_fmadd_ps(combine_avx2(t0, ones, c256), _mm256_broadcast_ss(&sa[r][i]), total[r]);
       total[r] = _mm256_fmadd_ps(combine_avx2(t1, ones, c256), _mm256_broadcast_ss(&sb[r][i]), total[r]);
     } else {
@@ -785,11 +874,11 @@ LOWBIT_AVX2 inline void digits_block_avx2(const uint8_t* row, int64_t hk, int64_
 // where vpmaddubsw needs an add and a widening.
 #define LOWBIT_AVXVNNI __attribute__((target("avx2,fma,f16c,avxvnni")))
 
-template <int NR, bool SPLIT>
+template <int NR, int MODE>
 LOWBIT_AVXVNNI inline void digits_block_avxvnni(const uint8_t* row, int64_t hk, int64_t j0, const int8_t* d,
                                                 int64_t hp, const float (*sa)[kChunkBlocks],
-                                                const float (*sb)[kChunkBlocks], int64_t i, int64_t near,
-                                                int64_t far, __m256* total) {
+                                                const float (*sb)[kChunkBlocks], const float (*sq)[kChunkBlocks][4],
+                                                int64_t i, int64_t near, int64_t far, __m256* total) {
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   const int64_t step = hp / 32;  // one digit plane, in vectors
   LOWBIT_UNROLL for (int h = 0; h < 2; ++h) {  // each half's six digit vectors load once for the NR rows
@@ -810,13 +899,14 @@ LOWBIT_AVXVNNI inline void digits_block_avxvnni(const uint8_t* row, int64_t hk, 
       __m256i t = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), lo, d2e), hi, d2o);
       t = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_slli_epi32(t, 8), lo, d1e), hi, d1o);
       t = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_slli_epi32(t, 8), lo, d0e), hi, d0o);
-      const float* sc = SPLIT && h == 1 ? &sb[r][i] : &sa[r][i];
-      total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_broadcast_ss(sc), total[r]);
+      const __m256 vs = MODE == kQuarters ? quarter_lanes_avx2(sq[r][i], h)
+                                          : _mm256_broadcast_ss(MODE == kHalves && h == 1 ? &sb[r][i] : &sa[r][i]);
+      total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), vs, total[r]);
     }
   }
 }
 
-template <int NR, bool SPLIT, bool VNNI = false>
+template <int NR, int MODE, bool VNNI = false>
 LOWBIT_AVX2 void int4_digits_avx2_rows(const Problem& p, int64_t n, int64_t b0, int64_t b1) {
   const int64_t hk = p.K / 2, hp = p.hp;
   const bool g128 = p.group == 128;
@@ -827,7 +917,9 @@ LOWBIT_AVX2 void int4_digits_avx2_rows(const Problem& p, int64_t n, int64_t b0, 
   float extra[NR] = {};
   alignas(32) float sa[NR][kChunkBlocks];
   alignas(32) float sb[NR][kChunkBlocks];
+  alignas(32) float sq[NR][kChunkBlocks][4];
   GroupWalk walk(p, b0);
+  QuarterWalk qwalk(p, b0);
   __m256 total[NR], ex[NR];
   LOWBIT_UNROLL for (int r = 0; r < NR; ++r) total[r] = ex[r] = _mm256_setzero_ps();
   const uint8_t* row = p.codes + n * hk;
@@ -836,6 +928,15 @@ LOWBIT_AVX2 void int4_digits_avx2_rows(const Problem& p, int64_t n, int64_t b0, 
     const int64_t cn = std::min<int64_t>(kChunkBlocks, b1 - c0);
     if (g128) {
       LOWBIT_UNROLL for (int r = 0; r < NR; ++r) chunk_scales_g128_avx2<1>(p, n + r, 0, c0, cn, sa + r, ex + r, extra + r);
+    } else if (MODE == kQuarters && p.group == 32) {
+      LOWBIT_UNROLL for (int r = 0; r < NR; ++r) chunk_scales_g32_avx2<1>(p, n + r, 0, c0, cn, sq + r, ex + r, extra + r);
+    } else if (MODE == kQuarters) {
+      QuarterWalk w = qwalk;
+      LOWBIT_UNROLL for (int r = 0; r < NR; ++r) {
+        w = qwalk;
+        chunk_scales_quarters<1>(p, n + r, 0, w, c0, cn, sq + r, extra + r);
+      }
+      qwalk = w;
     } else {
       GroupWalk w = walk;
       LOWBIT_UNROLL for (int r = 0; r < NR; ++r) {
@@ -845,14 +946,14 @@ LOWBIT_AVX2 void int4_digits_avx2_rows(const Problem& p, int64_t n, int64_t b0, 
       walk = w;
     }
     const int64_t cw = std::max<int64_t>(0, std::min(cn, whole - c0));
-    const auto block = VNNI ? digits_block_avxvnni<NR, SPLIT> : digits_block_avx2<NR, SPLIT>;
+    const auto block = VNNI ? digits_block_avxvnni<NR, MODE> : digits_block_avx2<NR, MODE>;
     for (int64_t i = 0; i < cw; ++i)
-      block(row, hk, 64 * (c0 + i), p.digits + 64 * (c0 + i), hp, sa, sb, i, near, far, total);
+      block(row, hk, 64 * (c0 + i), p.digits + 64 * (c0 + i), hp, sa, sb, sq, i, near, far, total);
     for (int64_t i = cw; i < cn; ++i) {
       const int64_t j0 = 64 * (c0 + i);
       std::memset(tails, 0, sizeof(tails));
       LOWBIT_UNROLL for (int r = 0; r < NR; ++r) std::memcpy(tails + 64 * r, row + r * hk + j0, static_cast<size_t>(hk - j0));
-      block(tails, 64, 0, p.digits + j0, hp, sa, sb, i, 0, 0, total);
+      block(tails, 64, 0, p.digits + j0, hp, sa, sb, sq, i, 0, 0, total);
     }
   }
   LOWBIT_UNROLL for (int r = 0; r < NR; ++r) p.y[n + r] += hsum256(total[r]) + (extra[r] - hsum256(ex[r]));
@@ -880,22 +981,34 @@ LOWBIT_AVX512VNNI void chunk_scales_g128(const Problem& p, int64_t n, int64_t m0
   }
 }
 
+// The four quarters' scales of a block as AVX-512 lanes (lanes 4q .. 4q + 3: quarter q).
+LOWBIT_AVX512VNNI inline __m512 quarter_lanes_avx512(const float* q4) {
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                               _mm512_castps128_ps512(_mm_loadu_ps(q4)));
+}
+
 template <int MB>
 LOWBIT_AVX512VNNI void int4_digits_avx512(const Problem& p, int64_t n, int64_t m0, int64_t b0, int64_t b1) {
   const int64_t hk = p.K / 2, hp = p.hp;
   const uint8_t* row = p.codes + n * hk;
-  const bool split = p.group % 128 != 0;  // an odd number of halves per group
+  const bool quarters = p.group % 64 != 0;  // an odd number of quarters per group
+  const bool split = !quarters && p.group % 128 != 0;  // an odd number of halves per group
   const bool g128 = p.group == 128;
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   float extra[MB] = {};
   alignas(64) float sa[MB][kChunkBlocks];
   alignas(64) float sb[MB][kChunkBlocks];
+  alignas(64) float sq[MB][kChunkBlocks][4];
   GroupWalk walk(p, b0);
+  QuarterWalk qwalk(p, b0);
   __m512 total[MB], ex[MB];
-  LOWBIT_UNROLL for (int m = 0; m < MB; ++m) total[m] = ex[m] = _mm512_setzero_ps();
+  __m256 ex32[MB];  // groups of 32: their zero-point terms
+  LOWBIT_UNROLL for (int m = 0; m < MB; ++m) total[m] = ex[m] = _mm512_setzero_ps(), ex32[m] = _mm256_setzero_ps();
   for (int64_t c0 = b0; c0 < b1; c0 += kChunkBlocks) {
     const int64_t cn = std::min<int64_t>(kChunkBlocks, b1 - c0);
     if (g128) chunk_scales_g128<MB>(p, n, m0, c0, cn, sa, ex);
+    else if (p.group == 32) chunk_scales_g32_avx2<MB>(p, n, m0, c0, cn, sq, ex32, extra);
+    else if (quarters) chunk_scales_quarters<MB>(p, n, m0, qwalk, c0, cn, sq, extra);
     else chunk_scales<MB>(p, n, m0, walk, c0, cn, sa, sb, extra);
     for (int64_t i = 0; i < cn; ++i) {
       const int64_t j0 = 64 * (c0 + i);
@@ -916,25 +1029,27 @@ LOWBIT_AVX512VNNI void int4_digits_avx512(const Problem& p, int64_t n, int64_t m
         a = _mm512_dpbusd_epi32(a, lo, _mm512_loadu_si512(d));
         a = _mm512_dpbusd_epi32(a, hi, _mm512_loadu_si512(d + hp));
         const __m512 f = _mm512_cvtepi32_ps(a);
-        const __m512 vs = split ? _mm512_insertf32x8(_mm512_set1_ps(sa[m][i]), _mm256_set1_ps(sb[m][i]), 1)
-                                : _mm512_set1_ps(sa[m][i]);
+        const __m512 vs = quarters ? quarter_lanes_avx512(sq[m][i])
+                          : split  ? _mm512_insertf32x8(_mm512_set1_ps(sa[m][i]), _mm256_set1_ps(sb[m][i]), 1)
+                                   : _mm512_set1_ps(sa[m][i]);
         total[m] = _mm512_fmadd_ps(f, vs, total[m]);
       }
     }
   }
   LOWBIT_UNROLL for (int m = 0; m < MB; ++m)
-    p.y[(m0 + m) * p.N + n] += _mm512_reduce_add_ps(total[m]) + (extra[m] - _mm512_reduce_add_ps(ex[m]));
+    p.y[(m0 + m) * p.N + n] +=
+        _mm512_reduce_add_ps(total[m]) + (extra[m] - _mm512_reduce_add_ps(ex[m]) - hsum256(ex32[m]));
 }
 
 // One activation row (decode) against NR weight rows at once: the six digit vectors are
 // loaded once per block for all NR rows, and the rows' dependency chains (six vpdpbusd
 // in a row each) interleave, where one row alone waits on its own chain. Codes are
 // prefetched NR rows ahead at the same columns (the rows that come next).
-template <int NR, bool SPLIT>
+template <int NR, int MODE>
 LOWBIT_AVX512VNNI inline void digits_block_avx512(const uint8_t* row, int64_t hk, int64_t j0, __mmask64 keep,
                                                   const int8_t* d, int64_t hp, const float (*sa)[kChunkBlocks],
-                                                  const float (*sb)[kChunkBlocks], int64_t i, int64_t near,
-                                                  int64_t far, __m512* total) {
+                                                  const float (*sb)[kChunkBlocks], const float (*sq)[kChunkBlocks][4],
+                                                  int64_t i, int64_t near, int64_t far, __m512* total) {
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   const __m512i d0e = _mm512_loadu_si512(d), d0o = _mm512_loadu_si512(d + hp);
   const __m512i d1e = _mm512_loadu_si512(d + 2 * hp), d1o = _mm512_loadu_si512(d + 3 * hp);
@@ -950,13 +1065,14 @@ LOWBIT_AVX512VNNI inline void digits_block_avx512(const uint8_t* row, int64_t hk
     __m512i a = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, d2e), hi, d2o);
     a = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_slli_epi32(a, 8), lo, d1e), hi, d1o);
     a = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_slli_epi32(a, 8), lo, d0e), hi, d0o);
-    const __m512 vs = SPLIT ? _mm512_insertf32x8(_mm512_set1_ps(sa[r][i]), _mm256_set1_ps(sb[r][i]), 1)
-                            : _mm512_set1_ps(sa[r][i]);
+    const __m512 vs = MODE == kQuarters ? quarter_lanes_avx512(sq[r][i])
+                      : MODE == kHalves   ? _mm512_insertf32x8(_mm512_set1_ps(sa[r][i]), _mm256_set1_ps(sb[r][i]), 1)
+                                          : _mm512_set1_ps(sa[r][i]);
     total[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), vs, total[r]);
   }
 }
 
-template <int NR, bool SPLIT>
+template <int NR, int MODE>
 LOWBIT_AVX512VNNI void int4_digits_avx512_rows(const Problem& p, int64_t n, int64_t b0, int64_t b1) {
   const int64_t hk = p.K / 2, hp = p.hp;
   const uint8_t* row = p.codes + n * hk;
@@ -969,13 +1085,25 @@ LOWBIT_AVX512VNNI void int4_digits_avx512_rows(const Problem& p, int64_t n, int6
   float extra[NR] = {};
   alignas(64) float sa[NR][kChunkBlocks];
   alignas(64) float sb[NR][kChunkBlocks];
+  alignas(64) float sq[NR][kChunkBlocks][4];
   GroupWalk walk(p, b0);
+  QuarterWalk qwalk(p, b0);
   __m512 total[NR], ex[NR];
-  LOWBIT_UNROLL for (int r = 0; r < NR; ++r) total[r] = ex[r] = _mm512_setzero_ps();
+  __m256 ex32[NR];  // groups of 32: their zero-point terms
+  LOWBIT_UNROLL for (int r = 0; r < NR; ++r) total[r] = ex[r] = _mm512_setzero_ps(), ex32[r] = _mm256_setzero_ps();
   for (int64_t c0 = b0; c0 < b1; c0 += kChunkBlocks) {
     const int64_t cn = std::min<int64_t>(kChunkBlocks, b1 - c0);
     if (g128) {
       LOWBIT_UNROLL for (int r = 0; r < NR; ++r) chunk_scales_g128<1>(p, n + r, 0, c0, cn, sa + r, ex + r);
+    } else if (MODE == kQuarters && p.group == 32) {
+      LOWBIT_UNROLL for (int r = 0; r < NR; ++r) chunk_scales_g32_avx2<1>(p, n + r, 0, c0, cn, sq + r, ex32 + r, extra + r);
+    } else if (MODE == kQuarters) {
+      QuarterWalk w = qwalk;
+      LOWBIT_UNROLL for (int r = 0; r < NR; ++r) {
+        w = qwalk;
+        chunk_scales_quarters<1>(p, n + r, 0, w, c0, cn, sq + r, extra + r);
+      }
+      qwalk = w;
     } else {
       GroupWalk w = walk;
       LOWBIT_UNROLL for (int r = 0; r < NR; ++r) {
@@ -986,14 +1114,14 @@ LOWBIT_AVX512VNNI void int4_digits_avx512_rows(const Problem& p, int64_t n, int6
     }
     const int64_t cw = std::max<int64_t>(0, std::min(cn, whole - c0));
     for (int64_t i = 0; i < cw; ++i)
-      digits_block_avx512<NR, SPLIT>(row, hk, 64 * (c0 + i), ~0ULL, p.digits + 64 * (c0 + i), hp, sa, sb, i, near,
-                                     far, total);
+      digits_block_avx512<NR, MODE>(row, hk, 64 * (c0 + i), ~0ULL, p.digits + 64 * (c0 + i), hp, sa, sb, sq, i,
+                                    near, far, total);
     for (int64_t i = cw; i < cn; ++i)  // the short last block: codes beyond K read as zero
-      digits_block_avx512<NR, SPLIT>(row, hk, 64 * (c0 + i), tail, p.digits + 64 * (c0 + i), hp, sa, sb, i, near,
-                                     far, total);
+      digits_block_avx512<NR, MODE>(row, hk, 64 * (c0 + i), tail, p.digits + 64 * (c0 + i), hp, sa, sb, sq, i,
+                                    near, far, total);
   }
   LOWBIT_UNROLL for (int r = 0; r < NR; ++r)
-    p.y[n + r] += _mm512_reduce_add_ps(total[r]) + (extra[r] - _mm512_reduce_add_ps(ex[r]));
+    p.y[n + r] += _mm512_reduce_add_ps(total[r]) + (extra[r] - _mm512_reduce_add_ps(ex[r]) - hsum256(ex32[r]));
 }
 
 // Several activation rows (a small batch, a short prefill), groups of 128: a register tile
@@ -1139,19 +1267,20 @@ RowFn digits_fn(int64_t isa) {
 using RowsFn = void (*)(const Problem&, int64_t, int64_t, int64_t);
 constexpr int kRows = 4;
 
-[[maybe_unused]] RowsFn digits_rows_fn(int64_t isa, int64_t group) {
-  const bool split = group % 128 != 0;
+template <int MODE>
+[[maybe_unused]] RowsFn digits_rows_fn_mode(int64_t isa) {
 #ifdef LOWBIT_X86
-  if (isa == kAvx512 && has_avx512_vnni())
-    return split ? int4_digits_avx512_rows<kRows, true> : int4_digits_avx512_rows<kRows, false>;
-  if (isa == kAvx2 && has_avx_vnni())
-    return split ? int4_digits_avx2_rows<kRows, true, true> : int4_digits_avx2_rows<kRows, false, true>;
-  if (isa == kAvx512 || isa == kAvx2)
-    return split ? int4_digits_avx2_rows<kRows, true> : int4_digits_avx2_rows<kRows, false>;
+  if (isa == kAvx512 && has_avx512_vnni()) return int4_digits_avx512_rows<kRows, MODE>;
+  if (isa == kAvx2 && has_avx_vnni()) return int4_digits_avx2_rows<kRows, MODE, true>;
+  if (isa == kAvx512 || isa == kAvx2) return int4_digits_avx2_rows<kRows, MODE>;
 #endif
   (void)isa;
-  (void)split;
   return nullptr;
+}
+
+[[maybe_unused]] RowsFn digits_rows_fn(int64_t isa, int64_t group) {
+  if (group % 64 != 0) return digits_rows_fn_mode<kQuarters>(isa);
+  return group % 128 != 0 ? digits_rows_fn_mode<kHalves>(isa) : digits_rows_fn_mode<kOneScale>(isa);
 }
 
 RowFn digits_fn_for(int64_t rows, int64_t isa) {
@@ -1461,14 +1590,15 @@ LOWBIT_AVX2 bool row_digits_avx2(const Problem& p, const float* x, int8_t* d, fl
     const __m256 up = _mm256_set1_ps(std::ldexp(1.f, -e));
     // even and odd columns, 8 of each per 16 columns: planes[0] even, planes[1] odd
     __m256i v[2][8];
-    __m256i half_sum[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+    __m256i quarter_sum[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                              _mm256_setzero_si256()};  // columns 32q .. 32q + 31 of the block
     for (int j = 0; j < 8; ++j) {
       const __m256 a = _mm256_loadu_ps(src + 16 * j), c = _mm256_loadu_ps(src + 16 * j + 8);
       const __m256 even = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(a, c, 0x88), fix);
       const __m256 odd = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(a, c, 0xDD), fix);
       v[0][j] = _mm256_cvtps_epi32(_mm256_mul_ps(even, up));
       v[1][j] = _mm256_cvtps_epi32(_mm256_mul_ps(odd, up));
-      half_sum[j / 4] = _mm256_add_epi32(half_sum[j / 4], _mm256_add_epi32(v[0][j], v[1][j]));
+      quarter_sum[j / 2] = _mm256_add_epi32(quarter_sum[j / 2], _mm256_add_epi32(v[0][j], v[1][j]));
     }
     int8_t* de = d + 64 * b;
     for (int plane = 0; plane < 2; ++plane)
@@ -1487,11 +1617,11 @@ LOWBIT_AVX2 bool row_digits_avx2(const Problem& p, const float* x, int8_t* d, fl
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(de + (4 + plane) * p.hp + 32 * q),
                             pack32_avx2(d2[0], d2[1], d2[2], d2[3]));
       }
-    for (int h = 0; h < 2 && k0 + 64 * h < K; ++h) {
-      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(half_sum[h]), _mm256_extracti128_si256(half_sum[h], 1));
+    for (int q = 0; q < 4 && k0 + 32 * q < K; ++q) {  // groups are multiples of 32 columns
+      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(quarter_sum[q]), _mm256_extracti128_si256(quarter_sum[q], 1));
       s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
       s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-      gsum[(k0 + 64 * h) / p.group] += static_cast<double>(_mm_cvtsi128_si32(s4)) * bscale[b];
+      gsum[(k0 + 32 * q) / p.group] += static_cast<double>(_mm_cvtsi128_si32(s4)) * bscale[b];
     }
   }
   return true;
@@ -1966,7 +2096,7 @@ bool amx_digit_gemm(Problem& p, const float* x, float* y) {
 
 // Which kernel takes how many batch rows, measured on 4096 x 4096 g128, one thread
 // (benchmarks/gemv.py; for the AVX2 path with MKL held to AVX2, as on a CPU without AVX-512):
-// - up to gemv_rows, wq_gemv: 16 for 4-bit groups of a multiple of 64 on AVX-512 VNNI (groups
+// - up to gemv_rows, wq_gemv: 16 for 4-bit groups of a multiple of 32 on AVX-512 VNNI (groups
 //   of 128: the register-tiled digit GEMM, 2.7x fp32 at 8 rows, 1.9x at 16), else 4 (the AVX2
 //   digit kernel gives 3.4x at 4 rows but 1.3x at 8, where the fused GEMM gives 1.6x);
 // - up to fused_rows, the fused dequantize-GEMM: 192 on AVX-512 (1.5x fp32 at 32 rows, 1.1x
@@ -1982,7 +2112,7 @@ constexpr int64_t kAmxRows = kDigitGemmRows + 1;  // the AMX digit GEMM past the
 
 int64_t gemv_rows(int64_t bits, int64_t group, int64_t isa, bool allow_digits) {
   isa = resolve_isa(isa);
-  if (allow_digits && bits == 4 && group % 64 == 0 && isa == kAvx512 && has_avx512_vnni()) return kDigitGemmRows;
+  if (allow_digits && bits == 4 && group % 32 == 0 && isa == kAvx512 && has_avx512_vnni()) return kDigitGemmRows;
   return 4;
 }
 
@@ -2010,7 +2140,7 @@ torch::Tensor wq_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales
   thread_local std::vector<float> scratch;
   thread_local std::vector<int8_t> digits;
   thread_local std::vector<float> block_scale;
-  const bool use_digits = allow_digits && bits == 4 && group % 64 == 0 && M > 0 && (isa == kAvx2 || isa == kAvx512) &&
+  const bool use_digits = allow_digits && bits == 4 && group % 32 == 0 && M > 0 && (isa == kAvx2 || isa == kAvx512) &&
                           [&] {
                             scratch.resize(static_cast<size_t>(M * G));
                             return prepare_digits(p, px, isa, digits, block_scale, scratch.data());
