@@ -350,6 +350,14 @@ def test_digit_gemv_is_used_and_agrees_across_paths():
         packed.digits = False
         assert packed.gemv_rows(wq.isa_code(isa)) == 4
         assert digit_rows == (16 if isa == "avx512" and digit_rows != 4 else 4)
+    # other groups (here 32) take the per-row digit kernels up to 8 rows with AVX-512 VNNI, then the fused GEMM
+    g32 = wq.Packed(
+        QuantizedWeight.quantize(torch.randn(8, 512, generator=g), WeightFormat("int", 4, 32, True)),
+        torch.device("cpu"),
+    )
+    for isa in wq.available_isas():
+        rows = g32.gemv_rows(wq.isa_code(isa))
+        assert rows == (8 if isa == "avx512" and rows != 4 else 4)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
@@ -465,7 +473,9 @@ def test_fused_gemm_takes_the_rows_between_the_gemv_and_blas_and_propagates_nan(
         torch.testing.assert_close(y[keep], want[keep], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("fmt", [WeightFormat("int", 4, 128), WeightFormat("int", 4, 256, True)], ids=lambda f: f.describe())
+@pytest.mark.parametrize(
+    "fmt", [WeightFormat("int", 4, 128), WeightFormat("int", 4, 256, True)], ids=lambda f: f.describe()
+)
 def test_amx_digit_gemm_equals_dequantize_then_matmul(fmt):
     """The digit GEMM on AMX tiles (CPUs with AMX-INT8 whose kernel grants the tile state): rows past
     the GEMV kernels, weight rows off the 16-row tiles, a short last block, a bias; NaN rows fall

@@ -8,8 +8,8 @@ path is checked under qemu-aarch64 by ``tests/native/wq_check.cpp``).
 
 Activations stay fp32 and products accumulate in fp32, so every path agrees with
 dequantize-then-matmul to fp32 rounding, and a model's outputs (a perplexity, a
-top-1) do not depend on which CPU ran them. Up to ``Packed.gemv_rows`` rows (4; 16 for 4-bit
-codes in groups of a multiple of 32 with AVX-512 VNNI) run the GEMV kernels, which read the
+top-1) do not depend on which CPU ran them. Up to ``Packed.gemv_rows`` rows (4; with AVX-512 VNNI
+16 for 4-bit codes in groups of 128, 8 in other multiples of 32) run the GEMV kernels, which read the
 packed codes as ``QuantizedWeight`` stores them; up to ``fused_rows`` more (192 on AVX2 and
 AVX-512) the fused dequantize-GEMM (weight blocks dequantized in L2 and met by a register-tiled
 FMA kernel); more rows dequantize tiles of weight rows and call the BLAS GEMM. Where AMX-INT8

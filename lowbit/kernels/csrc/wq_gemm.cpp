@@ -2096,8 +2096,8 @@ bool amx_digit_gemm(Problem& p, const float* x, float* y) {
 
 // Which kernel takes how many batch rows, measured on 4096 x 4096 g128, one thread
 // (benchmarks/gemv.py; for the AVX2 path with MKL held to AVX2, as on a CPU without AVX-512):
-// - up to gemv_rows, wq_gemv: 16 for 4-bit groups of a multiple of 32 on AVX-512 VNNI (groups
-//   of 128: the register-tiled digit GEMM, 2.7x fp32 at 8 rows, 1.9x at 16), else 4 (the AVX2
+// - up to gemv_rows, wq_gemv: 16 for 4-bit groups of 128 on AVX-512 VNNI (the register-tiled
+//   digit GEMM, 2.7x fp32 at 8 rows, 1.9x at 16), 8 for other multiples of 32 there, else 4 (the AVX2
 //   digit kernel gives 3.4x at 4 rows but 1.3x at 8, where the fused GEMM gives 1.6x);
 // - up to fused_rows, the fused dequantize-GEMM: 192 on AVX-512 (1.5x fp32 at 32 rows, 1.1x
 //   at 128, 1.0x at 192) and on AVX2 (Zen 4, AVX2-held MKL: 1.30x at 32 and 64 rows, 1.14x at
@@ -2112,7 +2112,10 @@ constexpr int64_t kAmxRows = kDigitGemmRows + 1;  // the AMX digit GEMM past the
 
 int64_t gemv_rows(int64_t bits, int64_t group, int64_t isa, bool allow_digits) {
   isa = resolve_isa(isa);
-  if (allow_digits && bits == 4 && group % 32 == 0 && isa == kAvx512 && has_avx512_vnni()) return kDigitGemmRows;
+  // groups of 128 take the register-tiled digit GEMM up to 16 rows; other groups the per-row digit kernels up to 8
+  // (Zen 4, one thread: g64 at 12 and 16 rows 14.4 / 18.6 ms against 9.7 ms for the fused GEMM; g32 even at 12)
+  if (allow_digits && bits == 4 && group % 32 == 0 && isa == kAvx512 && has_avx512_vnni())
+    return group == 128 ? kDigitGemmRows : 8;
   return 4;
 }
 
