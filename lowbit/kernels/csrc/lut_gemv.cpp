@@ -674,11 +674,14 @@ RowFn whole_fn(const Lut& p, int64_t isa) {
   const int64_t bits = p.bits;
   if (isa == kAvx2) {
     // with more rows the per-group loop keeps up: measured at 4 rows, 4-bit tables ran 10-15% slower whole
-    if (MB > 1) return row_fn<MB>(p, isa);
-    const int planes = nibble_planes(p, isa);
-    if (planes >= 0)
-      return planes == kHalfPlanes ? row_nibble_avx2_whole<kHalfPlanes, MB> : row_nibble_avx2_whole<kFloatPlanes, MB>;
-    return bits == 4 ? row_avx2_whole<4, MB> : bits == 3 ? row_avx2_whole<3, MB> : row_avx2_whole<2, MB>;
+    if constexpr (MB > 1) {
+      return row_fn<MB>(p, isa);
+    } else {
+      const int planes = nibble_planes(p, isa);
+      if (planes >= 0)
+        return planes == kHalfPlanes ? row_nibble_avx2_whole<kHalfPlanes, 1> : row_nibble_avx2_whole<kFloatPlanes, 1>;
+      return bits == 4 ? row_avx2_whole<4, 1> : bits == 3 ? row_avx2_whole<3, 1> : row_avx2_whole<2, 1>;
+    }
   }
   return bits == 4 ? row_avx512_whole<4, MB> : bits == 3 ? row_avx512_whole<3, MB> : row_avx512_whole<2, MB>;
 #else
