@@ -835,36 +835,33 @@ LOWBIT_AVX2 inline void digits_block_avx2(const uint8_t* row, int64_t hk, int64_
                                           const float (*sa)[kChunkBlocks], const float (*sb)[kChunkBlocks],
                                           const float (*sq)[kChunkBlocks][4], int64_t i, int64_t near, int64_t far,
                                           __m256* total) {
+  // per 64-column half: its six digit vectors load once for the NR rows (in registers: 16 ymm hold them, a
+  // row's codes and its three sums), and each row's sums are combined and scaled per half. Measured on Zen 4
+  // against loading all twelve per row and combining once per block: 18.6-18.8 -> 17.2-17.4 cycles per 128
+  // weights per row (4096 x 4096, a standalone loop over the kernel).
   const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), c256 = _mm256_set1_epi16(256);
+  const int64_t step = hp / 32;  // one digit plane, in vectors
+  for (int h = 0; h < 2; ++h) {
+    const __m256i* dh = reinterpret_cast<const __m256i*>(d + 32 * h);
+    const __m256i d0e = _mm256_loadu_si256(dh), d0o = _mm256_loadu_si256(dh + step);
+    const __m256i d1e = _mm256_loadu_si256(dh + 2 * step), d1o = _mm256_loadu_si256(dh + 3 * step);
+    const __m256i d2e = _mm256_loadu_si256(dh + 4 * step), d2o = _mm256_loadu_si256(dh + 5 * step);
 #pragma GCC unroll 8
-  for (int r = 0; r < NR; ++r) {
-    const uint8_t* src = row + r * hk + j0;
-    _mm_prefetch(reinterpret_cast<const char*>(src + near), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(src + far), _MM_HINT_T1);
-    const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
-    const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32));
-    const __m256i lo0 = _mm256_and_si256(v0, m4), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), m4);
-    const __m256i lo1 = _mm256_and_si256(v1, m4), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), m4);
-    __m256i t0[3], t1[3];
-    LOWBIT_UNROLL for (int e = 0; e < 3; ++e) {
-      const int8_t* de = d + 2 * e * hp;
-      const int8_t* dodd = de + hp;
-      t0[e] = _mm256_add_epi16(_mm256_maddubs_epi16(lo0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(de))),
-                               _mm256_maddubs_epi16(hi0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dodd))));
-      t1[e] = _mm256_add_epi16(
-          _mm256_maddubs_epi16(lo1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(de + 32))),
-          _mm256_maddubs_epi16(hi1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dodd + 32))));
-    }
-    if (MODE == kQuarters) {
-      total[r] = _mm256_fmadd_ps(combine_avx2(t0, ones, c256), quarter_lanes_avx2(sq[r][i], 0), total[r]);
-      total[r] = _mm256_fmadd_ps(combine_avx2(t1, ones, c256), quarter_lanes_avx2(sq[r][i], 1), total[r]);
-    } else if (MODE == kHalves) {
-      total[r] = _mm256_fmadd_ps(combine_avx2(t0, ones, c256), _mm256_broadcast_ss(&sa[r][i]), total[r]);
-      total[r] = _mm256_fmadd_ps(combine_avx2(t1, ones, c256), _mm256_broadcast_ss(&sb[r][i]), total[r]);
-    } else {
+    for (int r = 0; r < NR; ++r) {
+      const uint8_t* src = row + r * hk + j0;
+      if (h == 0) {
+        _mm_prefetch(reinterpret_cast<const char*>(src + near), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(src + far), _MM_HINT_T1);
+      }
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32 * h));
+      const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
       __m256i t[3];
-      LOWBIT_UNROLL for (int e = 0; e < 3; ++e) t[e] = _mm256_add_epi16(t0[e], t1[e]);
-      total[r] = _mm256_fmadd_ps(combine_avx2(t, ones, c256), _mm256_broadcast_ss(&sa[r][i]), total[r]);
+      t[0] = _mm256_add_epi16(_mm256_maddubs_epi16(lo, d0e), _mm256_maddubs_epi16(hi, d0o));
+      t[1] = _mm256_add_epi16(_mm256_maddubs_epi16(lo, d1e), _mm256_maddubs_epi16(hi, d1o));
+      t[2] = _mm256_add_epi16(_mm256_maddubs_epi16(lo, d2e), _mm256_maddubs_epi16(hi, d2o));
+      const __m256 vs = MODE == kQuarters ? quarter_lanes_avx2(sq[r][i], h)
+                                          : _mm256_broadcast_ss(MODE == kHalves && h == 1 ? &sb[r][i] : &sa[r][i]);
+      total[r] = _mm256_fmadd_ps(combine_avx2(t, ones, c256), vs, total[r]);
     }
   }
 }
