@@ -299,6 +299,17 @@ LOWBIT_AVX2 inline void nibble_lookup(const uint8_t* at, const __m256i* planes, 
   }
 }
 
+// One chunk of 32 codes times MB activation rows (K apart), into each row's kAcc sums.
+template <int PLANES, int MB, int kAcc>
+LOWBIT_AVX2 inline void nibble_chunk(const uint8_t* cp, const __m256i* planes, const float* xp, int64_t K,
+                                     __m256 (*acc)[kAcc]) {
+  __m256 w[4];
+  nibble_lookup<PLANES>(cp, planes, w);
+  LOWBIT_UNROLL for (int m = 0; m < MB; ++m)
+    LOWBIT_UNROLL for (int v = 0; v < 4; ++v)
+      acc[m][v % kAcc] = _mm256_fmadd_ps(w[v], _mm256_loadu_ps(xp + m * K + 8 * v), acc[m][v % kAcc]);
+}
+
 template <int PLANES, int MB>
 LOWBIT_AVX2 void row_nibble_avx2(const Lut& p, const float* x, const float* xi, float* y, int64_t n, int64_t m0, int,
                                  int64_t c0, int64_t c1) {
@@ -349,11 +360,7 @@ LOWBIT_AVX2 void row_nibble_avx2(const Lut& p, const float* x, const float* xi, 
     const uint8_t* cp = row + ka / 2;
     const float* xp = xr + ka;
     for (int64_t k = ka; k < kb; k += 32, cp += 16, xp += 32) {
-      __m256 w[4];
-      nibble_lookup<PLANES>(cp, planes, w);
-      LOWBIT_UNROLL for (int m = 0; m < MB; ++m)
-        LOWBIT_UNROLL for (int v = 0; v < 4; ++v)
-          acc[m][v % kAcc] = _mm256_fmadd_ps(w[v], _mm256_loadu_ps(xp + m * K + 8 * v), acc[m][v % kAcc]);
+      nibble_chunk<PLANES, MB, kAcc>(cp, planes, xp, K, acc);
     }
     if (PLANES == kFloatPlanes) {
       LOWBIT_UNROLL for (int m = 0; m < MB; ++m) {
@@ -424,11 +431,7 @@ LOWBIT_AVX2 void row_nibble_avx2_whole(const Lut& p, const float* x, const float
     if (PLANES == kHalfPlanes) half_planes(p.half_tables + (n * p.G + g) * 16, planes);
     const uint8_t* end = cp + p.group / 2;
     for (; cp < end; cp += 16, xp += 32) {
-      __m256 w[4];
-      nibble_lookup<PLANES>(cp, planes, w);
-      LOWBIT_UNROLL for (int m = 0; m < MB; ++m)
-        LOWBIT_UNROLL for (int v = 0; v < 4; ++v)
-          acc[m][v % kAcc] = _mm256_fmadd_ps(w[v], _mm256_loadu_ps(xp + m * K + 8 * v), acc[m][v % kAcc]);
+      nibble_chunk<PLANES, MB, kAcc>(cp, planes, xp, K, acc);
     }
     if (PLANES == kFloatPlanes) {
       const int64_t i = n * p.G + g;

@@ -601,17 +601,19 @@ enum ScaleMode : int { kOneScale = 0, kHalves = 1, kQuarters = 2 };
 
 constexpr int64_t kFar = 32768;  // bytes of codes prefetched into L2 ahead of the row being read
 
-// The groups of a row's blocks without a division per block: each block is two halves of
-// 64 columns, and a group spans `per` halves (a group of 64 or 192 columns starts inside
-// a block: "split", the halves take their own scales). `start` says that a group begins
-// at the half (its zero-point term is added there, once).
+// The groups of a row's blocks without a division per block: each block is `parts` parts of
+// 128 / parts columns (halves of 64 by default, quarters of 32 for groups of an odd multiple
+// of 32), and a group spans `per` parts (a group of 64 or 192 columns starts inside a block:
+// "split", the halves take their own scales). `start` says that a group begins at the part
+// (its zero-point term is added there, once).
 struct GroupWalk {
   int64_t g, r, per, G;
-  GroupWalk(const Problem& p, int64_t b0) : per(std::max<int64_t>(1, p.group / 64)), G(p.G) {  // (unused for quarters)
-    g = 2 * b0 / per;
-    r = 2 * b0 % per;
+  GroupWalk(const Problem& p, int64_t b0, int64_t parts = 2)
+      : per(std::max<int64_t>(1, p.group / (128 / parts))), G(p.G) {
+    g = parts * b0 / per;
+    r = parts * b0 % per;
   }
-  // the group of the next half, and whether it starts there
+  // the group of the next part, and whether it starts there
   inline int64_t next(bool& start) {
     const int64_t cur = std::min(g, G - 1);
     start = r == 0 && g < G;
@@ -681,25 +683,9 @@ LOWBIT_AVX2 void chunk_scales_g128_avx2(const Problem& p, int64_t n, int64_t m0,
 // own scales. In the integer sums an int32 lane holds 8 columns (8i .. 8i + 7 of a 128-column block on AVX-512,
 // of a 64-column half on AVX2), so a quarter is 4 lanes and its scale is a lane vector. sq[m][i][q]: scale * 2^e
 // of quarter q of block c0 + i for batch row m; the zero-point terms of the groups that start there go to extra.
-struct QuarterWalk {
-  int64_t g, r, per, G;
-  QuarterWalk(const Problem& p, int64_t b0) : per(std::max<int64_t>(1, p.group / 32)), G(p.G) {
-    g = 4 * b0 / per;
-    r = 4 * b0 % per;
-  }
-  inline int64_t next(bool& start) {
-    const int64_t cur = std::min(g, G - 1);
-    start = r == 0 && g < G;
-    if (++r == per) {
-      r = 0;
-      ++g;
-    }
-    return cur;
-  }
-};
-
+// `walk` steps over quarters (GroupWalk with four parts a block).
 template <int MB>
-LOWBIT_AVX2 void chunk_scales_quarters(const Problem& p, int64_t n, int64_t m0, QuarterWalk& walk, int64_t c0,
+LOWBIT_AVX2 void chunk_scales_quarters(const Problem& p, int64_t n, int64_t m0, GroupWalk& walk, int64_t c0,
                                        int64_t cn, float (*sq)[kChunkBlocks][4], float* extra) {
   for (int64_t i = 0; i < cn; ++i) {
     float s[4];
@@ -771,7 +757,7 @@ LOWBIT_AVX2 void int4_digits_avx2(const Problem& p, int64_t n, int64_t m0, int64
   alignas(32) float sb[MB][kChunkBlocks];
   alignas(32) float sq[MB][kChunkBlocks][4];
   GroupWalk walk(p, b0);
-  QuarterWalk qwalk(p, b0);
+  GroupWalk qwalk(p, b0, 4);
   __m256 total[MB], ex[MB];
   LOWBIT_UNROLL for (int m = 0; m < MB; ++m) total[m] = ex[m] = _mm256_setzero_ps();
   for (int64_t c0 = b0; c0 < b1; c0 += kChunkBlocks) {
@@ -916,7 +902,7 @@ LOWBIT_AVX2 void int4_digits_avx2_rows(const Problem& p, int64_t n, int64_t b0, 
   alignas(32) float sb[NR][kChunkBlocks];
   alignas(32) float sq[NR][kChunkBlocks][4];
   GroupWalk walk(p, b0);
-  QuarterWalk qwalk(p, b0);
+  GroupWalk qwalk(p, b0, 4);
   __m256 total[NR], ex[NR];
   LOWBIT_UNROLL for (int r = 0; r < NR; ++r) total[r] = ex[r] = _mm256_setzero_ps();
   const uint8_t* row = p.codes + n * hk;
@@ -928,7 +914,7 @@ LOWBIT_AVX2 void int4_digits_avx2_rows(const Problem& p, int64_t n, int64_t b0, 
     } else if (MODE == kQuarters && p.group == 32) {
       LOWBIT_UNROLL for (int r = 0; r < NR; ++r) chunk_scales_g32_avx2<1>(p, n + r, 0, c0, cn, sq + r, ex + r, extra + r);
     } else if (MODE == kQuarters) {
-      QuarterWalk w = qwalk;
+      GroupWalk w = qwalk;
       LOWBIT_UNROLL for (int r = 0; r < NR; ++r) {
         w = qwalk;
         chunk_scales_quarters<1>(p, n + r, 0, w, c0, cn, sq + r, extra + r);
@@ -997,7 +983,7 @@ LOWBIT_AVX512VNNI void int4_digits_avx512(const Problem& p, int64_t n, int64_t m
   alignas(64) float sb[MB][kChunkBlocks];
   alignas(64) float sq[MB][kChunkBlocks][4];
   GroupWalk walk(p, b0);
-  QuarterWalk qwalk(p, b0);
+  GroupWalk qwalk(p, b0, 4);
   __m512 total[MB], ex[MB];
   __m256 ex32[MB];  // groups of 32: their zero-point terms
   LOWBIT_UNROLL for (int m = 0; m < MB; ++m) total[m] = ex[m] = _mm512_setzero_ps(), ex32[m] = _mm256_setzero_ps();
@@ -1084,7 +1070,7 @@ LOWBIT_AVX512VNNI void int4_digits_avx512_rows(const Problem& p, int64_t n, int6
   alignas(64) float sb[NR][kChunkBlocks];
   alignas(64) float sq[NR][kChunkBlocks][4];
   GroupWalk walk(p, b0);
-  QuarterWalk qwalk(p, b0);
+  GroupWalk qwalk(p, b0, 4);
   __m512 total[NR], ex[NR];
   __m256 ex32[NR];  // groups of 32: their zero-point terms
   LOWBIT_UNROLL for (int r = 0; r < NR; ++r) total[r] = ex[r] = _mm512_setzero_ps(), ex32[r] = _mm256_setzero_ps();
@@ -1095,7 +1081,7 @@ LOWBIT_AVX512VNNI void int4_digits_avx512_rows(const Problem& p, int64_t n, int6
     } else if (MODE == kQuarters && p.group == 32) {
       LOWBIT_UNROLL for (int r = 0; r < NR; ++r) chunk_scales_g32_avx2<1>(p, n + r, 0, c0, cn, sq + r, ex32 + r, extra + r);
     } else if (MODE == kQuarters) {
-      QuarterWalk w = qwalk;
+      GroupWalk w = qwalk;
       LOWBIT_UNROLL for (int r = 0; r < NR; ++r) {
         w = qwalk;
         chunk_scales_quarters<1>(p, n + r, 0, w, c0, cn, sq + r, extra + r);
